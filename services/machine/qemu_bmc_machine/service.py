@@ -1,0 +1,108 @@
+"""The machine service on the bus: one set of endpoints per machine it owns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from nats.aio.client import Client
+from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.config import Config
+from qemu_bmc_shared.messages import (
+    BootOverrideUpdate,
+    Empty,
+    MediaInsert,
+    PowerRequest,
+)
+from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
+
+from . import __version__
+from .machine import Machine
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "qemu-bmc-machine"
+
+
+def endpoints(machine: Machine) -> list[bus.Endpoint]:
+    """The request subjects of one machine (``bmc.<machine>.…``), each served by that machine."""
+
+    async def power_get(_: str, __: Empty) -> msgspec.Struct:
+        return await machine.power_status()
+
+    async def power_set(_: str, request: PowerRequest) -> msgspec.Struct:
+        return await machine.power(request.action)
+
+    async def boot_get(_: str, __: Empty) -> msgspec.Struct:
+        return machine.boot_override()
+
+    async def boot_set(_: str, request: BootOverrideUpdate) -> msgspec.Struct:
+        return await machine.set_boot_override(request)
+
+    async def media_get(_: str, __: Empty) -> msgspec.Struct:
+        return await machine.media_status()
+
+    async def media_insert(_: str, request: MediaInsert) -> msgspec.Struct:
+        return await machine.insert_media(request)
+
+    async def media_eject(_: str, __: Empty) -> msgspec.Struct:
+        return await machine.eject_media()
+
+    async def inventory_get(_: str, __: Empty) -> msgspec.Struct:
+        return await machine.inventory()
+
+    table = [
+        (subjects.POWER_GET, Empty, power_get),
+        (subjects.POWER_SET, PowerRequest, power_set),
+        (subjects.BOOT_GET, Empty, boot_get),
+        (subjects.BOOT_SET, BootOverrideUpdate, boot_set),
+        (subjects.MEDIA_GET, Empty, media_get),
+        (subjects.MEDIA_INSERT, MediaInsert, media_insert),
+        (subjects.MEDIA_EJECT, Empty, media_eject),
+        (subjects.INVENTORY_GET, Empty, inventory_get),
+    ]
+    return [bus.Endpoint(name=f"{machine.name}-{operation.replace('.', '-')}",
+                         subject=subjects.for_machine(machine.name, operation),
+                         request_type=request_type, handler=handler)
+            for operation, request_type, handler in table]
+
+
+async def serve(nc: Client, config: Config, stop: asyncio.Event, stop_vms: bool = False) -> None:
+    async def publish(machine: str, event: str, message: msgspec.Struct) -> None:
+        if not nc.is_closed:
+            await bus.publish(nc, machine, event, message)
+
+    machines = [Machine(vm, publish) for vm in config.vms.values()]
+    for machine in machines:
+        await machine.start()
+    service = await bus.serve(
+        nc, name=SERVICE_NAME, version=__version__,
+        description="QEMU machines: power, boot override, virtual media, inventory over QMP",
+        endpoints=[endpoint for machine in machines for endpoint in endpoints(machine)],
+        metadata={"machines": ",".join(machine.name for machine in machines)})
+    log.info("serving %d machine(s): %s", len(machines), ", ".join(m.name for m in machines))
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+        await asyncio.gather(*(machine.close(stop_vm=stop_vms) for machine in machines))
+
+
+def main() -> None:
+    parser = argument_parser("qemu-bmc machine service: QEMU power, boot and media over NATS")
+    parser.add_argument("--stop-vms-on-exit", action="store_true",
+                        help="power off the managed VMs when the service stops (default: leave them running)")
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+    # qemu.qmp logs every refused connection attempt as an error; reconnecting is normal here.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    config = load_config_or_exit(args.config)
+
+    async def main_task(stop: asyncio.Event) -> None:
+        nc = await bus.connect(nats_url(args.nats, config), SERVICE_NAME)
+        try:
+            await serve(nc, config, stop, stop_vms=args.stop_vms_on_exit)
+        finally:
+            await nc.drain()
+
+    run(main_task)

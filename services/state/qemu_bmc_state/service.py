@@ -1,0 +1,335 @@
+"""The state service on the bus: users, channel access, LAN/SOL parameters and K_G of every machine."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import Callable
+
+import msgspec
+from msgspec import UNSET
+from nats.aio.client import Client
+from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.config import Config, VmConfig
+from qemu_bmc_shared.messages import (
+    ChannelAccess,
+    ChannelAccessUpdate,
+    ChannelRef,
+    Credentials,
+    CredentialsRequest,
+    Empty,
+    KgKey,
+    LanConfig,
+    LanParamSet,
+    LanRef,
+    PasswordCheck,
+    PasswordCheckResult,
+    PasswordSet,
+    SolConfig,
+    SolParamSet,
+    User,
+    UserAccessUpdate,
+    UserChannelAccess,
+    UserList,
+    UserRef,
+    UserUpdate,
+)
+from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
+
+from . import __version__
+from .sealing import SecretBox, SecretError
+from .store import Store, open_bucket
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "qemu-bmc-state"
+MAX_USERS = 15
+LAN_CHANNEL = 1
+ADMINISTRATOR = 4
+
+
+class StoredUser(msgspec.Struct):
+    slot: int
+    name: str = ""
+    enabled: bool = False
+    password: str | None = None
+    """The sealed password (see sealing.py), never the cleartext."""
+    channels: dict[int, UserChannelAccess] = {}
+
+    def public(self) -> User:
+        return User(slot=self.slot, name=self.name, enabled=self.enabled, password_set=self.password is not None,
+                    channels=self.channels)
+
+
+class StoredKg(msgspec.Struct):
+    sealed: str | None = None
+
+
+def _changes(update: msgspec.Struct, skip: tuple[str, ...]) -> dict[str, object]:
+    return {key: value for key, value in msgspec.structs.asdict(update).items()
+            if value is not UNSET and key not in skip}
+
+
+def _ascii_name(name: str) -> str:
+    if not name.isascii() or not name.isprintable():
+        raise BusError("bad_request", f"a user name is printable ASCII: {name!r}")
+    return name
+
+
+def _password_bytes(password: str) -> bytes:
+    raw = password.encode()
+    if len(raw) > 20:
+        raise BusError("bad_request", "a password has at most 20 bytes")
+    return raw
+
+
+def default_mac(machine: str) -> bytes:
+    """A stable, locally administered MAC for the BMC's LAN interface."""
+    return bytes([0x02]) + hashlib.sha256(f"qemu-bmc:{machine}".encode()).digest()[:5]
+
+
+def default_lan(vm: VmConfig) -> LanConfig:
+    """LAN parameters (IPMI v2.0 §23.2) seeded at first start: 3 IP, 4 source, 5 MAC, 6 mask, 12 gateway."""
+    address = ipaddress.IPv4Address("0.0.0.0")
+    if vm.ipmi:
+        try:
+            address = ipaddress.IPv4Address(vm.ipmi[0])
+        except ValueError:
+            pass
+    return LanConfig(channel=LAN_CHANNEL, params={
+        3: address.packed, 4: b"\x01", 5: default_mac(vm.name), 6: bytes([255, 255, 255, 0]), 12: bytes(4)})
+
+
+def default_sol() -> SolConfig:
+    """SOL parameters (IPMI v2.0 §26.3): enabled, User privilege, 60 ms / 96 chars, 7 retries
+    every 500 ms, 115200 bit/s, channel 1, port 623."""
+    return SolConfig(params={1: b"\x01", 2: b"\x02", 3: b"\x0c\x60", 4: b"\x07\x32", 5: b"\x0a", 6: b"\x0a",
+                             7: b"\x01", 8: b"\x6f\x02"})
+
+
+class StateService:
+    def __init__(self, store: Store, box: SecretBox, config: Config) -> None:
+        self.store = store
+        self.box = box
+        self.config = config
+
+    # ------------------------------------------------------------------ keys and defaults
+
+    def _machine(self, machine: str) -> str:
+        if machine not in self.config.vms:
+            raise BusError("unknown_machine", f"no machine {machine!r} in the state service's config")
+        return machine
+
+    @staticmethod
+    def _user_key(machine: str, slot: int) -> str:
+        return f"{machine}.user.{slot}"
+
+    @staticmethod
+    def _channel_key(machine: str, channel: int, volatile: bool) -> str:
+        return f"{machine}.channel.{channel}.{'volatile' if volatile else 'nonvolatile'}"
+
+    async def seed(self, vm: VmConfig) -> None:
+        """Write the first-start defaults; create-only, so existing state is never replaced."""
+        machine, state = vm.name, self.config.state
+        admin = StoredUser(slot=2, name=state.default_user, enabled=True,
+                           password=self.box.seal(_password_bytes(state.default_password), self._user_key(machine, 2)),
+                           channels={LAN_CHANNEL: UserChannelAccess(privilege=ADMINISTRATOR, ipmi_messaging=True,
+                                                                     link_auth=True, payloads=0x02)})
+        seeded = [
+            await self.store.create(self._user_key(machine, 1), StoredUser(slot=1)),
+            await self.store.create(self._user_key(machine, 2), admin),
+            await self.store.create(f"{machine}.lan.{LAN_CHANNEL}", default_lan(vm)),
+            await self.store.create(f"{machine}.sol", default_sol()),
+        ]
+        for volatile in (True, False):
+            seeded.append(await self.store.create(self._channel_key(machine, LAN_CHANNEL, volatile),
+                                                  ChannelAccess(channel=LAN_CHANNEL, volatile=volatile)))
+        if any(seeded):
+            log.info("%s: seeded BMC defaults (user %r in slot 2)", machine, state.default_user)
+
+    # ------------------------------------------------------------------ users
+
+    async def _user(self, machine: str, slot: int) -> StoredUser:
+        return await self.store.get(self._user_key(machine, slot), StoredUser, lambda: StoredUser(slot=slot))
+
+    async def _all_users(self, machine: str) -> list[StoredUser]:
+        return list(await asyncio.gather(*(self._user(machine, slot) for slot in range(1, MAX_USERS + 1))))
+
+    async def _find(self, machine: str, slot: int | None, name: str | None) -> StoredUser | None:
+        if (slot is None) == (name is None):
+            raise BusError("bad_request", "give exactly one of slot and name")
+        if slot is not None:
+            return await self._user(machine, slot)
+        return next((user for user in await self._all_users(machine) if user.name == name), None)
+
+    def _password(self, machine: str, user: StoredUser) -> bytes | None:
+        if user.password is None:
+            return None
+        try:
+            return self.box.open(user.password, self._user_key(machine, user.slot))
+        except SecretError as exc:
+            raise BusError("internal", str(exc)) from None
+
+    async def _modify_user(self, machine: str, slot: int, change: Callable[[StoredUser], StoredUser]) -> User:
+        stored = await self.store.modify(self._user_key(machine, slot), StoredUser, lambda: StoredUser(slot=slot),
+                                         change)
+        return stored.public()
+
+    async def users_list(self, machine: str, _: Empty) -> UserList:
+        return UserList(users=[user.public() for user in await self._all_users(self._machine(machine))])
+
+    async def users_get(self, machine: str, request: UserRef) -> User:
+        return (await self._user(self._machine(machine), request.slot)).public()
+
+    async def users_set(self, machine: str, request: UserUpdate) -> User:
+        machine = self._machine(machine)
+        changes = _changes(request, ("slot",))
+        if isinstance(name := changes.get("name"), str) and name:
+            _ascii_name(name)
+            if len(name.encode()) > 16:
+                raise BusError("bad_request", "a user name has at most 16 bytes")
+            holder = await self._find(machine, None, name)
+            if holder is not None and holder.slot != request.slot:
+                raise BusError("conflict", f"user name {name!r} is already used by slot {holder.slot}")
+        return await self._modify_user(machine, request.slot, lambda user: msgspec.structs.replace(user, **changes))
+
+    async def users_access(self, machine: str, request: UserAccessUpdate) -> User:
+        changes = _changes(request, ("slot", "channel"))
+
+        def change(user: StoredUser) -> StoredUser:
+            access = msgspec.structs.replace(user.channels.get(request.channel, UserChannelAccess()), **changes)
+            return msgspec.structs.replace(user, channels={**user.channels, request.channel: access})
+
+        return await self._modify_user(self._machine(machine), request.slot, change)
+
+    async def users_password(self, machine: str, request: PasswordSet) -> User:
+        machine = self._machine(machine)
+        sealed = None
+        if request.password is not None:
+            sealed = self.box.seal(_password_bytes(request.password), self._user_key(machine, request.slot))
+        return await self._modify_user(machine, request.slot,
+                                       lambda user: msgspec.structs.replace(user, password=sealed))
+
+    async def users_check(self, machine: str, request: PasswordCheck) -> PasswordCheckResult:
+        machine = self._machine(machine)
+        user = await self._find(machine, request.slot, request.name)
+        stored = self._password(machine, user) if user else None
+        if user is None or stored is None:
+            return PasswordCheckResult(ok=False)
+        ok = hmac.compare_digest(stored, request.password.encode())
+        return PasswordCheckResult(ok=ok, user=user.public() if ok else None)
+
+    async def users_credentials(self, machine: str, request: CredentialsRequest) -> Credentials:
+        machine = self._machine(machine)
+        user = await self._find(machine, request.slot, request.name)
+        if user is None:
+            raise BusError("not_found", f"no user named {request.name!r}")
+        password = self._password(machine, user)
+        return Credentials(user=user.public(), password=password.decode(errors="surrogateescape")
+                           if password is not None else None)
+
+    # ------------------------------------------------------------------ channel, LAN, SOL, K_G
+
+    async def channel_get(self, machine: str, request: ChannelRef) -> ChannelAccess:
+        key = self._channel_key(self._machine(machine), request.channel, request.volatile)
+        return await self.store.get(key, ChannelAccess,
+                                    lambda: ChannelAccess(channel=request.channel, volatile=request.volatile))
+
+    async def channel_set(self, machine: str, request: ChannelAccessUpdate) -> ChannelAccess:
+        key = self._channel_key(self._machine(machine), request.channel, request.volatile)
+        changes = _changes(request, ("channel", "volatile"))
+        return await self.store.modify(key, ChannelAccess,
+                                       lambda: ChannelAccess(channel=request.channel, volatile=request.volatile),
+                                       lambda access: msgspec.structs.replace(access, **changes))
+
+    async def lan_get(self, machine: str, request: LanRef) -> LanConfig:
+        key = f"{self._machine(machine)}.lan.{request.channel}"
+        return await self.store.get(key, LanConfig, lambda: LanConfig(channel=request.channel, params={}))
+
+    async def lan_set(self, machine: str, request: LanParamSet) -> LanConfig:
+        key = f"{self._machine(machine)}.lan.{request.channel}"
+        return await self.store.modify(
+            key, LanConfig, lambda: LanConfig(channel=request.channel, params={}),
+            lambda lan: LanConfig(channel=lan.channel, params={**lan.params, request.param: request.data}))
+
+    async def sol_get(self, machine: str, _: Empty) -> SolConfig:
+        return await self.store.get(f"{self._machine(machine)}.sol", SolConfig, default_sol)
+
+    async def sol_set(self, machine: str, request: SolParamSet) -> SolConfig:
+        return await self.store.modify(f"{self._machine(machine)}.sol", SolConfig, default_sol,
+                                       lambda sol: SolConfig(params={**sol.params, request.param: request.data}))
+
+    async def kg_get(self, machine: str, _: Empty) -> KgKey:
+        machine = self._machine(machine)
+        stored = await self.store.get(f"{machine}.kg", StoredKg, StoredKg)
+        if stored.sealed is None:
+            return KgKey(key=None)
+        try:
+            return KgKey(key=self.box.open(stored.sealed, f"{machine}.kg"))
+        except SecretError as exc:
+            raise BusError("internal", str(exc)) from None
+
+    async def kg_set(self, machine: str, request: KgKey) -> KgKey:
+        machine = self._machine(machine)
+        sealed = self.box.seal(request.key, f"{machine}.kg") if request.key is not None else None
+        await self.store.modify(f"{machine}.kg", StoredKg, StoredKg, lambda _: StoredKg(sealed=sealed))
+        return request
+
+    def endpoints(self) -> list[bus.Endpoint]:
+        table = [
+            (subjects.USERS_LIST, Empty, self.users_list),
+            (subjects.USERS_GET, UserRef, self.users_get),
+            (subjects.USERS_SET, UserUpdate, self.users_set),
+            (subjects.USERS_ACCESS, UserAccessUpdate, self.users_access),
+            (subjects.USERS_PASSWORD, PasswordSet, self.users_password),
+            (subjects.USERS_CHECK, PasswordCheck, self.users_check),
+            (subjects.USERS_CREDENTIALS, CredentialsRequest, self.users_credentials),
+            (subjects.CHANNEL_GET, ChannelRef, self.channel_get),
+            (subjects.CHANNEL_SET, ChannelAccessUpdate, self.channel_set),
+            (subjects.LAN_GET, LanRef, self.lan_get),
+            (subjects.LAN_SET, LanParamSet, self.lan_set),
+            (subjects.SOL_GET, Empty, self.sol_get),
+            (subjects.SOL_SET, SolParamSet, self.sol_set),
+            (subjects.KG_GET, Empty, self.kg_get),
+            (subjects.KG_SET, KgKey, self.kg_set),
+        ]
+        return [bus.Endpoint(name=operation.replace(".", "-"), subject=subjects.any_machine(operation),
+                             request_type=request_type, handler=handler)
+                for operation, request_type, handler in table]
+
+
+async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
+    try:
+        box = SecretBox.from_key_file(config.state.key_file)
+    except (SecretError, OSError) as exc:
+        raise SystemExit(f"qemu-bmc-state: key file: {exc}") from None
+    state = StateService(Store(await open_bucket(nc)), box, config)
+    for vm in config.vms.values():
+        await state.seed(vm)
+    service = await bus.serve(nc, name=SERVICE_NAME, version=__version__,
+                              description="BMC state: users, channel access, LAN and SOL parameters, K_G",
+                              endpoints=state.endpoints(),
+                              metadata={"machines": ",".join(config.machine_names)})
+    log.info("serving BMC state of %d machine(s)", len(config.vms))
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+
+
+def main() -> None:
+    args = argument_parser("qemu-bmc state service: BMC users and configuration over NATS").parse_args()
+    setup_logging(args.log_level)
+    config = load_config_or_exit(args.config)
+
+    async def main_task(stop: asyncio.Event) -> None:
+        nc = await bus.connect(nats_url(args.nats, config), SERVICE_NAME)
+        try:
+            await serve(nc, config, stop)
+        finally:
+            await nc.drain()
+
+    run(main_task)

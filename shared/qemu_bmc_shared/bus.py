@@ -1,0 +1,169 @@
+"""The bus: connecting, typed request/reply, and registering a service with nats.micro.
+
+Every reply is a msgspec JSON body. An error reply carries the nats.micro error headers
+(``Nats-Service-Error-Code``: an HTTP-like number, ``Nats-Service-Error``: the text) and an
+:class:`~qemu_bmc_shared.messages.ErrorReply` body with a stable error name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
+from nats.micro.service import Service
+
+from . import subjects
+from .messages import ErrorReply, Message
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=Message)
+
+#: Error names and the numeric code sent in the nats.micro error header.
+ERROR_CODES = {
+    "bad_request": 400,
+    "not_found": 404,
+    "unknown_machine": 404,
+    "conflict": 409,
+    "invalid_state": 409,
+    "internal": 500,
+    "qemu_error": 502,
+    "unavailable": 503,
+    "timeout": 504,
+}
+
+
+class BusError(Exception):
+    """An error that travels over the bus as an :class:`ErrorReply`."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error if error in ERROR_CODES else "internal"
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.error}: {self.message}"
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, message_type: type[T]) -> T:
+    """Decode a message; an empty body is an empty object (requests with no fields)."""
+    return msgspec.json.decode(data or b"{}", type=message_type)
+
+
+async def connect(url: str, name: str) -> Client:
+    """Connect to NATS, retrying for ever when the server goes away."""
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+    )
+
+
+async def request(
+    nc: Client,
+    machine: str,
+    operation: str,
+    message: msgspec.Struct | None,
+    reply_type: type[T],
+    timeout: float = 10.0,
+) -> T:
+    """Send ``message`` to ``bmc.<machine>.<operation>`` and decode the reply.
+
+    Raises :class:`BusError` for an error reply, no responder and time-out.
+    """
+    subject = subjects.for_machine(machine, operation)
+    payload = encode(message) if message is not None else b""
+    try:
+        reply = await nc.request(subject, payload, timeout=timeout)
+    except nats.errors.NoRespondersError:
+        if operation in subjects.MACHINE_ENDPOINTS:
+            raise BusError("unknown_machine", f"no machine service owns machine {machine!r}") from None
+        raise BusError("unavailable", f"no service answers {subject}") from None
+    except nats.errors.TimeoutError:
+        raise BusError("timeout", f"no reply on {subject} within {timeout} s") from None
+    if reply.headers and ERROR_CODE_HEADER in reply.headers:
+        try:
+            error = decode(reply.data, ErrorReply)
+        except msgspec.DecodeError:
+            error = ErrorReply(error="internal", message=reply.headers.get(ERROR_HEADER, ""))
+        raise BusError(error.error, error.message)
+    return decode(reply.data, reply_type)
+
+
+Handler = Callable[[str, Any], Awaitable[msgspec.Struct]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One request subject: its nats.micro name, the request type and ``handler(machine, request)``."""
+
+    name: str
+    subject: str
+    request_type: type[Message]
+    handler: Handler
+
+
+async def _respond_error(request: Request, error: BusError) -> None:
+    await request.respond_error(
+        str(ERROR_CODES[error.error]),
+        error.message,
+        data=encode(ErrorReply(error=error.error, message=error.message)),
+    )
+
+
+def _micro_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[None]]:
+    async def handle(request: Request) -> None:
+        try:
+            machine = subjects.machine_of(request.subject)
+            body = decode(request.data, endpoint.request_type)
+            reply = await endpoint.handler(machine, body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await _respond_error(request, BusError("bad_request", f"{endpoint.request_type.__name__}: {exc}"))
+        except BusError as exc:
+            await _respond_error(request, exc)
+        except Exception as exc:
+            log.exception("%s on %s failed", endpoint.name, request.subject)
+            await _respond_error(request, BusError("internal", f"{type(exc).__name__}: {exc}"))
+        else:
+            await request.respond(encode(reply))
+
+    return handle
+
+
+async def serve(
+    nc: Client,
+    *,
+    name: str,
+    version: str,
+    description: str,
+    endpoints: Iterable[Endpoint],
+    metadata: dict[str, str] | None = None,
+) -> Service:
+    """Register a nats.micro service (visible to ``nats micro ls``) with typed endpoints."""
+    service = await add_service(nc, name=name, version=version, description=description, metadata=metadata or {})
+    for endpoint in endpoints:
+        await service.add_endpoint(name=endpoint.name, subject=endpoint.subject, handler=_micro_handler(endpoint))
+    return service
+
+
+async def publish(nc: Client, machine: str, event: str, message: msgspec.Struct) -> None:
+    """Publish an event on ``bmc.<machine>.<event>``."""
+    await nc.publish(subjects.for_machine(machine, event), encode(message))

@@ -1,0 +1,248 @@
+"""The bus messages: one msgspec Struct per message, used by both ends.
+
+Encoded as JSON (``bytes`` fields as base64), so ``nats req`` shows them readably.
+Partial updates use ``msgspec.UNSET`` for the fields a request leaves alone.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+PowerState = Literal["On", "Off"]
+PowerAction = Literal["on", "off", "soft", "reset", "cycle", "nmi"]
+BootTarget = Literal["None", "Pxe", "Hdd", "Cd", "BiosSetup"]
+BootEnabled = Literal["Disabled", "Once", "Continuous"]
+BootMode = Literal["UEFI", "Legacy"]
+
+UserSlot = Annotated[int, msgspec.Meta(ge=1, le=15)]
+Channel = Annotated[int, msgspec.Meta(ge=0, le=15)]
+Privilege = Annotated[int, msgspec.Meta(ge=1, le=15)]
+Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
+UserName = Annotated[str, msgspec.Meta(max_length=16)]
+Password = Annotated[str, msgspec.Meta(max_length=20)]
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every bus message: unknown fields are refused, not ignored."""
+
+
+class Empty(Message):
+    """A request with no body."""
+
+
+class ErrorReply(Message):
+    """The body of every error reply (the reply also has the nats.micro error headers)."""
+
+    error: str
+    message: str
+
+
+# ---------------------------------------------------------------- machine service
+
+class PowerStatus(Message):
+    machine: str
+    state: PowerState
+    run_state: str
+    """QEMU's run state (``running``, ``shutdown``, ``paused`` …), ``not-running`` or ``disconnected``."""
+    mode: Literal["managed", "attach"]
+    pid: int | None = None
+
+
+class PowerRequest(Message):
+    action: PowerAction
+
+
+class PowerEvent(Message):
+    machine: str
+    state: PowerState
+    cause: str
+    """The QMP event (``SHUTDOWN``, ``RESET`` …) or ``launched``, ``exited``, ``connected``, ``disconnected``."""
+    timestamp: float
+
+
+class BootOverride(Message):
+    target: BootTarget = "None"
+    enabled: BootEnabled = "Disabled"
+    mode: BootMode = "Legacy"
+
+
+class BootOverrideUpdate(Message):
+    target: BootTarget | UnsetType = UNSET
+    enabled: BootEnabled | UnsetType = UNSET
+    mode: BootMode | UnsetType = UNSET
+
+
+class BootEvent(Message):
+    machine: str
+    override: BootOverride
+    cause: Literal["set", "used"]
+    timestamp: float
+
+
+class MediaStatus(Message):
+    machine: str
+    device: str
+    inserted: bool
+    image: str | None = None
+    write_protected: bool = True
+
+
+class MediaInsert(Message):
+    image: Annotated[str, msgspec.Meta(min_length=1)]
+    """A local path or an http(s) URL."""
+    write_protected: bool = True
+
+
+class Inventory(Message):
+    machine: str
+    uuid: str
+    memory_mib: int
+    cpus: int
+    macs: list[str]
+    firmware: BootMode
+
+
+# ---------------------------------------------------------------- state service
+
+class UserChannelAccess(Message):
+    """One user's access on one channel (IPMI v2.0 §22.26/22.27, §24.6)."""
+
+    privilege: Privilege = 0x0F
+    """Privilege limit: 1 callback, 2 user, 3 operator, 4 administrator, 5 OEM, 15 no access."""
+    ipmi_messaging: bool = False
+    link_auth: bool = False
+    callback_only: bool = False
+    payloads: Annotated[int, msgspec.Meta(ge=0, le=0xFF)] = 0
+    """Standard payload types 1-7 the user may activate, one bit each (bit 1 = SOL)."""
+    oem_payloads: Annotated[int, msgspec.Meta(ge=0, le=0xFF)] = 0
+
+
+class User(Message):
+    """A user slot, without its password."""
+
+    slot: UserSlot
+    name: str = ""
+    enabled: bool = False
+    password_set: bool = False
+    channels: dict[int, UserChannelAccess] = {}
+
+
+class UserList(Message):
+    users: list[User]
+
+
+class UserRef(Message):
+    slot: UserSlot
+
+
+class UserUpdate(Message):
+    slot: UserSlot
+    name: UserName | UnsetType = UNSET
+    enabled: bool | UnsetType = UNSET
+
+
+class UserAccessUpdate(Message):
+    slot: UserSlot
+    channel: Channel
+    privilege: Privilege | UnsetType = UNSET
+    ipmi_messaging: bool | UnsetType = UNSET
+    link_auth: bool | UnsetType = UNSET
+    callback_only: bool | UnsetType = UNSET
+    payloads: Byte | UnsetType = UNSET
+    oem_payloads: Byte | UnsetType = UNSET
+
+
+class PasswordSet(Message):
+    slot: UserSlot
+    password: Password | None
+    """``None`` clears the password."""
+
+
+class PasswordCheck(Message):
+    """Check a password by slot or by user name (exactly one of the two)."""
+
+    password: Password
+    slot: UserSlot | None = None
+    name: UserName | None = None
+
+
+class PasswordCheckResult(Message):
+    ok: bool
+    user: User | None = None
+
+
+class CredentialsRequest(Message):
+    """Look a user up by slot or by name, for a front-end that needs the key (RAKP, IPMI 1.5)."""
+
+    slot: UserSlot | None = None
+    name: UserName | None = None
+
+
+class Credentials(Message):
+    user: User
+    password: str | None
+
+
+class ChannelRef(Message):
+    channel: Channel
+    volatile: bool = True
+
+
+class ChannelAccess(Message):
+    """Channel access settings (IPMI v2.0 §22.22/22.23), volatile or non-volatile."""
+
+    channel: Channel
+    volatile: bool
+    access_mode: Annotated[int, msgspec.Meta(ge=0, le=3)] = 2
+    """0 disabled, 1 pre-boot only, 2 always available, 3 shared."""
+    user_auth: bool = True
+    per_message_auth: bool = True
+    alerting: bool = False
+    privilege_limit: Privilege = 4
+
+
+class ChannelAccessUpdate(Message):
+    channel: Channel
+    volatile: bool = True
+    access_mode: Annotated[int, msgspec.Meta(ge=0, le=3)] | UnsetType = UNSET
+    user_auth: bool | UnsetType = UNSET
+    per_message_auth: bool | UnsetType = UNSET
+    alerting: bool | UnsetType = UNSET
+    privilege_limit: Privilege | UnsetType = UNSET
+
+
+class LanRef(Message):
+    channel: Channel = 1
+
+
+class LanConfig(Message):
+    """LAN configuration parameters (IPMI v2.0 §23.2) as raw parameter bytes."""
+
+    channel: Channel
+    params: dict[int, bytes]
+
+
+class LanParamSet(Message):
+    param: Byte
+    data: bytes
+    channel: Channel = 1
+
+
+class SolConfig(Message):
+    """SOL configuration parameters (IPMI v2.0 §26.3) as raw parameter bytes."""
+
+    params: dict[int, bytes]
+
+
+class SolParamSet(Message):
+    param: Byte
+    data: bytes
+
+
+class KgKey(Message):
+    """The BMC key K_G (IPMI v2.0 §13.31); ``None`` means unset (K_UID is used)."""
+
+    key: Annotated[bytes, msgspec.Meta(max_length=20)] | None = None

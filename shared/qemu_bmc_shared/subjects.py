@@ -1,0 +1,76 @@
+"""Every NATS subject qemu-bmc uses, in one place.
+
+Subjects carry the machine name as their second token: ``bmc.<machine>.<area>.<verb>``.
+``docs/subjects.md`` documents each one; ``tests/test_docs.py`` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "bmc"
+
+#: A machine name is one NATS subject token, a JetStream KV key segment and a file name.
+MACHINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+# Machine service (one endpoint per machine; requests for a machine nobody owns get
+# "no responders", which bus.request turns into an unknown_machine error).
+POWER_GET = "power.get"
+POWER_SET = "power.set"
+BOOT_GET = "boot.get"
+BOOT_SET = "boot.set"
+MEDIA_GET = "media.get"
+MEDIA_INSERT = "media.insert"
+MEDIA_EJECT = "media.eject"
+INVENTORY_GET = "inventory.get"
+
+# State service (one wildcard endpoint each, queue group, for every machine).
+USERS_LIST = "state.users.list"
+USERS_GET = "state.users.get"
+USERS_SET = "state.users.set"
+USERS_ACCESS = "state.users.access"
+USERS_PASSWORD = "state.users.password"
+USERS_CHECK = "state.users.check"
+USERS_CREDENTIALS = "state.users.credentials"
+CHANNEL_GET = "state.channel.get"
+CHANNEL_SET = "state.channel.set"
+LAN_GET = "state.lan.get"
+LAN_SET = "state.lan.set"
+SOL_GET = "state.sol.get"
+SOL_SET = "state.sol.set"
+KG_GET = "state.kg.get"
+KG_SET = "state.kg.set"
+
+# Events published by the machine service.
+EVENT_POWER = "event.power"
+EVENT_BOOT = "event.boot"
+EVENT_MEDIA = "event.media"
+
+MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, MEDIA_GET, MEDIA_INSERT, MEDIA_EJECT,
+                     INVENTORY_GET)
+STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
+                   USERS_CREDENTIALS, CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
+                   KG_GET, KG_SET)
+EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA)
+
+
+def for_machine(machine: str, operation: str) -> str:
+    """The subject of ``operation`` (one of the constants above) for one machine."""
+    return f"{PREFIX}.{machine}.{operation}"
+
+
+def any_machine(operation: str) -> str:
+    """The wildcard subject matching ``operation`` for every machine."""
+    return f"{PREFIX}.*.{operation}"
+
+
+def machine_of(subject: str) -> str:
+    """The machine token of a ``bmc.<machine>.…`` subject."""
+    parts = subject.split(".", 2)
+    if len(parts) < 3 or parts[0] != PREFIX:
+        raise ValueError(f"not a qemu-bmc subject: {subject!r}")
+    return parts[1]
+
+
+def valid_machine_name(name: str) -> bool:
+    return bool(MACHINE_NAME.match(name))
