@@ -41,6 +41,9 @@ QMP_TIMEOUT = 10.0
 RECONNECT_INTERVAL = 0.25
 QUIT_TIMEOUT = 5.0
 LAUNCH_TIMEOUT = 20.0
+#: SeaBIOS resets the machine once more by itself (~0.1 s) after a warm reset, before its POST:
+#: a guest reset this soon after a reset belongs to the same boot.
+FIRMWARE_REBOOT_WINDOW = 2.0
 
 
 class Machine:
@@ -62,6 +65,10 @@ class Machine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._devices: list[boot.BootDevice] = []
         self._base_order: dict[str, int] = {}
+        self._reboot_intercepted = False
+        self._order_stale = False
+        self._boots = 0
+        self._last_reset = -FIRMWARE_REBOOT_WINDOW
         self._override = self._load_override()
         self._media_image: str | None = self._load_media_image()
         self._closing = False
@@ -147,8 +154,16 @@ class Machine:
         try:
             self._devices = await boot.discover(qmp)
             self._base_order = await boot.base_order(qmp, self._devices)
-            await boot.apply_order(qmp, self._devices, self._desired_order())
             self._qmp = qmp
+            self._reboot_intercepted = False
+            running = (await self._execute("query-status"))["status"] not in OFF_RUN_STATES
+            self._order_stale = running and await boot.bootindexes(qmp, self._devices) != self._desired_order()
+            if self._order_stale:
+                await self._intercept_reboot(True)  # the running boot used an order that is now stale
+            else:
+                await boot.apply_order(qmp, self._devices, self._desired_order())
+            if self.vm.mode == "managed" and self._media_image:
+                await self._reinsert_media()
             self._connected.set()
             await self._refresh_run_state("connected")
             log.info("%s: QMP connected (%s), bootable devices: %s", self.name, self._run_state,
@@ -161,8 +176,13 @@ class Machine:
     async def _consume_events(self, qmp: QMPClient) -> None:
         async for event in qmp.events:
             name = event["event"]
+            if name == "SHUTDOWN" and event.get("data", {}).get("reason") == "guest-reset" \
+                    and self._reboot_intercepted:
+                await self._reset_with_boot_order()  # the guest rebooted: set its boot order first
+                await self._execute("cont")
+                continue
             if name == "RESET":
-                await self._boot_used()
+                await self._reset_seen(event.get("data", {}).get("reason", ""))
             if name in ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN"):
                 await self._refresh_run_state(name)
 
@@ -182,7 +202,7 @@ class Machine:
         try:
             return await asyncio.wait_for(qmp.execute(command, arguments), QMP_TIMEOUT)
         except ExecuteError as exc:
-            raise BusError("qemu_error", f"QEMU refused {command}: {exc.error.desc}") from None
+            raise BusError("qemu_error", f"QEMU refused {command}: {exc}") from None
         except (TimeoutError, QMPError, OSError) as exc:
             raise BusError("unavailable", f"QMP {command} failed: {type(exc).__name__} {exc}") from None
 
@@ -231,7 +251,10 @@ class Machine:
             else:
                 if self.power_state == "Off":
                     raise BusError("invalid_state", f"machine {self.name} is off; {action} needs it on")
-                await self._execute("system_reset" if action == "reset" else "inject-nmi")
+                if action == "reset":
+                    await self._reset_with_boot_order()
+                else:
+                    await self._execute("inject-nmi")
             await self.power_status()
             return self.status()
 
@@ -240,7 +263,7 @@ class Machine:
             return
         if self.vm.mode == "managed" and not self._pid:
             await self._launch()
-        await self._execute("system_reset")
+        await self._reset_with_boot_order()
         await self._execute("cont")
 
     async def _launch(self) -> None:
@@ -320,19 +343,60 @@ class Machine:
         self._override = new
         self._save_override()
         if self._qmp is not None:
+            # Takes effect at the next boot; the firmware of the running boot has read its order already.
             await boot.apply_order(self._qmp, self._devices, self._desired_order())
         await self._publish(self.name, subjects.EVENT_BOOT,
                             BootEvent(machine=self.name, override=new, cause="set", timestamp=time.time()))
         return new
 
+    async def _reset_with_boot_order(self) -> None:
+        """system_reset, with the boot order of the boot that follows set before it.
+
+        The firmware reads the order from QEMU while it starts, so the order is never changed
+        while a boot may be under way: only here, just before a reset, and at launch.
+        """
+        if self._qmp is not None:
+            await boot.apply_order(self._qmp, self._devices, self._desired_order())
+        self._order_stale = False
+        await self._intercept_reboot(False)
+        await self._execute("system_reset")
+
+    async def _intercept_reboot(self, intercept: bool) -> None:
+        """While the order set in QEMU is not the one the next boot must use, a reboot by the guest
+        itself stops the machine (``set-action reboot=shutdown``) so that the service can set the
+        order, reset and continue."""
+        if intercept == self._reboot_intercepted:
+            return
+        shutdown = "pause" if intercept or self.vm.mode == "managed" else "poweroff"
+        await self._execute("set-action", {"reboot": "shutdown" if intercept else "reset", "shutdown": shutdown})
+        self._reboot_intercepted = intercept
+
+    async def _reset_seen(self, reason: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if reason == "guest-reset" and now - self._last_reset < FIRMWARE_REBOOT_WINDOW:
+            return  # the firmware's own reboot, part of the boot that just started
+        self._last_reset = now
+        self._boots += 1
+        if self._order_stale:
+            await self._intercept_reboot(False)  # an uncontrolled reset (not ours) already booted
+            self._order_stale = False
+        await self._boot_used()
+
+    async def _intercept_when_booted(self, boot_number: int) -> None:
+        await asyncio.sleep(FIRMWARE_REBOOT_WINDOW)
+        if self._order_stale and self._boots == boot_number and self._qmp is not None:
+            with contextlib.suppress(BusError):
+                await self._intercept_reboot(True)
+
     async def _boot_used(self) -> None:
-        """A reset (a boot) happened: a Once override has now been used."""
+        """A boot started: a Once override has now been used. The order stays as it is for this
+        boot; the next reboot gets the order without the override."""
         if self._override.enabled != "Once":
             return
         self._override = msgspec.structs.replace(self._override, target="None", enabled="Disabled")
         self._save_override()
-        if self._qmp is not None:
-            await boot.apply_order(self._qmp, self._devices, self._desired_order())
+        self._order_stale = True
+        self._spawn(self._intercept_when_booted(self._boots))
         log.info("%s: one-time boot override used", self.name)
         await self._publish(self.name, subjects.EVENT_BOOT, BootEvent(
             machine=self.name, override=self._override, cause="used", timestamp=time.time()))
@@ -356,7 +420,9 @@ class Machine:
     async def media_status(self) -> MediaStatus:
         device = self.media_device
         if self._qmp is None:
-            return MediaStatus(machine=self.name, device=device, inserted=False)
+            # A managed machine's BMC keeps the media while QEMU is not running; it goes in at launch.
+            held = self.vm.mode == "managed" and self._media_image is not None
+            return MediaStatus(machine=self.name, device=device, inserted=held, image=self._media_image)
         for block in await self._execute("query-block"):
             if block.get("qdev") in (device, f"/machine/peripheral/{device}") or block.get("device") == device:
                 inserted = block.get("inserted")
@@ -377,18 +443,33 @@ class Machine:
             raise BusError("bad_request", f"no such image file: {image}")
         else:
             image = str(Path(image).absolute())
-        await self._execute("blockdev-change-medium", {
-            "id": device, "filename": image, "format": "raw",
-            "read-only-mode": "read-only" if request.write_protected else "retain"})
+        if self._qmp is not None or self.vm.mode == "attach":
+            await self._change_medium(device, image)
         self._media_image = image
         self.files.media.write_text(image)
         return await self._media_changed()
 
+    async def _change_medium(self, device: str, image: str) -> None:
+        await self._execute("blockdev-change-medium",
+                            {"id": device, "filename": image, "format": "raw", "read-only-mode": "read-only"})
+
+    async def _reinsert_media(self) -> None:
+        """Put the media the BMC holds into a freshly launched QEMU; forget it if QEMU refuses."""
+        image = self._media_image or ""
+        try:
+            await self._change_medium(self.media_device, image)
+        except BusError as exc:
+            log.error("%s: could not re-insert virtual media %s: %s", self.name, image, exc.message)
+            self._media_image = None
+            self.files.media.unlink(missing_ok=True)
+            await self._media_changed()
+
     async def eject_media(self) -> MediaStatus:
         device = self.media_device
-        await self._execute("blockdev-open-tray", {"id": device, "force": True})
-        await self._execute("blockdev-remove-medium", {"id": device})
-        await self._execute("blockdev-close-tray", {"id": device})
+        if self._qmp is not None or self.vm.mode == "attach":
+            await self._execute("blockdev-open-tray", {"id": device, "force": True})
+            await self._execute("blockdev-remove-medium", {"id": device})
+            await self._execute("blockdev-close-tray", {"id": device})
         self._media_image = None
         self.files.media.unlink(missing_ok=True)
         return await self._media_changed()

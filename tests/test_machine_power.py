@@ -1,0 +1,185 @@
+"""Power control of real QEMU machines through the bus: managed and attach mode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Events, bmc_request, serial_log, toml_list, wait_for, write_config
+from guest_images import GuestImages
+from qemu_bmc_shared import subjects
+from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.messages import PowerRequest, PowerStatus
+
+
+async def power(nc, machine: str, action: str) -> PowerStatus:
+    return await bmc_request(nc, machine, subjects.POWER_SET, PowerRequest(action=action), PowerStatus, timeout=60)
+
+
+async def status(nc, machine: str) -> PowerStatus:
+    return await bmc_request(nc, machine, subjects.POWER_GET, None, PowerStatus)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+async def managed(services, short_dir: Path, images: GuestImages):
+    config = write_config(short_dir, f"[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=False))}\n")
+    service = await services("machine", config, "--stop-vms-on-exit")
+    return service
+
+
+async def test_managed_power_cycle_of_a_real_vm(nc, managed, short_dir: Path):
+    events = await Events.subscribe(nc, "n1")
+    assert (await status(nc, "n1")).state == "Off"
+    assert (await status(nc, "n1")).run_state == "not-running"
+
+    on = await power(nc, "n1", "on")
+    assert on.state == "On" and on.run_state == "running" and on.pid and process_exists(on.pid)
+    await wait_for(lambda: "MARKER-HDD" in serial_log(short_dir, "n1"), message="the guest's boot marker")
+    await wait_for(lambda: any(e.cause == "launched" for e in events.of("event.power")), message="launch event")
+
+    # power on while on is a no-op: same process, no new boot
+    again = await power(nc, "n1", "on")
+    assert again.pid == on.pid
+
+    # reset: the guest boots again (second marker), the machine stays On
+    reset = await power(nc, "n1", "reset")
+    assert reset.state == "On" and reset.pid == on.pid
+    await wait_for(lambda: serial_log(short_dir, "n1").count("MARKER-HDD") == 2, message="second boot")
+    await wait_for(lambda: any(e.cause == "RESET" for e in events.of("event.power")), message="RESET event")
+
+    # NMI: the guest's NMI handler runs
+    await power(nc, "n1", "nmi")
+    await wait_for(lambda: "NMI" in serial_log(short_dir, "n1"), message="the guest's NMI handler output")
+
+    # cycle: QEMU goes away and a new one boots
+    cycled = await power(nc, "n1", "cycle")
+    assert cycled.state == "On" and cycled.pid != on.pid and not process_exists(on.pid)
+    await wait_for(lambda: serial_log(short_dir, "n1").count("MARKER-HDD") == 3, message="boot after cycle")
+
+    # hard off: the QEMU process exits
+    off = await power(nc, "n1", "off")
+    assert off.state == "Off" and off.run_state == "not-running" and off.pid is None
+    assert not process_exists(cycled.pid)
+    await wait_for(lambda: any(e.cause == "exited" and e.state == "Off" for e in events.of("event.power")),
+                   message="exit event")
+
+    # reset and nmi need the machine on
+    for action in ("reset", "nmi"):
+        with pytest.raises(BusError) as refused:
+            await power(nc, "n1", action)
+        assert refused.value.error == "invalid_state"
+    # soft off of an off machine changes nothing
+    assert (await power(nc, "n1", "soft")).state == "Off"
+
+
+async def test_soft_off_goes_through_the_guest(nc, managed, short_dir: Path):
+    await power(nc, "n1", "on")
+    await wait_for(lambda: "MARKER-HDD" in serial_log(short_dir, "n1"))
+    events = await Events.subscribe(nc, "n1")
+    soft = await power(nc, "n1", "soft")
+    assert soft.state == "On"  # ACPI power button pressed; the guest decides
+    await wait_for(lambda: "POWER-BUTTON" in serial_log(short_dir, "n1"), message="the guest seeing the button")
+    final = await wait_for(lambda: _off(nc), message="Off after the guest shut down")
+    assert final.run_state == "shutdown" and final.pid  # -no-shutdown: QEMU stays, the machine is off
+    causes = [e.cause for e in events.of("event.power")]
+    assert "POWERDOWN" in causes and "SHUTDOWN" in causes
+    # power on from the guest-shutdown state boots it again in the same process
+    on = await power(nc, "n1", "on")
+    assert on.state == "On" and on.pid == final.pid
+    await wait_for(lambda: serial_log(short_dir, "n1").count("MARKER-HDD") == 2)
+
+
+async def _off(nc) -> PowerStatus | None:
+    current = await status(nc, "n1")
+    return current if current.state == "Off" else None
+
+
+async def test_killed_qemu_is_reported_off_within_a_second(nc, managed, short_dir: Path):
+    on = await power(nc, "n1", "on")
+    events = await Events.subscribe(nc, "n1")
+    killed_at = time.monotonic()
+    os.kill(on.pid, signal.SIGKILL)
+    await wait_for(lambda: _off(nc), timeout=1.0, interval=0.02, message="Off within 1 s of the crash")
+    assert time.monotonic() - killed_at < 1.0
+    await wait_for(lambda: any(e.state == "Off" for e in events.of("event.power")), timeout=1.0)
+    # and it can be powered on again
+    assert (await power(nc, "n1", "on")).state == "On"
+
+
+async def test_attach_mode(nc, services, short_dir: Path, images: GuestImages):
+    qmp = short_dir / "attached-qmp.sock"
+    serial = short_dir / "attached-serial.log"
+
+    def start_qemu() -> subprocess.Popen:
+        return subprocess.Popen(["qemu-system-x86_64", *images.qemu_args(nic=False),
+                                 "-qmp", f"unix:{qmp},server=on,wait=off", "-serial", f"file:{serial}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    qemu = start_qemu()
+    try:
+        config = write_config(short_dir, f'[vm.a1]\nqmp = "{qmp}"\n')
+        await services("machine", config)
+        await wait_for(lambda: _state(nc, "a1", "On"), message="attached and On")
+
+        off = await power(nc, "a1", "off")  # attach mode: the operator owns the process; stop it
+        assert off.state == "Off" and off.run_state == "paused" and qemu.poll() is None
+        on = await power(nc, "a1", "on")  # system_reset + cont: a fresh boot
+        assert on.state == "On" and on.run_state == "running"
+        await wait_for(lambda: serial.read_text().count("MARKER-HDD") == 2, message="boot after power on")
+
+        qemu.kill()
+        qemu.wait()
+        killed_at = time.monotonic()
+        await wait_for(lambda: _state(nc, "a1", "Off"), timeout=1.0, interval=0.02, message="Off within 1 s")
+        assert time.monotonic() - killed_at < 1.0
+        assert (await status(nc, "a1")).run_state == "disconnected"
+        with pytest.raises(BusError) as refused:
+            await power(nc, "a1", "reset")
+        assert refused.value.error == "invalid_state"
+
+        qemu = start_qemu()  # the socket comes back: the service reconnects by itself
+        await wait_for(lambda: _state(nc, "a1", "On"), message="reconnected")
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+async def _state(nc, machine: str, wanted: str) -> bool:
+    return (await status(nc, machine)).state == wanted
+
+
+async def test_hung_qmp_socket_never_blocks_status(nc, services, short_dir: Path):
+    """A fake QMP peer that accepts and never speaks (what a wedged QEMU looks like)."""
+    socket_path = short_dir / "hung.sock"
+    connections = []
+
+    async def accept(reader, writer):
+        connections.append(writer)
+
+    server = await asyncio.start_unix_server(accept, path=str(socket_path))
+    try:
+        config = write_config(short_dir, f'[vm.h1]\nqmp = "{socket_path}"\n')
+        await services("machine", config)
+        await wait_for(lambda: connections, message="the service connecting")
+        started = time.monotonic()
+        current = await status(nc, "h1")
+        assert time.monotonic() - started < 1.0
+        assert current.state == "Off" and current.run_state == "disconnected"
+        with pytest.raises(BusError) as refused:
+            await power(nc, "h1", "nmi")
+        assert refused.value.error == "invalid_state"
+    finally:
+        server.close()
