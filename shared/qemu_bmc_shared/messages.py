@@ -51,6 +51,11 @@ class PowerStatus(Message):
     pid: int | None = None
 
 
+class PowerQuery(Message):
+    fresh: bool = False
+    """Ask QEMU now (``query-status``) rather than answer from the state kept current by QMP events."""
+
+
 class PowerRequest(Message):
     action: PowerAction
 

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import uvloop
+
 from .config import Config, ConfigError, load
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -52,7 +54,7 @@ def load_config_or_exit(path: str | None) -> Config:
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` until it returns; SIGTERM and SIGINT set ``stop``."""
+    """Run ``main(stop)`` on uvloop until it returns; SIGTERM and SIGINT set ``stop``."""
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -61,4 +63,4 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    asyncio.run(runner())
+    uvloop.run(runner())

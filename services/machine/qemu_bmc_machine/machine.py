@@ -37,6 +37,8 @@ Publisher = Callable[[str, str, msgspec.Struct], Awaitable[None]]
 
 #: QEMU run states in which the machine counts as powered off.
 OFF_RUN_STATES = {"shutdown", "paused", "prelaunch", "not-running", "disconnected"}
+#: QMP events after which the run state is read again (every run-state change emits one of them).
+LIFECYCLE_EVENTS = {"SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN", "GUEST_PANICKED", "SUSPEND", "WAKEUP"}
 QMP_TIMEOUT = 10.0
 RECONNECT_INTERVAL = 0.25
 QUIT_TIMEOUT = 5.0
@@ -183,7 +185,7 @@ class Machine:
                 continue
             if name == "RESET":
                 await self._reset_seen(event.get("data", {}).get("reason", ""))
-            if name in ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN"):
+            if name in LIFECYCLE_EVENTS:
                 await self._refresh_run_state(name)
 
     async def _process_gone(self) -> None:
@@ -200,7 +202,8 @@ class Machine:
         if qmp is None:
             raise BusError("invalid_state", f"machine {self.name} has no QEMU connected")
         try:
-            return await asyncio.wait_for(qmp.execute(command, arguments), QMP_TIMEOUT)
+            async with asyncio.timeout(QMP_TIMEOUT):
+                return await qmp.execute(command, arguments)
         except ExecuteError as exc:
             raise BusError("qemu_error", f"QEMU refused {command}: {exc}") from None
         except (TimeoutError, QMPError, OSError) as exc:
@@ -218,7 +221,7 @@ class Machine:
     async def _set_run_state(self, run_state: str, cause: str) -> None:
         before = self.power_state
         self._run_state = run_state
-        if cause in ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN", "launched") or before != self.power_state:
+        if cause in LIFECYCLE_EVENTS or cause == "launched" or before != self.power_state:
             await self._publish(self.name, subjects.EVENT_POWER, PowerEvent(
                 machine=self.name, state=self.power_state, cause=cause, timestamp=time.time()))
 

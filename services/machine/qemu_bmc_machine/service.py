@@ -13,6 +13,7 @@ from qemu_bmc_shared.messages import (
     BootOverrideUpdate,
     Empty,
     MediaInsert,
+    PowerQuery,
     PowerRequest,
 )
 from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
@@ -27,8 +28,8 @@ SERVICE_NAME = "qemu-bmc-machine"
 def endpoints(machine: Machine) -> list[bus.Endpoint]:
     """The request subjects of one machine (``bmc.<machine>.…``), each served by that machine."""
 
-    async def power_get(_: str, __: Empty) -> msgspec.Struct:
-        return await machine.power_status()
+    async def power_get(_: str, query: PowerQuery) -> msgspec.Struct:
+        return await machine.power_status() if query.fresh else machine.status()
 
     async def power_set(_: str, request: PowerRequest) -> msgspec.Struct:
         return await machine.power(request.action)
@@ -52,7 +53,7 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         return await machine.inventory()
 
     table = [
-        (subjects.POWER_GET, Empty, power_get),
+        (subjects.POWER_GET, PowerQuery, power_get),
         (subjects.POWER_SET, PowerRequest, power_set),
         (subjects.BOOT_GET, Empty, boot_get),
         (subjects.BOOT_SET, BootOverrideUpdate, boot_set),

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what qemu-bmc and its tests need: Debian packages (as root; otherwise names them and
+# stops) and a Python virtual environment in .venv with the project installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(
+  qemu-system-x86 qemu-block-extra ovmf  # QEMU (TCG), its curl block driver, UEFI firmware
+  ipmitool freeipmi-tools openipmi       # real IPMI clients and the ipmi_sim peer
+  busybox-static cpio                    # the small Linux test guest
+  nasm xorriso mtools                    # the tiny boot images the tests build
+  docker-compose                         # validates compose.yaml offline
+)
+if ! python3 -m venv --help >/dev/null 2>&1; then
+  DEBIAN_PACKAGES+=(python3-venv python3-pip)
+fi
+
+missing=()
+for package in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "qemu-bmc setup: these Debian packages are missing; install them as root and run again:" >&2
+    echo "  apt-get update && apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "qemu-bmc setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"

@@ -1,0 +1,67 @@
+"""The services as the NATS tooling sees them: $SRV discovery, error replies, bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from conftest import write_config
+from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.messages import PowerStatus
+
+
+@pytest.fixture
+async def both(services, short_dir: Path):
+    config = write_config(short_dir, '[vm.m1]\ncmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", '
+                                     '"-display", "none"]\n')
+    await services("state", config)
+    await services("machine", config)
+
+
+async def test_services_register_with_the_nats_service_api(nc, both):
+    for verb in ("PING", "INFO", "STATS"):
+        for name in ("qemu-bmc-machine", "qemu-bmc-state"):
+            reply = json.loads((await nc.request(f"$SRV.{verb}.{name}", b"", timeout=2)).data)
+            assert reply["name"] == name and reply["version"] == "0.1.0"
+            assert reply["metadata"]["machines"] == "m1"
+    info = json.loads((await nc.request("$SRV.INFO.qemu-bmc-machine", b"", timeout=2)).data)
+    assert {endpoint["subject"] for endpoint in info["endpoints"]} == {
+        subjects.for_machine("m1", operation) for operation in subjects.MACHINE_ENDPOINTS}
+    info = json.loads((await nc.request("$SRV.INFO.qemu-bmc-state", b"", timeout=2)).data)
+    assert {endpoint["subject"] for endpoint in info["endpoints"]} == {
+        subjects.any_machine(operation) for operation in subjects.STATE_ENDPOINTS}
+
+
+async def test_bad_requests_to_the_machine_service(nc, both):
+    cases = [
+        (subjects.POWER_SET, b"{oops", "bad_request"),
+        (subjects.POWER_SET, b'{"action": "explode"}', "bad_request"),
+        (subjects.POWER_SET, b"{}", "bad_request"),
+        (subjects.BOOT_SET, b'{"target": "Floppy"}', "bad_request"),
+        (subjects.BOOT_SET, b'{"mode": "UEFI"}', "invalid_state"),  # SeaBIOS machine
+        (subjects.MEDIA_INSERT, b'{"image": ""}', "bad_request"),
+        (subjects.MEDIA_INSERT, b'{"image": "/nonexistent.iso"}', "bad_request"),
+        (subjects.POWER_GET, b'{"unexpected": 1}', "bad_request"),
+    ]
+    for operation, payload, error in cases:
+        started = time.monotonic()
+        reply = await nc.request(subjects.for_machine("m1", operation), payload, timeout=5)
+        assert time.monotonic() - started < 1.0
+        body = msgspec.json.decode(reply.data)
+        assert body["error"] == error, (operation, payload, body)
+        assert reply.headers["Nats-Service-Error-Code"] == str(bus.ERROR_CODES[error])
+        assert reply.headers["Nats-Service-Error"] == body["message"]
+    # an unknown machine: at once, as a structured error
+    started = time.monotonic()
+    with pytest.raises(BusError) as refused:
+        await bus.request(nc, "ghost", subjects.POWER_GET, None, PowerStatus)
+    assert refused.value.error == "unknown_machine" and time.monotonic() - started < 1.0
+    # and the service keeps serving
+    status = await bus.request(nc, "m1", subjects.POWER_GET, None, PowerStatus)
+    assert status.state == "Off"
+    stats = json.loads((await nc.request("$SRV.STATS.qemu-bmc-machine", b"", timeout=2)).data)
+    assert sum(endpoint["num_requests"] for endpoint in stats["endpoints"]) >= len(cases) + 1
