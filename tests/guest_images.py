@@ -1,13 +1,18 @@
-"""Tiny bootable test guests, built at test time: a disk image, an ISO and a PXE boot file.
+"""Tiny bootable test guests, built at test time: disk images, an ISO and PXE boot files, for
+SeaBIOS and for OVMF (UEFI).
 
-Each runs the same 16-bit boot program (loaded at 0:7C00 by the BIOS from a disk's MBR, from an
-El Torito no-emulation CD, or by iPXE as a PXE NBP), which:
+For SeaBIOS each runs the same 16-bit boot program (loaded at 0:7C00 by the BIOS from a disk's
+MBR, from an El Torito no-emulation CD, or by iPXE as a PXE NBP), which:
 
 * prints its marker (``MARKER-HDD``, ``MARKER-CD``, ``MARKER-PXE``) on COM1;
 * prints ``NMI`` from its NMI handler, so an injected NMI is visible;
 * enables the ACPI power button event (PM1_EN at PMBASE+2, PMBASE 0x600 on q35) and, when the
   button is pressed (``system_powerdown``), prints ``POWER-BUTTON`` and enters S5 through PM1_CNT,
   as an ACPI-aware OS does: a real guest for soft power-off.
+
+For OVMF, a minimal UEFI application (a PE32+ image written out by hand in nasm) prints its
+marker on COM1 and halts; it is ``\\EFI\\BOOT\\BOOTX64.EFI`` on a FAT disk, the EFI El Torito
+image of the same ISO, and the PXE boot file ``bootx64.efi``.
 """
 
 from __future__ import annotations
@@ -76,12 +81,91 @@ dw 0xaa55
 """
 
 
-def boot_program(marker: str, workdir: Path) -> bytes:
-    source = workdir / f"{marker}.asm"
-    source.write_text(BOOT_PROGRAM % {"marker": marker})
-    output = workdir / f"{marker}.bin"
+UEFI_APPLICATION = r"""
+bits 64
+default rel
+org 0
+    dw "MZ"                     ; DOS header: only the magic and e_lfanew matter
+    times 0x3a db 0
+    dd pe
+pe:
+    db "PE", 0, 0
+    dw 0x8664                   ; x86-64
+    dw 1                        ; one section
+    dd 0, 0, 0
+    dw optional_end - optional
+    dw 0x0206                   ; executable; no line numbers, no debug info (relocations not stripped)
+optional:
+    dw 0x20b                    ; PE32+
+    db 0, 0
+    dd 0x200, 0, 0              ; size of code, of data, of bss
+    dd 0x1000                   ; entry point (RVA)
+    dd 0x1000                   ; base of code
+    dq 0x400000                 ; image base (the code is position-independent, no relocations)
+    dd 0x1000, 0x200            ; section and file alignment
+    dw 0, 0, 0, 0, 0, 0
+    dd 0
+    dd 0x2000                   ; size of image
+    dd 0x200                    ; size of headers
+    dd 0
+    dw 10                       ; subsystem: EFI application
+    dw 0
+    dq 0x10000, 0x1000, 0x10000, 0x1000
+    dd 0
+    dd 16                       ; data directories, all empty
+    times 16 dq 0
+optional_end:
+    db ".text", 0, 0, 0
+    dd 0x1000, 0x1000           ; virtual size and address
+    dd 0x200, 0x200             ; raw size and file offset
+    dd 0, 0
+    dw 0, 0
+    dd 0x60000020               ; code, execute, read
+    times 0x200 - ($ - $$) db 0
+    lea rsi, [rel message]
+    mov dx, 0x3f8
+.next:
+    lodsb
+    test al, al
+    jz .idle
+    out dx, al
+    jmp .next
+.idle:
+    hlt
+    jmp .idle
+message: db 13, 10, "%(marker)s", 13, 10, 0
+    times 0x400 - ($ - $$) db 0
+"""
+
+
+def assemble(source_text: str, name: str, workdir: Path) -> bytes:
+    source = workdir / f"{name}.asm"
+    source.write_text(source_text)
+    output = workdir / f"{name}.bin"
     subprocess.run(["nasm", "-f", "bin", "-o", str(output), str(source)], check=True)
     return output.read_bytes()
+
+
+def boot_program(marker: str, workdir: Path) -> bytes:
+    return assemble(BOOT_PROGRAM % {"marker": marker}, marker, workdir)
+
+
+def uefi_application(marker: str, workdir: Path) -> bytes:
+    return assemble(UEFI_APPLICATION % {"marker": marker}, f"{marker}-uefi", workdir)
+
+
+def efi_boot_image(path: Path, application: bytes, size_kib: int, workdir: Path) -> None:
+    """A FAT file system (no partition table, made with mtools) holding \\EFI\\BOOT\\BOOTX64.EFI."""
+    path.write_bytes(bytes(size_kib * 1024))
+    local = workdir / "BOOTX64.EFI"
+    local.write_bytes(application)
+    for command in (["mformat", "-i", str(path), "::"], ["mmd", "-i", str(path), "::/EFI", "::/EFI/BOOT"],
+                    ["mcopy", "-i", str(path), str(local), "::/EFI/BOOT/BOOTX64.EFI"]):
+        subprocess.run(command, check=True, capture_output=True)
+
+
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
 
 class GuestImages:
@@ -89,32 +173,42 @@ class GuestImages:
         self.directory = directory
         self.disk = directory / "disk.img"
         self.iso = directory / "cd.iso"
+        self.uefi_disk = directory / "uefi-disk.img"
         self.tftp = directory / "tftp"
         self.pxe_file = "boot.pxe"
+        self.uefi_pxe_file = "bootx64.efi"
 
     def build(self) -> GuestImages:
         work = self.directory / "build"
         work.mkdir(parents=True, exist_ok=True)
         self.disk.write_bytes(boot_program("MARKER-HDD", work).ljust(1024 * 1024, b"\0"))
+        efi_boot_image(self.uefi_disk, uefi_application("MARKER-HDD", work), 4096, work)
         iso_root = work / "iso"
         iso_root.mkdir(exist_ok=True)
         (iso_root / "boot.img").write_bytes(boot_program("MARKER-CD", work).ljust(2048, b"\0"))
+        efi_boot_image(iso_root / "efiboot.img", uefi_application("MARKER-CD", work), 1440, work)
         subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-b", "boot.img", "-no-emul-boot",
-                        "-boot-load-size", "4", "-o", str(self.iso), str(iso_root)], check=True,
-                       stderr=subprocess.DEVNULL)
+                        "-boot-load-size", "4", "-eltorito-alt-boot", "-e", "efiboot.img", "-no-emul-boot",
+                        "-o", str(self.iso), str(iso_root)], check=True, stderr=subprocess.DEVNULL)
         self.tftp.mkdir(exist_ok=True)
         (self.tftp / self.pxe_file).write_bytes(boot_program("MARKER-PXE", work))
+        (self.tftp / self.uefi_pxe_file).write_bytes(uefi_application("MARKER-PXE", work))
         shutil.rmtree(work)
         return self
 
-    def qemu_args(self, *, disk: bool = True, nic: bool = True, memory: int = 64) -> list[str]:
-        """A q35 TCG machine booting from the disk, with a PXE-capable NIC on slirp's TFTP."""
-        args = ["-machine", "q35", "-accel", "tcg", "-m", str(memory), "-display", "none", "-nodefaults",
-                "-vga", "none"]
+    def qemu_args(self, *, disk: bool = True, nic: bool = True, memory: int = 64, uefi: bool = False) -> list[str]:
+        """A q35 TCG machine booting from the disk, with a PXE-capable NIC on slirp's TFTP;
+        SeaBIOS, or OVMF with ``uefi`` (its variables in a throw-away snapshot)."""
+        args = ["-machine", "q35", "-accel", "tcg", "-m", str(128 if uefi else memory), "-display", "none",
+                "-nodefaults", "-vga", "none"]
+        if uefi:
+            args += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                     "-drive", f"if=pflash,format=raw,snapshot=on,file={OVMF_VARS}"]
         if disk:
-            args += ["-drive", f"if=none,id=hd0,file={self.disk},format=raw,snapshot=on",
+            args += ["-drive", f"if=none,id=hd0,file={self.uefi_disk if uefi else self.disk},format=raw,snapshot=on",
                      "-device", "ide-hd,drive=hd0,id=disk0,bootindex=1"]
         if nic:
-            args += ["-netdev", f"user,id=net0,tftp={self.tftp},bootfile={self.pxe_file}",
+            bootfile = self.uefi_pxe_file if uefi else self.pxe_file
+            args += ["-netdev", f"user,id=net0,tftp={self.tftp},bootfile={bootfile}",
                      "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56"]
         return args

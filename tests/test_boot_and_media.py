@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -54,8 +55,8 @@ class Guest:
     async def next_boot(self, timeout: float = 30.0) -> str:
         """The marker of the next boot program that runs."""
         def marker() -> str | None:
-            lines = [line for line in self.log().splitlines() if line.startswith("MARKER-")]
-            return lines[self.seen] if len(lines) > self.seen else None
+            markers = re.findall(r"MARKER-[A-Z]+", self.log())
+            return markers[self.seen] if len(markers) > self.seen else None
 
         found = await wait_for(marker, timeout=timeout, message="a boot marker")
         self.seen += 1
@@ -104,6 +105,26 @@ async def test_boot_override_reaches_the_guest(guest: Guest, images: GuestImages
     await guest.power("on")
     assert await guest.next_boot() == "MARKER-CD"
     assert (await guest.boot_get()).enabled == "Disabled"
+
+
+async def test_boot_override_with_uefi_firmware(nc, services, short_dir: Path, images: GuestImages):
+    """The same override mechanism under OVMF: UEFI boot from CD, from the network, from disk."""
+    config = write_config(short_dir, f"[vm.u1]\ncmd = {toml_list(images.qemu_args(uefi=True))}\n")
+    await services("machine", config, "--stop-vms-on-exit")
+    guest = Guest(nc, short_dir, "u1")
+    assert (await guest.boot_get()).mode == "UEFI"
+    await guest.media(str(images.iso))  # held by the BMC while off, inserted at launch
+    await guest.boot(target="Cd", enabled="Once", mode="UEFI")
+    await guest.power("on")
+    assert await guest.next_boot(timeout=60) == "MARKER-CD"
+    await guest.boot(target="Pxe", enabled="Once")
+    await guest.power("reset")
+    assert await guest.next_boot(timeout=90) == "MARKER-PXE"
+    await guest.power("reset")
+    assert await guest.next_boot(timeout=60) == "MARKER-HDD"
+    with pytest.raises(BusError) as refused:
+        await guest.boot(mode="Legacy")
+    assert refused.value.error == "invalid_state"
 
 
 async def test_boot_override_survives_a_machine_service_restart(nc, services, short_dir: Path, images: GuestImages):
