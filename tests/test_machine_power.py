@@ -157,6 +157,32 @@ async def test_attach_mode(nc, services, short_dir: Path, images: GuestImages):
         qemu.wait()
 
 
+async def test_attached_uefi_machine_is_recognised(nc, services, short_dir: Path, images: GuestImages):
+    from qemu_bmc_shared.messages import BootOverride, Inventory
+
+    qmp = short_dir / "uefi-qmp.sock"
+    qemu = subprocess.Popen(["qemu-system-x86_64", *images.qemu_args(uefi=True, nic=False), "-S",
+                             "-qmp", f"unix:{qmp},server=on,wait=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        config = write_config(short_dir, f'[vm.u2]\nqmp = "{qmp}"\n')
+        await services("machine", config)
+        await wait_for(lambda: _state(nc, "u2", "Off"), message="attached")  # prelaunch: -S, not started
+        await wait_for(lambda: _inventory_firmware(nc, "u2"), message="UEFI firmware seen")
+        assert (await bmc_request(nc, "u2", subjects.BOOT_GET, None, BootOverride)).mode == "UEFI"
+        inventory = await bmc_request(nc, "u2", subjects.INVENTORY_GET, None, Inventory)
+        assert inventory.memory_mib == 128 and inventory.macs == []
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+async def _inventory_firmware(nc, machine: str) -> bool:
+    from qemu_bmc_shared.messages import Inventory
+
+    return (await bmc_request(nc, machine, subjects.INVENTORY_GET, None, Inventory)).firmware == "UEFI"
+
+
 async def _state(nc, machine: str, wanted: str) -> bool:
     return (await status(nc, machine)).state == wanted
 

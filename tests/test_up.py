@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats
+import pytest
 from conftest import toml_list, wait_for, write_config
 from guest_images import GuestImages
 
@@ -49,9 +51,17 @@ async def test_up_runs_and_stops_the_whole_tree(short_dir: Path, images: GuestIm
     up = await start_up(*c, env={}, log=short_dir / "up.log")
     runtime = short_dir / "rt"
     try:
-        assert (runtime / "nats.url").read_text().startswith("nats://127.0.0.1:")
+        url = (runtime / "nats.url").read_text().strip()
+        assert url.startswith("nats://") and (runtime / "nats.url").stat().st_mode & 0o777 == 0o600
         nats_pids = processes_with(str(runtime / "nats"))
         assert nats_pids, "the embedded nats-server runs"
+        # the bus takes only clients with the token, and the token is on no command line
+        token = url.split("//", 1)[1].split("@", 1)[0]
+        without_token = "nats://" + url.split("@", 1)[1]
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            await nats.connect(without_token, max_reconnect_attempts=0, allow_reconnect=False)
+        for pid in processes_with(""):
+            assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
         def services_up() -> bool:
             result = cli("services", "--json", *c)

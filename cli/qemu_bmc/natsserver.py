@@ -20,17 +20,24 @@ def binary() -> str:
 
 
 class NatsServer:
-    """``nats-server -js`` on a loopback port (a free one the first time), data under ``directory``."""
+    """``nats-server -js`` on a loopback port (a free one the first time), data under ``directory``;
+    clients must present ``token`` when one is given."""
 
-    def __init__(self, directory: Path, port: int = -1, host: str = "127.0.0.1") -> None:
+    def __init__(self, directory: Path, port: int = -1, host: str = "127.0.0.1", token: str | None = None) -> None:
         self.directory = directory
         self.host = host
         self.port = port
+        self.token = token
         self.process: asyncio.subprocess.Process | None = None
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """The URL without credentials, for printing."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.token}@{self.host}:{self.port}" if self.token else self.address
 
     async def start(self, timeout: float = 10.0) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -38,11 +45,17 @@ class NatsServer:
         ports_dir.mkdir(exist_ok=True)
         for old in ports_dir.iterdir():
             old.unlink()
+        arguments = ["-a", self.host, "-p", str(self.port), "--ports_file_dir", str(ports_dir),
+                     "-js", "-sd", str(self.directory / "jetstream")]
+        if self.token:
+            # In a config file (0600), not on the command line, which every local user can read.
+            config = self.directory / "auth.conf"
+            config.touch(mode=0o600)
+            config.write_text(f"authorization {{ token: {json.dumps(self.token)} }}\n")
+            arguments += ["-c", str(config)]
         log = (self.directory / "nats-server.log").open("ab")
         self.process = await asyncio.create_subprocess_exec(
-            binary(), "-a", self.host, "-p", str(self.port), "--ports_file_dir", str(ports_dir),
-            "-js", "-sd", str(self.directory / "jetstream"),
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+            binary(), *arguments, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

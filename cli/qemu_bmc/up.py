@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -23,10 +25,12 @@ STOP_TIMEOUT = 20.0
 
 
 class Child:
-    """A service process that is restarted when it dies."""
+    """A service process that is restarted when it dies. The NATS URL, which may hold a token,
+    goes in its environment (readable by its owner only), not on its command line."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], nats_url: str, log_dir: Path) -> None:
         self.name, self.argv, self.log_dir = name, argv, log_dir
+        self.env = {**os.environ, "NATS_URL": nats_url}
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.stopping = False
@@ -34,7 +38,7 @@ class Child:
     async def start(self) -> None:
         with (self.log_dir / f"{self.name}.log").open("ab") as output:
             self.process = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output,
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, env=self.env,
                 start_new_session=True)
 
     async def supervise(self) -> None:
@@ -64,15 +68,16 @@ class Child:
             await process.wait()
 
 
-def service_argv(module: str, config_path: Path | None, nats_url: str, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", module, "--nats", nats_url]
+def service_argv(module: str, config_path: Path | None, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", module]
     if config_path is not None:
         argv += ["--config", str(config_path)]
     return argv + list(extra)
 
 
-def describe(config: Config, nats_url: str, log_dir: Path) -> str:
-    lines = [f"qemu-bmc is up.  NATS: {nats_url}   logs: {log_dir}"]
+def describe(config: Config, nats_address: str, log_dir: Path) -> str:
+    lines = [f"qemu-bmc is up.  NATS: {nats_address} (URL with its token in {config.runtime_dir / NATS_URL_FILE})",
+             f"  logs: {log_dir}"]
     for vm in config.vms.values():
         where = f"QMP {vm.runtime_dir / 'qmp.sock'}, serial {vm.runtime_dir / 'serial.sock'}" \
             if vm.mode == "managed" else f"QMP {vm.qmp}" + (f", serial {vm.serial}" if vm.serial else "")
@@ -87,28 +92,41 @@ def describe(config: Config, nats_url: str, log_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def nats_token(runtime: Path) -> str:
+    """The embedded nats-server's token, made at the first start and kept (0600)."""
+    path = runtime / "nats" / "token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
 async def up(config: Config, nats_url: str | None, keep_vms: bool, stop: asyncio.Event) -> None:
     runtime = config.runtime_dir
     log_dir = runtime / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     nats: NatsServer | None = None
+    nats_address = nats_url or ""
     if nats_url is None:
-        nats = NatsServer(runtime / "nats")
+        nats = NatsServer(runtime / "nats", token=nats_token(runtime))
         await nats.start()
-        nats_url = nats.url
-    (runtime / NATS_URL_FILE).write_text(nats_url + "\n")
+        nats_url, nats_address = nats.url, nats.address
+    url_file = runtime / NATS_URL_FILE
+    url_file.touch(mode=0o600)
+    url_file.write_text(nats_url + "\n")
 
     machine_extra = [] if keep_vms else ["--stop-vms-on-exit"]
     children = [
-        Child("state", service_argv("qemu_bmc_state", config.path, nats_url), log_dir),
-        Child("machine", service_argv("qemu_bmc_machine", config.path, nats_url, *machine_extra), log_dir),
+        Child("state", service_argv("qemu_bmc_state", config.path), nats_url, log_dir),
+        Child("machine", service_argv("qemu_bmc_machine", config.path, *machine_extra), nats_url, log_dir),
     ]
     supervisors = []
     try:
         for child in children:
             await child.start()
             supervisors.append(asyncio.create_task(child.supervise()))
-        print(describe(config, nats_url, log_dir), flush=True)
+        print(describe(config, nats_address, log_dir), flush=True)
         nats_watch = asyncio.create_task(nats.process.wait()) if nats and nats.process else None
         stop_wait = asyncio.create_task(stop.wait())
         while not stop.is_set():

@@ -68,6 +68,7 @@ class Machine:
         self._devices: list[boot.BootDevice] = []
         self._base_order: dict[str, int] = {}
         self._reboot_intercepted = False
+        self._pflash = False
         self._order_stale = False
         self._boots = 0
         self._last_reset = -FIRMWARE_REBOOT_WINDOW
@@ -158,6 +159,9 @@ class Machine:
             self._base_order = await boot.base_order(qmp, self._devices)
             self._qmp = qmp
             self._reboot_intercepted = False
+            self._pflash = any(block["device"].startswith("pflash") for block in await self._execute("query-block"))
+            if not self.files.boot.exists():
+                self._override = BootOverride(mode=self.firmware)  # type: ignore[arg-type]
             running = (await self._execute("query-status"))["status"] not in OFF_RUN_STATES
             self._order_stale = running and await boot.bootindexes(qmp, self._devices) != self._desired_order()
             if self._order_stale:
@@ -323,9 +327,9 @@ class Machine:
 
     @property
     def firmware(self) -> str:
-        """UEFI when the command line brings OVMF/edk2 firmware, else Legacy (SeaBIOS)."""
+        """UEFI when QEMU has pflash firmware or the command line names OVMF/edk2, else Legacy (SeaBIOS)."""
         text = " ".join(self.vm.argv).lower()
-        return "UEFI" if ("ovmf" in text or "edk2" in text) else "Legacy"
+        return "UEFI" if (self._pflash or "ovmf" in text or "edk2" in text) else "Legacy"
 
     def _desired_order(self) -> dict[str, int]:
         if self._override.enabled == "Disabled":
