@@ -6,6 +6,8 @@ MBR, from an El Torito no-emulation CD, or by iPXE as a PXE NBP), which:
 
 * prints its marker (``MARKER-HDD``, ``MARKER-CD``, ``MARKER-PXE``) on COM1;
 * prints ``NMI`` from its NMI handler, so an injected NMI is visible;
+* (the installer ISO only) reboots the machine itself about 3 s later, as an installer or a
+  deploy ramdisk does (keyboard controller reset: a guest-initiated reset);
 * enables the ACPI power button event (PM1_EN at PMBASE+2, PMBASE 0x600 on q35) and, when the
   button is pressed (``system_powerdown``), prints ``POWER-BUTTON`` and enters S5 through PM1_CNT,
   as an ACPI-aware OS does: a real guest for soft power-off.
@@ -37,6 +39,19 @@ main:
     mov word [2*4+2], 0
     mov si, marker
     call print
+%%if %(reboot)d
+    sti
+    mov ebx, [0x46c]
+wait_ticks:
+    hlt
+    mov eax, [0x46c]
+    sub eax, ebx
+    cmp eax, 55
+    jb wait_ticks
+    mov al, 0xfe
+    out 0x64, al
+    jmp $
+%%endif
     mov dx, PMBASE+2
     mov ax, 0x0100
     out dx, ax
@@ -146,8 +161,8 @@ def assemble(source_text: str, name: str, workdir: Path) -> bytes:
     return output.read_bytes()
 
 
-def boot_program(marker: str, workdir: Path) -> bytes:
-    return assemble(BOOT_PROGRAM % {"marker": marker}, marker, workdir)
+def boot_program(marker: str, workdir: Path, reboot: bool = False) -> bytes:
+    return assemble(BOOT_PROGRAM % {"marker": marker, "reboot": int(reboot)}, marker, workdir)
 
 
 def uefi_application(marker: str, workdir: Path) -> bytes:
@@ -164,6 +179,18 @@ def efi_boot_image(path: Path, application: bytes, size_kib: int, workdir: Path)
         subprocess.run(command, check=True, capture_output=True)
 
 
+def make_iso(path: Path, bios_program: bytes, uefi_program: bytes | None, root: Path) -> None:
+    """An ISO 9660 image with El Torito no-emulation boot entries for BIOS and, if given, UEFI."""
+    root.mkdir()
+    (root / "boot.img").write_bytes(bios_program.ljust(2048, b"\0"))
+    boot_entries = ["-b", "boot.img", "-no-emul-boot", "-boot-load-size", "4"]
+    if uefi_program is not None:
+        efi_boot_image(root / "efiboot.img", uefi_program, 1440, root.parent)
+        boot_entries += ["-eltorito-alt-boot", "-e", "efiboot.img", "-no-emul-boot"]
+    subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", *boot_entries, "-o", str(path), str(root)], check=True,
+                   stderr=subprocess.DEVNULL)
+
+
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
@@ -173,6 +200,7 @@ class GuestImages:
         self.directory = directory
         self.disk = directory / "disk.img"
         self.iso = directory / "cd.iso"
+        self.installer_iso = directory / "installer.iso"
         self.uefi_disk = directory / "uefi-disk.img"
         self.tftp = directory / "tftp"
         self.pxe_file = "boot.pxe"
@@ -183,13 +211,8 @@ class GuestImages:
         work.mkdir(parents=True, exist_ok=True)
         self.disk.write_bytes(boot_program("MARKER-HDD", work).ljust(1024 * 1024, b"\0"))
         efi_boot_image(self.uefi_disk, uefi_application("MARKER-HDD", work), 4096, work)
-        iso_root = work / "iso"
-        iso_root.mkdir(exist_ok=True)
-        (iso_root / "boot.img").write_bytes(boot_program("MARKER-CD", work).ljust(2048, b"\0"))
-        efi_boot_image(iso_root / "efiboot.img", uefi_application("MARKER-CD", work), 1440, work)
-        subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-b", "boot.img", "-no-emul-boot",
-                        "-boot-load-size", "4", "-eltorito-alt-boot", "-e", "efiboot.img", "-no-emul-boot",
-                        "-o", str(self.iso), str(iso_root)], check=True, stderr=subprocess.DEVNULL)
+        make_iso(self.iso, boot_program("MARKER-CD", work), uefi_application("MARKER-CD", work), work / "iso")
+        make_iso(self.installer_iso, boot_program("MARKER-INSTALLER", work, reboot=True), None, work / "installer")
         self.tftp.mkdir(exist_ok=True)
         (self.tftp / self.pxe_file).write_bytes(boot_program("MARKER-PXE", work))
         (self.tftp / self.uefi_pxe_file).write_bytes(uefi_application("MARKER-PXE", work))

@@ -107,6 +107,22 @@ async def test_boot_override_reaches_the_guest(guest: Guest, images: GuestImages
     assert (await guest.boot_get()).enabled == "Disabled"
 
 
+async def test_once_override_when_the_guest_reboots_itself(guest: Guest, images: GuestImages):
+    """Ironic's flow: boot the deploy media once; when it reboots by itself, the disk boots."""
+    await guest.power("on")
+    assert await guest.next_boot() == "MARKER-HDD"
+    events = await Events.subscribe(guest.nc, "n1")
+    await guest.media(str(images.installer_iso))
+    await guest.boot(target="Cd", enabled="Once")
+    await guest.power("reset")
+    assert await guest.next_boot() == "MARKER-INSTALLER"
+    assert (await guest.boot_get()).enabled == "Disabled"
+    assert await guest.next_boot() == "MARKER-HDD"  # the installer's own reboot comes up from disk
+    assert (await guest.media()).inserted  # although its media is still in the drive
+    assert (await bmc_request(guest.nc, "n1", subjects.POWER_GET, None, PowerStatus)).state == "On"
+    assert not any(e.state == "Off" for e in events.of("event.power"))  # the held reboot never showed as Off
+
+
 async def test_boot_override_with_uefi_firmware(nc, services, short_dir: Path, images: GuestImages):
     """The same override mechanism under OVMF: UEFI boot from CD, from the network, from disk."""
     config = write_config(short_dir, f"[vm.u1]\ncmd = {toml_list(images.qemu_args(uefi=True))}\n")

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
-
-from qemu.qmp import QMPClient
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
 DeviceKind = Literal["Pxe", "Hdd", "Cd"]
+Execute = Callable[..., Awaitable[Any]]
+"""Runs one QMP command: ``await execute(command, arguments)``."""
 BASE_ORDER_OBJECT = "qemu-bmc-base-order"
 DEVICE_CONTAINERS = ("/machine/peripheral", "/machine/peripheral-anon", "/machine/unattached")
 
@@ -44,36 +45,36 @@ def kind_of(device_type: str, properties: set[str]) -> DeviceKind | None:
     return "Hdd"
 
 
-async def discover(qmp: QMPClient) -> list[BootDevice]:
+async def discover(execute: Execute) -> list[BootDevice]:
     """Every device with a ``bootindex`` property, classified as NIC, CD or disk."""
     devices = []
     for container in DEVICE_CONTAINERS:
-        for child in await qmp.execute("qom-list", {"path": container}):  # type: ignore[union-attr]
+        for child in await execute("qom-list", {"path": container}):
             child_type: str = child["type"]
             if not child_type.startswith("child<"):
                 continue
             path = f"{container}/{child['name']}"
-            properties = {prop["name"] for prop in await qmp.execute("qom-list", {"path": path})}  # type: ignore[union-attr]
+            properties = {prop["name"] for prop in await execute("qom-list", {"path": path})}
             kind = kind_of(child_type[6:-1], properties)
             if kind:
                 devices.append(BootDevice(path=path, type=child_type[6:-1], kind=kind))
     return devices
 
 
-async def bootindexes(qmp: QMPClient, devices: list[BootDevice]) -> dict[str, int]:
-    return {device.path: int(await qmp.execute("qom-get", {"path": device.path, "property": "bootindex"}))  # type: ignore[arg-type]
+async def bootindexes(execute: Execute, devices: list[BootDevice]) -> dict[str, int]:
+    return {device.path: int(await execute("qom-get", {"path": device.path, "property": "bootindex"}))
             for device in devices}
 
 
-async def base_order(qmp: QMPClient, devices: list[BootDevice]) -> dict[str, int]:
+async def base_order(execute: Execute, devices: list[BootDevice]) -> dict[str, int]:
     """The operator's boot order of this QEMU instance, recorded in it at the first look."""
-    objects = {child["name"] for child in await qmp.execute("qom-list", {"path": "/objects"})}  # type: ignore[union-attr]
+    objects = {child["name"] for child in await execute("qom-list", {"path": "/objects"})}
     if BASE_ORDER_OBJECT in objects:
-        stored = await qmp.execute("qom-get", {"path": f"/objects/{BASE_ORDER_OBJECT}", "property": "identity"})
+        stored = await execute("qom-get", {"path": f"/objects/{BASE_ORDER_OBJECT}", "property": "identity"})
         order: dict[str, int] = json.loads(str(stored))
         return {device.path: order.get(device.path, -1) for device in devices}
-    order = await bootindexes(qmp, devices)
-    await qmp.execute("object-add", {"qom-type": "authz-simple", "id": BASE_ORDER_OBJECT,
+    order = await bootindexes(execute, devices)
+    await execute("object-add", {"qom-type": "authz-simple", "id": BASE_ORDER_OBJECT,
                                      "identity": json.dumps(order)})
     return order
 
@@ -99,17 +100,17 @@ def override_order(devices: list[BootDevice], base: dict[str, int], target: str)
     return order
 
 
-async def apply_order(qmp: QMPClient, devices: list[BootDevice], order: dict[str, int]) -> None:
+async def apply_order(execute: Execute, devices: list[BootDevice], order: dict[str, int]) -> None:
     """Set the bootindexes (effective at the next reset); clears changed ones first, as QEMU refuses
     two devices with one index."""
-    current = await bootindexes(qmp, devices)
+    current = await bootindexes(execute, devices)
     changed = [path for path, index in order.items() if current.get(path) != index]
     for path in changed:
         if current[path] != -1:
-            await qmp.execute("qom-set", {"path": path, "property": "bootindex", "value": -1})
+            await execute("qom-set", {"path": path, "property": "bootindex", "value": -1})
     for path in changed:
         if order[path] != -1:
-            await qmp.execute("qom-set", {"path": path, "property": "bootindex", "value": order[path]})
+            await execute("qom-set", {"path": path, "property": "bootindex", "value": order[path]})
     if changed:
         log.debug("boot order now %s", order)
 

@@ -154,20 +154,21 @@ class Machine:
 
     async def _session(self, qmp: QMPClient) -> None:
         events = self._spawn(self._consume_events(qmp))
+        self._qmp = qmp
         try:
-            self._devices = await boot.discover(qmp)
-            self._base_order = await boot.base_order(qmp, self._devices)
-            self._qmp = qmp
+            self._devices = await boot.discover(self._execute)
+            self._base_order = await boot.base_order(self._execute, self._devices)
             self._reboot_intercepted = False
             self._pflash = any(block["device"].startswith("pflash") for block in await self._execute("query-block"))
             if not self.files.boot.exists():
                 self._override = BootOverride(mode=self.firmware)  # type: ignore[arg-type]
             running = (await self._execute("query-status"))["status"] not in OFF_RUN_STATES
-            self._order_stale = running and await boot.bootindexes(qmp, self._devices) != self._desired_order()
+            current = await boot.bootindexes(self._execute, self._devices)
+            self._order_stale = running and current != self._desired_order()
             if self._order_stale:
                 await self._intercept_reboot(True)  # the running boot used an order that is now stale
             else:
-                await boot.apply_order(qmp, self._devices, self._desired_order())
+                await boot.apply_order(self._execute, self._devices, self._desired_order())
             if self.vm.mode == "managed" and self._media_image:
                 await self._reinsert_media()
             self._connected.set()
@@ -351,7 +352,7 @@ class Machine:
         self._save_override()
         if self._qmp is not None:
             # Takes effect at the next boot; the firmware of the running boot has read its order already.
-            await boot.apply_order(self._qmp, self._devices, self._desired_order())
+            await boot.apply_order(self._execute, self._devices, self._desired_order())
         await self._publish(self.name, subjects.EVENT_BOOT,
                             BootEvent(machine=self.name, override=new, cause="set", timestamp=time.time()))
         return new
@@ -363,7 +364,7 @@ class Machine:
         while a boot may be under way: only here, just before a reset, and at launch.
         """
         if self._qmp is not None:
-            await boot.apply_order(self._qmp, self._devices, self._desired_order())
+            await boot.apply_order(self._execute, self._devices, self._desired_order())
         self._order_stale = False
         await self._intercept_reboot(False)
         await self._execute("system_reset")
@@ -379,15 +380,19 @@ class Machine:
         self._reboot_intercepted = intercept
 
     async def _reset_seen(self, reason: str) -> None:
+        """A RESET event: a boot starts, unless it is the firmware's own reboot of a boot that just
+        started. A Once override is now used; while the order in QEMU is not the one the next
+        boot must use, the guest's next reboot is intercepted, but not before the firmware of
+        this boot is past its own reboot."""
         now = asyncio.get_running_loop().time()
         if reason == "guest-reset" and now - self._last_reset < FIRMWARE_REBOOT_WINDOW:
-            return  # the firmware's own reboot, part of the boot that just started
+            return
         self._last_reset = now
         self._boots += 1
-        if self._order_stale:
-            await self._intercept_reboot(False)  # an uncontrolled reset (not ours) already booted
-            self._order_stale = False
         await self._boot_used()
+        if self._order_stale:
+            await self._intercept_reboot(False)
+            self._spawn(self._intercept_when_booted(self._boots))
 
     async def _intercept_when_booted(self, boot_number: int) -> None:
         await asyncio.sleep(FIRMWARE_REBOOT_WINDOW)
@@ -396,14 +401,12 @@ class Machine:
                 await self._intercept_reboot(True)
 
     async def _boot_used(self) -> None:
-        """A boot started: a Once override has now been used. The order stays as it is for this
-        boot; the next reboot gets the order without the override."""
+        """A Once override is used by the boot that starts; the order stays for this boot."""
         if self._override.enabled != "Once":
             return
         self._override = msgspec.structs.replace(self._override, target="None", enabled="Disabled")
         self._save_override()
         self._order_stale = True
-        self._spawn(self._intercept_when_booted(self._boots))
         log.info("%s: one-time boot override used", self.name)
         await self._publish(self.name, subjects.EVENT_BOOT, BootEvent(
             machine=self.name, override=self._override, cause="used", timestamp=time.time()))
