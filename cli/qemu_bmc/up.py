@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -107,7 +108,7 @@ async def up(config: Config, nats_url: str | None, keep_vms: bool, stop: asyncio
     log_dir = runtime / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     nats: NatsServer | None = None
-    nats_address = nats_url or ""
+    nats_address = re.sub(r"//[^@/]*@", "//", nats_url or "")  # never print credentials
     if nats_url is None:
         nats = NatsServer(runtime / "nats", token=nats_token(runtime))
         await nats.start()
