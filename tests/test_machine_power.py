@@ -14,7 +14,7 @@ from conftest import Events, bmc_request, serial_log, toml_list, wait_for, write
 from guest_images import GuestImages
 from qemu_bmc_shared import subjects
 from qemu_bmc_shared.bus import BusError
-from qemu_bmc_shared.messages import PowerRequest, PowerStatus
+from qemu_bmc_shared.messages import MediaInsert, MediaStatus, PowerRequest, PowerStatus
 
 
 async def power(nc, machine: str, action: str) -> PowerStatus:
@@ -125,14 +125,21 @@ async def test_attach_mode(nc, services, short_dir: Path, images: GuestImages):
 
     def start_qemu() -> subprocess.Popen:
         return subprocess.Popen(["qemu-system-x86_64", *images.qemu_args(nic=False),
+                                 "-drive", "if=none,id=cd0-drive,media=cdrom",
+                                 "-device", "ide-cd,id=cd0,drive=cd0-drive,bus=ide.2",
                                  "-qmp", f"unix:{qmp},server=on,wait=off", "-serial", f"file:{serial}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     qemu = start_qemu()
     try:
-        config = write_config(short_dir, f'[vm.a1]\nqmp = "{qmp}"\n')
+        config = write_config(short_dir, f'[vm.a1]\nqmp = "{qmp}"\nmedia_device = "cd0"\n')
         await services("machine", config)
         await wait_for(lambda: _state(nc, "a1", "On"), message="attached and On")
+
+        # virtual media on the operator's own CD drive
+        inserted = await bmc_request(nc, "a1", subjects.MEDIA_INSERT, MediaInsert(image=str(images.iso)), MediaStatus)
+        assert inserted.inserted and inserted.device == "cd0" and inserted.image == str(images.iso)
+        assert not (await bmc_request(nc, "a1", subjects.MEDIA_EJECT, None, MediaStatus)).inserted
 
         off = await power(nc, "a1", "off")  # attach mode: the operator owns the process; stop it
         assert off.state == "Off" and off.run_state == "paused" and qemu.poll() is None
