@@ -1,0 +1,217 @@
+"""Messages, completion codes, privileges, the handler registry and dispatch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, TypeVar
+
+import msgspec
+from nats.aio.client import Client
+
+from .. import bus
+from ..bus import BusError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class NetFn(IntEnum):
+    """Network function codes (IPMI v2.0 §5.1, table 5-1); requests use the even codes."""
+
+    CHASSIS = 0x00
+    BRIDGE = 0x02
+    SENSOR = 0x04
+    APP = 0x06
+    FIRMWARE = 0x08
+    STORAGE = 0x0A
+    TRANSPORT = 0x0C
+    GROUP = 0x2C
+    OEM = 0x2E
+
+
+class Completion(IntEnum):
+    """Completion codes (IPMI v2.0 §5.2, table 5-2)."""
+
+    OK = 0x00
+    NODE_BUSY = 0xC0
+    INVALID_COMMAND = 0xC1
+    INVALID_FOR_LUN = 0xC2
+    TIMEOUT = 0xC3
+    OUT_OF_SPACE = 0xC4
+    RESERVATION_CANCELLED = 0xC5
+    DATA_TRUNCATED = 0xC6
+    LENGTH_INVALID = 0xC7
+    LENGTH_TOO_LONG = 0xC8
+    PARAMETER_OUT_OF_RANGE = 0xC9
+    CANNOT_RETURN_BYTES = 0xCA
+    NOT_PRESENT = 0xCB
+    INVALID_FIELD = 0xCC
+    ILLEGAL_FOR_SENSOR = 0xCD
+    CANNOT_RESPOND = 0xCE
+    DUPLICATE_REQUEST = 0xCF
+    SDR_UPDATE_MODE = 0xD0
+    FIRMWARE_UPDATE_MODE = 0xD1
+    INITIALIZING = 0xD2
+    DESTINATION_UNAVAILABLE = 0xD3
+    INSUFFICIENT_PRIVILEGE = 0xD4
+    NOT_SUPPORTED_IN_STATE = 0xD5
+    SUBFUNCTION_DISABLED = 0xD6
+    UNSPECIFIED = 0xFF
+
+
+class Privilege(IntEnum):
+    """Privilege levels (IPMI v2.0 §6.8)."""
+
+    CALLBACK = 1
+    USER = 2
+    OPERATOR = 3
+    ADMINISTRATOR = 4
+    OEM = 5
+    NO_ACCESS = 0x0F
+
+
+class IpmiError(Exception):
+    """Ends a command with a completion code (and optionally response data)."""
+
+    def __init__(self, completion: int, message: str = "", data: bytes = b"") -> None:
+        super().__init__(message or f"completion code {completion:#04x}")
+        self.completion = completion
+        self.data = data
+
+
+@dataclass(frozen=True)
+class Request:
+    netfn: int
+    cmd: int
+    data: bytes = b""
+    lun: int = 0
+
+
+@dataclass(frozen=True)
+class Response:
+    completion: int
+    data: bytes = b""
+
+    def encode(self) -> bytes:
+        return bytes([self.completion]) + self.data
+
+
+#: The system interface (KCS) channel number (IPMI v2.0 §6.3).
+SYSTEM_INTERFACE = 0x0F
+#: The channel qemu-bmc's IPMI over LAN uses.
+LAN_CHANNEL = 1
+
+
+@dataclass
+class Context:
+    """Where a request comes from: the machine, the bus, the channel and who asks.
+
+    ``privilege`` is the session's current privilege level; requests on the system interface
+    have no session and are not privilege-checked (IPMI v2.0 §6.8: the system interface is not
+    authenticated). ``session`` is an opaque object of the transport, for the commands the
+    transport itself registers (session management).
+    """
+
+    machine: str
+    nc: Client
+    channel: int = SYSTEM_INTERFACE
+    privilege: Privilege = Privilege.ADMINISTRATOR
+    user_slot: int | None = None
+    session: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def system_interface(self) -> bool:
+        return self.channel == SYSTEM_INTERFACE
+
+    async def call(self, operation: str, message: msgspec.Struct | None, reply_type: type[T],
+                   timeout: float = 10.0) -> T:
+        """A bus request for this machine; bus failures end the command with a completion code."""
+        try:
+            return await bus.request(self.nc, self.machine, operation, message, reply_type, timeout=timeout)
+        except BusError as exc:
+            raise IpmiError(_BUS_COMPLETIONS.get(exc.error, Completion.UNSPECIFIED), str(exc)) from None
+
+
+_BUS_COMPLETIONS = {
+    "bad_request": Completion.INVALID_FIELD,
+    "not_found": Completion.NOT_PRESENT,
+    "conflict": Completion.INVALID_FIELD,
+    "invalid_state": Completion.NOT_SUPPORTED_IN_STATE,
+    "timeout": Completion.TIMEOUT,
+    "unavailable": Completion.NODE_BUSY,
+    "unknown_machine": Completion.DESTINATION_UNAVAILABLE,
+    "qemu_error": Completion.UNSPECIFIED,
+}
+
+Handler = Callable[[Context, bytes], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class Command:
+    netfn: int
+    cmd: int
+    name: str
+    privilege: Privilege
+    handler: Handler
+    sessionless: bool = False
+    """Allowed outside a session on LAN (Get Channel Auth Capabilities, Get Channel Cipher Suites …)."""
+
+
+class Registry:
+    """(netfn, cmd) → :class:`Command`."""
+
+    def __init__(self) -> None:
+        self.commands: dict[tuple[int, int], Command] = {}
+
+    def command(self, netfn: int, cmd: int, privilege: Privilege, *, sessionless: bool = False
+                ) -> Callable[[Handler], Handler]:
+        """Register ``handler`` for (netfn, cmd), usable from ``privilege`` up."""
+
+        def register(handler: Handler) -> Handler:
+            key = (int(netfn), cmd)
+            if key in self.commands:
+                raise ValueError(f"netfn {netfn:#04x} cmd {cmd:#04x} registered twice")
+            self.commands[key] = Command(int(netfn), cmd, handler.__name__, privilege, handler, sessionless)
+            return handler
+
+        return register
+
+    def extended(self, other: Registry) -> Registry:
+        """A registry with this one's commands and ``other``'s (a transport's own commands)."""
+        combined = Registry()
+        combined.commands = {**self.commands, **other.commands}
+        return combined
+
+    def find(self, netfn: int, cmd: int) -> Command | None:
+        return self.commands.get((netfn, cmd))
+
+    async def dispatch(self, context: Context, request: Request) -> Response:
+        """Run a request: 0xC1 for an unknown command, 0xD4 below its privilege, the handler's
+        completion code otherwise. No exception escapes."""
+        command = self.find(request.netfn, request.cmd)
+        if command is None:
+            return Response(Completion.INVALID_COMMAND)
+        if not context.system_interface and context.privilege < command.privilege:
+            return Response(Completion.INSUFFICIENT_PRIVILEGE)
+        try:
+            return Response(Completion.OK, await command.handler(context, request.data))
+        except IpmiError as exc:
+            return Response(exc.completion, exc.data)
+        except Exception:
+            log.exception("%s: %s failed", context.machine, command.name)
+            return Response(Completion.UNSPECIFIED)
+
+
+#: The shared commands; the netfn modules register into it when imported (see :func:`load`).
+registry = Registry()
+
+
+def expect_length(data: bytes, minimum: int, maximum: int | None = None) -> None:
+    """Request data length check: 0xC7 when it is wrong (IPMI v2.0 §5.2)."""
+    if len(data) < minimum or (maximum is not None and len(data) > maximum):
+        raise IpmiError(Completion.LENGTH_INVALID, f"{len(data)} data bytes, expected {minimum}..{maximum}")
