@@ -25,7 +25,7 @@ UserName = Annotated[str, msgspec.Meta(max_length=16)]
 Password = Annotated[str, msgspec.Meta(max_length=20)]
 
 
-class Message(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class Message(msgspec.Struct, forbid_unknown_fields=True):
     """Base of every bus message: unknown fields are refused, not ignored."""
 
 
@@ -251,3 +251,44 @@ class KgKey(Message):
     """The BMC key K_G (IPMI v2.0 §13.31); ``None`` means unset (K_UID is used)."""
 
     key: Annotated[bytes, msgspec.Meta(max_length=20)] | None = None
+
+
+class ChassisConfig(Message):
+    """Chassis settings the BMC keeps: System Boot Options parameters as last set (IPMI v2.0
+    §28.13, raw bytes by parameter number) and the power restore policy (§28.8: 0 stay off,
+    1 restore, 2 power on)."""
+
+    boot_params: dict[int, bytes] = {}
+    restore_policy: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0
+
+
+class ChassisUpdate(Message):
+    boot_params: dict[int, bytes] = {}
+    """Parameters to set; the others are kept."""
+    restore_policy: Annotated[int, msgspec.Meta(ge=0, le=2)] | UnsetType = UNSET
+
+
+class SelEntry(Message):
+    """One System Event Log record (IPMI v2.0 §31, §32.1): its id, type, timestamp and the 13
+    bytes that follow (for a system event record: generator id, EvM revision, sensor type,
+    sensor number, event dir/type, event data 1-3)."""
+
+    record_id: int
+    record_type: Byte = 0x02
+    timestamp: int = 0
+    data: Annotated[bytes, msgspec.Meta(min_length=13, max_length=13)] = bytes(13)
+
+
+class SelAdd(Message):
+    data: Annotated[bytes, msgspec.Meta(min_length=13, max_length=13)]
+    record_type: Byte = 0x02
+    timestamp: int | None = None
+    """Seconds since 1970; the state service's clock when absent."""
+
+
+class SelLog(Message):
+    entries: list[SelEntry]
+    last_add: int = 0
+    last_erase: int = 0
+    capacity: int = 512
+

@@ -40,6 +40,11 @@ SOL_GET = "state.sol.get"
 SOL_SET = "state.sol.set"
 KG_GET = "state.kg.get"
 KG_SET = "state.kg.set"
+CHASSIS_GET = "state.chassis.get"
+CHASSIS_SET = "state.chassis.set"
+SEL_GET = "state.sel.get"
+SEL_ADD = "state.sel.add"
+SEL_CLEAR = "state.sel.clear"
 
 # Events published by the machine service.
 EVENT_POWER = "event.power"
@@ -50,7 +55,7 @@ MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, MEDIA_GET, MEDIA_
                      INVENTORY_GET)
 STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
                    USERS_CREDENTIALS, CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
-                   KG_GET, KG_SET)
+                   KG_GET, KG_SET, CHASSIS_GET, CHASSIS_SET, SEL_GET, SEL_ADD, SEL_CLEAR)
 EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA)
 
 

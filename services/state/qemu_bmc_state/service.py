@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -19,6 +20,8 @@ from qemu_bmc_shared.messages import (
     ChannelAccess,
     ChannelAccessUpdate,
     ChannelRef,
+    ChassisConfig,
+    ChassisUpdate,
     Credentials,
     CredentialsRequest,
     Empty,
@@ -29,6 +32,9 @@ from qemu_bmc_shared.messages import (
     PasswordCheck,
     PasswordCheckResult,
     PasswordSet,
+    SelAdd,
+    SelEntry,
+    SelLog,
     SolConfig,
     SolParamSet,
     User,
@@ -278,6 +284,43 @@ class StateService:
         await self.store.modify(f"{machine}.kg", StoredKg, StoredKg, lambda _: StoredKg(sealed=sealed))
         return request
 
+    async def chassis_get(self, machine: str, _: Empty) -> ChassisConfig:
+        return await self.store.get(f"{self._machine(machine)}.chassis", ChassisConfig, ChassisConfig)
+
+    async def chassis_set(self, machine: str, request: ChassisUpdate) -> ChassisConfig:
+        def change(config: ChassisConfig) -> ChassisConfig:
+            policy = config.restore_policy if request.restore_policy is UNSET else request.restore_policy
+            return ChassisConfig(boot_params={**config.boot_params, **request.boot_params},
+                                 restore_policy=policy)  # type: ignore[arg-type]
+
+        return await self.store.modify(f"{self._machine(machine)}.chassis", ChassisConfig, ChassisConfig, change)
+
+    # ------------------------------------------------------------------ system event log
+
+    async def sel_get(self, machine: str, _: Empty) -> SelLog:
+        return await self.store.get(f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]))
+
+    async def sel_add(self, machine: str, request: SelAdd) -> SelEntry:
+        """Append a record; when the log is full the oldest records go (a ring, as many BMCs keep)."""
+        now = int(time.time())
+        added: list[SelEntry] = []
+
+        def change(log: SelLog) -> SelLog:
+            next_id = (log.entries[-1].record_id % 0xFFFE) + 1 if log.entries else 1
+            entry = SelEntry(record_id=next_id, record_type=request.record_type,
+                             timestamp=now if request.timestamp is None else request.timestamp, data=request.data)
+            added[:] = [entry]
+            entries = [*log.entries, entry][-log.capacity:]
+            return msgspec.structs.replace(log, entries=entries, last_add=now)
+
+        await self.store.modify(f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]), change)
+        return added[0]
+
+    async def sel_clear(self, machine: str, _: Empty) -> SelLog:
+        now = int(time.time())
+        return await self.store.modify(f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]),
+                                       lambda log: msgspec.structs.replace(log, entries=[], last_erase=now))
+
     def endpoints(self) -> list[bus.Endpoint]:
         table = [
             (subjects.USERS_LIST, Empty, self.users_list),
@@ -295,6 +338,11 @@ class StateService:
             (subjects.SOL_SET, SolParamSet, self.sol_set),
             (subjects.KG_GET, Empty, self.kg_get),
             (subjects.KG_SET, KgKey, self.kg_set),
+            (subjects.CHASSIS_GET, Empty, self.chassis_get),
+            (subjects.CHASSIS_SET, ChassisUpdate, self.chassis_set),
+            (subjects.SEL_GET, Empty, self.sel_get),
+            (subjects.SEL_ADD, SelAdd, self.sel_add),
+            (subjects.SEL_CLEAR, Empty, self.sel_clear),
         ]
         return [bus.Endpoint(name=operation.replace(".", "-"), subject=subjects.any_machine(operation),
                              request_type=request_type, handler=handler)
