@@ -83,9 +83,10 @@ def describe(config: Config, nats_address: str, log_dir: Path) -> str:
         where = f"QMP {vm.runtime_dir / 'qmp.sock'}, serial {vm.runtime_dir / 'serial.sock'}" \
             if vm.mode == "managed" else f"QMP {vm.qmp}" + (f", serial {vm.serial}" if vm.serial else "")
         lines.append(f"  machine {vm.name} ({vm.mode}): {where}")
-        for label, address in (("IPMI-LAN", vm.ipmi), ("VM wire", vm.vmwire)):
-            if address:
-                lines.append(f"    {label} address {address[0]}:{address[1]} (its service is not built yet)")
+        if vm.ipmi:
+            lines.append(f"    IPMI over LAN: udp {vm.ipmi[0]}:{vm.ipmi[1]}")
+        if vm.vmwire:
+            lines.append(f"    VM wire address {vm.vmwire[0]}:{vm.vmwire[1]} (its service is not built yet)")
     if config.redfish_listen:
         lines.append(f"  Redfish {config.redfish_listen} (its service is not built yet)")
     lines.append("Try: qemu-bmc power status " + (config.machine_names[0] if config.vms else "NAME"))
@@ -122,6 +123,8 @@ async def up(config: Config, nats_url: str | None, keep_vms: bool, stop: asyncio
         Child("state", service_argv("qemu_bmc_state", config.path), nats_url, log_dir),
         Child("machine", service_argv("qemu_bmc_machine", config.path, *machine_extra), nats_url, log_dir),
     ]
+    if any(vm.ipmi for vm in config.vms.values()):
+        children.append(Child("ipmi-lan", service_argv("qemu_bmc_ipmi_lan", config.path), nats_url, log_dir))
     supervisors = []
     try:
         for child in children:

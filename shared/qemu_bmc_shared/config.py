@@ -74,6 +74,19 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class IpmiConfig:
+    """``[ipmi]``: IPMI over LAN security settings (the same for every machine)."""
+
+    cipher_suite_0: bool = False
+    auth_none: bool = False
+    session_timeout: float = 60.0
+    max_sessions: int = 32
+    lockout_failures: int = 5
+    lockout_window: float = 30.0
+    lockout_time: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     runtime_dir: Path
@@ -81,6 +94,7 @@ class Config:
     vms: dict[str, VmConfig]
     state: StateConfig
     redfish_listen: str | None = None
+    ipmi: IpmiConfig = field(default_factory=IpmiConfig)
 
     @property
     def machine_names(self) -> list[str]:
@@ -173,7 +187,7 @@ def default_runtime_dir(config_path: Path | None) -> Path:
 def parse(data: dict[str, Any], path: Path | None) -> Config:
     file = str(path) if path else "<demo config>"
     base = path.parent if path else Path.cwd()
-    top = _Reader(file, "", data, {"runtime_dir", "nats", "qemu", "vars", "state", "redfish", "vm"})
+    top = _Reader(file, "", data, {"runtime_dir", "nats", "qemu", "vars", "state", "redfish", "ipmi", "vm"})
     runtime_value = top.str("runtime_dir")
     runtime_dir = (_resolve(base, runtime_value) if runtime_value else default_runtime_dir(path)).absolute()
 
@@ -193,6 +207,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
 
     redfish = _Reader(file, "redfish", top.table_of("redfish"), {"listen"})
     redfish.address("listen")
+    ipmi = _parse_ipmi(_Reader(file, "ipmi", top.table_of("ipmi"), set(IpmiConfig.__dataclass_fields__)))
 
     vms: dict[str, VmConfig] = {}
     vm_tables = top.table_of("vm")
@@ -215,7 +230,23 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
             default_password=default_password,
         ),
         redfish_listen=redfish.str("listen"),
+        ipmi=ipmi,
     )
+
+
+def _parse_ipmi(reader: _Reader) -> IpmiConfig:
+    values: dict[str, Any] = {}
+    for name, default in IpmiConfig().__dict__.items():
+        if name not in reader.table:
+            continue
+        value = reader.table[name]
+        if isinstance(default, bool):
+            values[name] = reader.bool(name)
+        elif isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise reader.error(name, f"must be a positive number, not {value!r}")
+        else:
+            values[name] = type(default)(value)
+    return IpmiConfig(**values)
 
 
 def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_dir: Path, qemu_bin: str,

@@ -1,0 +1,168 @@
+"""Session commands of IPMI over LAN (IPMI v2.0 §22.15-22.20): they need the session table, so
+they live with the transport, in their own registry that extends the shared one."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import struct
+from typing import TYPE_CHECKING
+
+from qemu_bmc_shared.ipmi import Completion, Context, IpmiError, NetFn, Privilege, Registry
+from qemu_bmc_shared.ipmi.core import LAN_CHANNEL, expect_length
+
+from . import framing
+
+if TYPE_CHECKING:
+    from .server import LanServer
+    from .sessions import Session
+
+lan_registry = Registry()
+command = lan_registry.command
+
+
+def server_of(context: Context) -> LanServer:
+    return context.extra["lan"]
+
+
+def session_of(context: Context) -> Session:
+    if context.session is None:
+        raise IpmiError(Completion.INSUFFICIENT_PRIVILEGE)
+    return context.session
+
+
+@command(NetFn.APP, 0x39, Privilege.CALLBACK, sessionless=True)
+async def get_session_challenge(context: Context, data: bytes) -> bytes:
+    """Get Session Challenge (§22.16): a temporary IPMI 1.5 session and its challenge."""
+    expect_length(data, 17, 17)
+    auth_type, name = data[0] & 0x0F, data[1:17].rstrip(b"\0")
+    server = server_of(context)
+    allowed = {framing.AUTH_MD5, framing.AUTH_PASSWORD} | ({framing.AUTH_NONE} if server.options.auth_none else set())
+    if auth_type not in allowed:
+        raise IpmiError(Completion.INVALID_FIELD, "authentication type not enabled")
+    if server.guard.locked(name) or await server.user(name) is None:
+        server.guard.failed(name)
+        raise IpmiError(0x81 if name else 0x82, "invalid user name" if name else "null user not enabled")
+    session = server.sessions.open(0, False, ("", 0))
+    if session is None:
+        raise IpmiError(Completion.OUT_OF_SPACE, "no session slot")
+    found = await server.user(name)
+    assert found is not None
+    credentials, limit = found
+    session.auth_type, session.user_name = auth_type, name
+    session.user_slot, session.password = credentials.user.slot, (credentials.password or "").encode()
+    session.max_privilege = Privilege(limit)
+    session.challenge = secrets.token_bytes(16)
+    return struct.pack("<I", session.bmc_id) + session.challenge
+
+
+@command(NetFn.APP, 0x3A, Privilege.CALLBACK)
+async def activate_session(context: Context, data: bytes) -> bytes:
+    """Activate Session (§22.17): the packet's auth code has proved the password; the challenge
+    must match. The session starts at the requested maximum privilege."""
+    expect_length(data, 22, 22)
+    session = session_of(context)
+    if session.v2 or session.active:
+        raise IpmiError(Completion.NOT_SUPPORTED_IN_STATE)
+    auth_type, requested = data[0] & 0x0F, data[1] & 0x0F
+    if auth_type != session.auth_type:
+        raise IpmiError(0x84, "authentication type does not match the challenge")
+    if data[2:18] != session.challenge:
+        raise IpmiError(0x85, "invalid session challenge")
+    if not Privilege.CALLBACK <= requested <= Privilege.ADMINISTRATOR or requested > session.max_privilege:
+        raise IpmiError(0x86, "requested privilege exceeds the user's or channel's limit")
+    server_of(context).guard.succeeded(session.user_name)
+    session.active = True
+    session.max_privilege = session.privilege = Privilege(requested)
+    session.outbound = (struct.unpack("<I", data[18:22])[0] - 1) & 0xFFFFFFFF
+    first_inbound = secrets.randbits(31) + 1
+    session.inbound.highest = first_inbound - 1
+    return bytes([auth_type]) + struct.pack("<II", session.bmc_id, first_inbound) + bytes([requested])
+
+
+@command(NetFn.APP, 0x3B, Privilege.CALLBACK)
+async def set_session_privilege_level(context: Context, data: bytes) -> bytes:
+    """Set Session Privilege Level (§22.18): 0 returns the current level."""
+    expect_length(data, 1, 1)
+    session = session_of(context)
+    requested = data[0] & 0x0F
+    if requested:
+        if requested not in (Privilege.USER, Privilege.OPERATOR, Privilege.ADMINISTRATOR):
+            raise IpmiError(0x80, "requested level not available")
+        if requested > session.max_privilege:
+            raise IpmiError(0x81, "requested level exceeds the user's or channel's limit")
+        session.privilege = Privilege(requested)
+    return bytes([session.privilege])
+
+
+@command(NetFn.APP, 0x3C, Privilege.CALLBACK)
+async def close_session(context: Context, data: bytes) -> bytes:
+    """Close Session (§22.19), by id (or by handle when the id is 0). Closing another user's
+    session needs Administrator."""
+    expect_length(data, 4, 5)
+    server, own = server_of(context), session_of(context)
+    bmc_id = struct.unpack("<I", data[:4])[0]
+    if bmc_id == 0:
+        if len(data) < 5:
+            raise IpmiError(Completion.LENGTH_INVALID)
+        target = next((s for s in server.sessions.sessions.values() if s.handle == data[4] and s.active), None)
+        if target is None:
+            raise IpmiError(0x88, "invalid session handle")
+    else:
+        target = server.sessions.get(bmc_id)
+        if target is None:
+            raise IpmiError(0x87, "invalid session id")
+    if target is not own and own.privilege < Privilege.ADMINISTRATOR:
+        raise IpmiError(Completion.INSUFFICIENT_PRIVILEGE)
+    server.sessions.close(target.bmc_id)
+    return b""
+
+
+@command(NetFn.APP, 0x3D, Privilege.USER)
+async def get_session_info(context: Context, data: bytes) -> bytes:
+    """Get Session Info (§22.20): by index (0 = this session), handle (0xFE) or id (0xFF)."""
+    expect_length(data, 1, 5)
+    server, own = server_of(context), session_of(context)
+    active = sorted(server.sessions.active, key=lambda s: s.handle)
+    index = data[0]
+    if index == 0:
+        target = own
+    elif index == 0xFE:
+        expect_length(data, 2, 2)
+        target = next((s for s in active if s.handle == data[1]), None)
+    elif index == 0xFF:
+        expect_length(data, 5, 5)
+        target = server.sessions.get(struct.unpack("<I", data[1:5])[0])
+    else:
+        target = active[index - 1] if index <= len(active) else None
+    header = bytes([0, server.sessions.capacity & 0x3F, len(active) & 0x3F])
+    if target is None or not target.active:
+        return header
+    host, port = target.address
+    try:
+        address = bytes(int(part) for part in host.split("."))
+    except ValueError:
+        address = bytes(4)
+    protocol = 0x10 if target.v2 else 0x00
+    return (bytes([target.handle, server.sessions.capacity & 0x3F, len(active) & 0x3F, target.user_slot or 0,
+                   target.privilege, protocol | LAN_CHANNEL]) + address.ljust(4, b"\0")[:4] + bytes(6)
+            + struct.pack("<H", port))
+
+
+async def _reset_sessions(context: Context) -> bytes:
+    server = server_of(context)
+    # after this response has left, in this session
+    asyncio.get_running_loop().call_later(0.2, server.sessions.clear)
+    return b""
+
+
+@command(NetFn.APP, 0x02, Privilege.ADMINISTRATOR)
+async def cold_reset(context: Context, data: bytes) -> bytes:
+    """Cold Reset (§20.2): resets the BMC, i.e. its sessions; never the machine."""
+    return await _reset_sessions(context)
+
+
+@command(NetFn.APP, 0x03, Privilege.ADMINISTRATOR)
+async def warm_reset(context: Context, data: bytes) -> bytes:
+    """Warm Reset (§20.3): as Cold Reset, for a BMC that is only software."""
+    return await _reset_sessions(context)

@@ -1,0 +1,368 @@
+"""One machine's IPMI over LAN endpoint (UDP): RMCP, ASF ping, IPMI 1.5 and RMCP+ sessions.
+
+Requests are framed and authenticated here, then run by the shared command layer
+(qemu_bmc_shared.ipmi); the session commands live in lan_commands.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from qemu_bmc_shared import subjects
+from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.bus import request as bus_request
+from qemu_bmc_shared.ipmi import Completion, Context, Privilege, Registry, Request
+from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
+from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, CredentialsRequest, KgKey
+
+from . import crypto, framing
+from .framing import FrameError
+from .sessions import LoginGuard, Session, SessionTable
+
+log = logging.getLogger(__name__)
+
+# RMCP+ status codes (IPMI v2.0 §13.24, table 13-15)
+STATUS_OK = 0x00
+STATUS_NO_RESOURCES = 0x01
+STATUS_INVALID_SESSION = 0x02
+STATUS_INVALID_AUTH_ALGORITHM = 0x04
+STATUS_INVALID_INTEGRITY_ALGORITHM = 0x05
+STATUS_INVALID_ROLE = 0x09
+STATUS_UNAUTHORIZED_ROLE = 0x0A
+STATUS_INVALID_NAME_LENGTH = 0x0C
+STATUS_UNAUTHORIZED_NAME = 0x0D
+STATUS_INVALID_INTEGRITY_CHECK = 0x0F
+STATUS_INVALID_CONFIDENTIALITY_ALGORITHM = 0x10
+STATUS_NO_CIPHER_SUITE_MATCH = 0x11
+STATUS_ILLEGAL_PARAMETER = 0x12
+
+MAX_PENDING_PACKETS = 256
+
+
+@dataclass(frozen=True)
+class LanOptions:
+    cipher_suite_0: bool = False
+    auth_none: bool = False
+    session_timeout: float = 60.0
+    max_sessions: int = 32
+    lockout_failures: int = 5
+    lockout_window: float = 30.0
+    lockout_time: float = 60.0
+
+    @property
+    def cipher_suites(self) -> dict[int, tuple[int, int, int]]:
+        return {suite: algorithms for suite, algorithms in crypto.CIPHER_SUITES.items()
+                if suite != 0 or self.cipher_suite_0}
+
+
+def machine_guid(machine: str) -> bytes:
+    """The managed system GUID that RAKP 2 and 4 carry: stable, derived from the machine name."""
+    return hashlib.sha256(f"qemu-bmc-guid:{machine}".encode()).digest()[:16]
+
+
+class LanServer(asyncio.DatagramProtocol):
+    def __init__(self, machine: str, nc: Client, registry: Registry, options: LanOptions) -> None:
+        self.machine = machine
+        self.nc = nc
+        self.registry = registry
+        self.options = options
+        self.sessions = SessionTable(options.max_sessions, options.session_timeout)
+        self.guard = LoginGuard(options.lockout_failures, options.lockout_window, options.lockout_time)
+        self.guid = machine_guid(machine)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ datagrams
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, address: tuple[str, int]) -> None:
+        if len(self.pending) >= MAX_PENDING_PACKETS:
+            return  # overloaded: drop, as a busy BMC does; clients retry
+        task = asyncio.ensure_future(self.handle(data, address))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    def send(self, packet: bytes, address: tuple[str, int]) -> None:
+        if self.transport is not None:
+            self.transport.sendto(packet, address)
+
+    async def handle(self, data: bytes, address: tuple[str, int]) -> None:
+        """One datagram; nothing escapes, malformed input is dropped."""
+        try:
+            message_class, body = framing.split_rmcp(data)
+            if message_class == framing.CLASS_ASF:
+                pong = framing.asf_pong(body)
+                if pong:
+                    self.send(pong, address)
+            elif message_class == framing.CLASS_IPMI and body:
+                if body[0] & 0x0F == framing.AUTH_RMCP_PLUS:
+                    await self.handle_v20(body, address)
+                else:
+                    await self.handle_v15(body, address)
+        except FrameError as exc:
+            log.debug("%s: dropped a malformed packet from %s: %s", self.machine, address, exc)
+        except Exception:
+            log.exception("%s: packet from %s", self.machine, address)
+
+    async def run(self, session: Session | None, message: framing.LanMessage) -> bytes:
+        """Run one IPMI request; the LAN response message."""
+        command = self.registry.find(message.netfn, message.cmd)
+        if session is None and (command is None or not command.sessionless):
+            completion = Completion.INVALID_COMMAND if command is None else Completion.INSUFFICIENT_PRIVILEGE
+            return framing.build_lan_response(message, completion, b"")
+        # outside a session only the session-less commands get here, whatever their privilege
+        context = Context(machine=self.machine, nc=self.nc, channel=LAN_CHANNEL,
+                          privilege=session.privilege if session else Privilege.ADMINISTRATOR,
+                          user_slot=session.user_slot if session else None, session=session,
+                          extra={"lan": self, "cipher_suite_0": self.options.cipher_suite_0})
+        response = await self.registry.dispatch(context, Request(message.netfn, message.cmd, message.data,
+                                                                 message.responder_lun))
+        return framing.build_lan_response(message, response.completion, response.data)
+
+    # ------------------------------------------------------------------ users
+
+    async def user(self, name: bytes) -> tuple[Credentials, int] | None:
+        """The user with this name (empty: the null user) and its privilege limit on the LAN
+        channel, if it may log in over LAN at all."""
+        try:
+            credentials = await bus_request(self.nc, self.machine, subjects.USERS_CREDENTIALS,
+                                            CredentialsRequest(name=name.decode("ascii")), Credentials)
+            channel = await bus_request(self.nc, self.machine, subjects.CHANNEL_GET,
+                                        ChannelRef(channel=LAN_CHANNEL), ChannelAccess)
+        except (BusError, UnicodeDecodeError):
+            return None
+        user = credentials.user
+        access = user.channels.get(LAN_CHANNEL)
+        if not user.enabled or access is None or not access.ipmi_messaging or access.privilege > Privilege.OEM:
+            return None
+        if channel.access_mode == 0 or (credentials.password is None and name):
+            return None
+        return credentials, min(access.privilege, channel.privilege_limit)
+
+    async def kg(self) -> bytes | None:
+        try:
+            return (await bus_request(self.nc, self.machine, subjects.KG_GET, None, KgKey)).key
+        except BusError:
+            return None
+
+    # ------------------------------------------------------------------ IPMI 1.5
+
+    async def handle_v15(self, body: bytes, address: tuple[str, int]) -> None:
+        packet = framing.parse_v15(body)
+        message = framing.parse_lan_message(packet.message)
+        if packet.session_id == 0:
+            if packet.auth_type != framing.AUTH_NONE:
+                return
+            response = await self.run(None, message)
+            self.send(framing.build_v15(framing.AUTH_NONE, 0, 0, b"", response), address)
+            return
+        session = self.sessions.get(packet.session_id)
+        if session is None or session.v2 or packet.auth_type != session.auth_type:
+            return
+        if not self.v15_authentic(session, packet):
+            log.warning("%s: IPMI 1.5 packet with a bad auth code from %s", self.machine, address)
+            return
+        if session.active:
+            if not session.inbound.accept(packet.sequence):
+                return
+        elif not (message.netfn == 0x06 and message.cmd == 0x3A):
+            return  # only Activate Session on a session that is not active yet
+        session.last_activity = time.monotonic()
+        response = await self.run(session, message)
+        # outbound numbers start with the Activate Session response (at the number the console
+        # asked for); a refused activation and a closed session answer with 0
+        sequence = session.next_outbound() if session.active and session.bmc_id in self.sessions.sessions else 0
+        session_id = packet.session_id
+        code = b""
+        if session.auth_type != framing.AUTH_NONE:
+            code = crypto.v15_auth_code(session.auth_type, session.password, struct.pack("<I", session_id),
+                                        response, struct.pack("<I", sequence))
+        self.send(framing.build_v15(session.auth_type, sequence, session_id, code, response), address)
+
+    def v15_authentic(self, session: Session, packet: framing.V15Packet) -> bool:
+        if session.auth_type == framing.AUTH_NONE:
+            return True
+        expected = crypto.v15_auth_code(session.auth_type, session.password, struct.pack("<I", packet.session_id),
+                                        packet.message, struct.pack("<I", packet.sequence))
+        return crypto.hmac_compare(expected, packet.auth_code)
+
+    # ------------------------------------------------------------------ RMCP+
+
+    async def handle_v20(self, body: bytes, address: tuple[str, int]) -> None:
+        header = framing.parse_v20(body, 0)
+        if header.session_id == 0:
+            if header.payload_type == framing.PAYLOAD_OPEN_SESSION_REQUEST:
+                await self.open_session(header.payload, address)
+            elif header.payload_type == framing.PAYLOAD_RAKP1:
+                await self.rakp1(header.payload, address)
+            elif header.payload_type == framing.PAYLOAD_RAKP3:
+                await self.rakp3(header.payload, address)
+            elif header.payload_type == framing.PAYLOAD_IPMI and not header.authenticated:
+                response = await self.run(None, framing.parse_lan_message(header.payload))
+                self.send(framing.build_v20(framing.PAYLOAD_IPMI, 0, 0, response), address)
+            return
+        session = self.sessions.get(header.session_id)
+        if session is None or not session.v2 or not session.active or session.keys is None:
+            return
+        keys = session.keys
+        if keys.integrity != crypto.INTEGRITY_NONE:
+            if not header.authenticated:
+                return
+            packet = framing.parse_v20(body, keys.integrity_length)
+            if not keys.verify(packet.signed, packet.auth_code):
+                log.warning("%s: RMCP+ packet with a bad integrity code from %s", self.machine, address)
+                return
+        else:
+            packet = header
+        if keys.confidentiality != crypto.CONFIDENTIALITY_NONE and not packet.encrypted:
+            return
+        payload = keys.decrypt(packet.payload) if packet.encrypted else packet.payload
+        if payload is None or not session.inbound.accept(packet.sequence):
+            return
+        session.last_activity = time.monotonic()
+        if packet.payload_type != framing.PAYLOAD_IPMI:
+            return  # SOL and other payloads: a later issue
+        response = await self.run(session, framing.parse_lan_message(payload))
+        self.send_v20(session, framing.PAYLOAD_IPMI, response, address)
+
+    def send_v20(self, session: Session, payload_type: int, payload: bytes, address: tuple[str, int]) -> None:
+        keys = session.keys
+        assert keys is not None
+        encrypted = keys.confidentiality != crypto.CONFIDENTIALITY_NONE
+        integrity = (keys.integrity_length, keys.sign) if keys.integrity != crypto.INTEGRITY_NONE else None
+        self.send(framing.build_v20(payload_type, session.console_id, session.next_outbound(),
+                                    keys.encrypt(payload) if encrypted else payload, encrypted=encrypted,
+                                    integrity=integrity), address)
+
+    def send_unsessioned(self, payload_type: int, payload: bytes, address: tuple[str, int]) -> None:
+        self.send(framing.build_v20(payload_type, 0, 0, payload), address)
+
+    async def open_session(self, payload: bytes, address: tuple[str, int]) -> None:
+        """RMCP+ Open Session Request → Response (IPMI v2.0 §13.17, §13.18)."""
+        if len(payload) < 32:
+            raise FrameError("short Open Session Request")
+        tag, requested = payload[0], payload[1] & 0x0F
+        console_id = payload[4:8]
+        proposed = []
+        for offset, kind in ((8, 0), (16, 1), (24, 2)):
+            if payload[offset] != kind:
+                return self.open_session_failure(tag, STATUS_ILLEGAL_PARAMETER, console_id, address)
+            proposed.append(payload[offset + 4] & 0x3F)
+        auth, integrity, confidentiality = proposed
+        suites = self.options.cipher_suites
+        if not any(algorithms[0] == auth for algorithms in suites.values()):
+            return self.open_session_failure(tag, STATUS_INVALID_AUTH_ALGORITHM, console_id, address)
+        if (auth, integrity, confidentiality) not in suites.values():
+            status = STATUS_INVALID_INTEGRITY_ALGORITHM if not any(
+                a[:2] == (auth, integrity) for a in suites.values()) else STATUS_INVALID_CONFIDENTIALITY_ALGORITHM
+            return self.open_session_failure(tag, status, console_id, address)
+        if requested > Privilege.OEM:
+            return self.open_session_failure(tag, STATUS_INVALID_ROLE, console_id, address)
+        session = self.sessions.open(struct.unpack("<I", console_id)[0], True, address)
+        if session is None:
+            return self.open_session_failure(tag, STATUS_NO_RESOURCES, console_id, address)
+        session.keys = crypto.SessionKeys(auth, integrity, confidentiality)
+        try:
+            channel = await bus_request(self.nc, self.machine, subjects.CHANNEL_GET,
+                                        ChannelRef(channel=LAN_CHANNEL), ChannelAccess)
+            limit = Privilege(channel.privilege_limit)
+        except (BusError, ValueError):
+            limit = Privilege.ADMINISTRATOR
+        session.max_privilege = Privilege(min(requested or limit, limit))
+        response = bytes([tag, STATUS_OK, session.max_privilege, 0]) + console_id + struct.pack("<I", session.bmc_id)
+        response += algorithm_payload(0, auth) + algorithm_payload(1, integrity) + algorithm_payload(2, confidentiality)
+        self.send_unsessioned(framing.PAYLOAD_OPEN_SESSION_RESPONSE, response, address)
+
+    def open_session_failure(self, tag: int, status: int, console_id: bytes, address: tuple[str, int]) -> None:
+        self.send_unsessioned(framing.PAYLOAD_OPEN_SESSION_RESPONSE,
+                              bytes([tag, status, 0, 0]) + console_id, address)
+
+    async def rakp1(self, payload: bytes, address: tuple[str, int]) -> None:
+        """RAKP Message 1 → 2 (IPMI v2.0 §13.20, §13.21)."""
+        if len(payload) < 28:
+            raise FrameError("short RAKP 1")
+        tag = payload[0]
+        session = self.sessions.get(struct.unpack("<I", payload[4:8])[0])
+        if session is None or not session.v2 or session.active or session.keys is None:
+            return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_INVALID_SESSION, 0, address)
+        console_id = struct.pack("<I", session.console_id)
+        role, name_length = payload[24], payload[27]
+        name = payload[28:28 + name_length]
+        if name_length > 16 or len(name) != name_length:
+            return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_INVALID_NAME_LENGTH, session, address)
+        requested = Privilege(role & 0x0F) if role & 0x0F in (1, 2, 3, 4, 5) else None
+        if requested is None:
+            return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_INVALID_ROLE, session, address)
+        found = None if self.guard.locked(name) else await self.user(name)
+        if found is None:
+            self.guard.failed(name)
+            log.warning("%s: RAKP 1 from %s for unknown, disabled or locked-out user %r", self.machine, address,
+                        name.decode("ascii", "replace"))
+            return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_UNAUTHORIZED_NAME, session, address)
+        credentials, limit = found
+        if requested > limit or requested > session.max_privilege:
+            return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_UNAUTHORIZED_ROLE, session, address)
+        session.user_slot = credentials.user.slot
+        session.user_name = name
+        session.password = (credentials.password or "").encode()
+        session.max_privilege = requested
+        session.role = role
+        session.console_random = payload[8:24]
+        session.bmc_random = os.urandom(16)
+        code = session.keys.rakp2_code(session.password, console_id, struct.pack("<I", session.bmc_id),
+                                       session.console_random, session.bmc_random, self.guid, role, name)
+        message = bytes([tag, STATUS_OK, 0, 0]) + console_id + session.bmc_random + self.guid + code
+        self.send_unsessioned(framing.PAYLOAD_RAKP2, message, address)
+
+    async def rakp3(self, payload: bytes, address: tuple[str, int]) -> None:
+        """RAKP Message 3 → 4 (IPMI v2.0 §13.22, §13.23): the console proves the password."""
+        if len(payload) < 8:
+            raise FrameError("short RAKP 3")
+        tag, status = payload[0], payload[1]
+        session = self.sessions.get(struct.unpack("<I", payload[4:8])[0])
+        if session is None or not session.v2 or session.active or session.keys is None or not session.bmc_random:
+            return self.rakp_failure(framing.PAYLOAD_RAKP4, tag, STATUS_INVALID_SESSION, 0, address)
+        keys = session.keys
+        if status != STATUS_OK:
+            self.sessions.close(session.bmc_id)
+            return
+        console_id = struct.pack("<I", session.console_id)
+        if not keys.rakp3_valid(payload[8:], session.password, console_id, session.bmc_random, session.role,
+                                session.user_name):
+            self.guard.failed(session.user_name)
+            self.sessions.close(session.bmc_id)
+            log.warning("%s: failed RMCP+ login of user %r from %s (wrong password)", self.machine,
+                        session.user_name.decode("ascii", "replace"), address)
+            return self.rakp_failure(framing.PAYLOAD_RAKP4, tag, STATUS_INVALID_INTEGRITY_CHECK, session, address)
+        self.guard.succeeded(session.user_name)
+        kg = await self.kg()
+        keys.derive(kg or session.password, session.console_random, session.bmc_random, session.role,
+                    session.user_name)
+        session.active = True
+        session.privilege = session.max_privilege
+        session.last_activity = time.monotonic()
+        code = keys.rakp4_code(session.console_random, struct.pack("<I", session.bmc_id), self.guid)
+        self.send_unsessioned(framing.PAYLOAD_RAKP4, bytes([tag, STATUS_OK, 0, 0]) + console_id + code, address)
+        log.info("%s: RMCP+ session for user %r from %s", self.machine, session.user_name.decode("ascii", "replace"),
+                 address)
+
+    def rakp_failure(self, payload_type: int, tag: int, status: int, session: Session | int,
+                     address: tuple[str, int]) -> None:
+        console_id = struct.pack("<I", session.console_id) if isinstance(session, Session) else bytes(4)
+        if isinstance(session, Session) and status != STATUS_OK:
+            self.sessions.close(session.bmc_id)
+        self.send_unsessioned(payload_type, bytes([tag, status, 0, 0]) + console_id, address)
+
+
+def algorithm_payload(kind: int, algorithm: int) -> bytes:
+    """An authentication/integrity/confidentiality algorithm record of Open Session (§13.17)."""
+    return bytes([kind, 0, 0, 8, algorithm, 0, 0, 0])

@@ -1,0 +1,59 @@
+"""The IPMI over LAN service: one UDP endpoint per machine that has an ``ipmi`` address."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.aio.client import Client
+from qemu_bmc_shared import bus, ipmi
+from qemu_bmc_shared.config import Config
+from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
+
+from . import __version__
+from .lan_commands import lan_registry
+from .server import LanOptions, LanServer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "qemu-bmc-ipmi-lan"
+
+
+async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
+    options = LanOptions(**config.ipmi.__dict__)
+    registry = ipmi.load().extended(lan_registry)
+    loop = asyncio.get_running_loop()
+    transports = []
+    listening = {}
+    for vm in config.vms.values():
+        if vm.ipmi is None:
+            continue
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda vm=vm: LanServer(vm.name, nc, registry, options), local_addr=vm.ipmi)
+        transports.append(transport)
+        listening[vm.name] = f"{vm.ipmi[0]}:{vm.ipmi[1]}"
+        log.info("%s: IPMI over LAN on udp %s:%d", vm.name, *vm.ipmi)
+    service = await bus.serve(nc, name=SERVICE_NAME, version=__version__,
+                              description="IPMI over LAN (RMCP, RMCP+) for each machine", endpoints=[],
+                              metadata={"machines": ",".join(sorted(listening)),
+                                        **{f"ipmi.{name}": address for name, address in listening.items()}})
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+        for transport in transports:
+            transport.close()
+
+
+def main() -> None:
+    args = argument_parser("qemu-bmc IPMI over LAN service").parse_args()
+    setup_logging(args.log_level)
+    config = load_config_or_exit(args.config)
+
+    async def main_task(stop: asyncio.Event) -> None:
+        nc = await bus.connect(nats_url(args.nats, config), SERVICE_NAME)
+        try:
+            await serve(nc, config, stop)
+        finally:
+            await nc.drain()
+
+    run(main_task)

@@ -1,0 +1,140 @@
+"""LAN sessions: a bounded table with idle expiry, sequence windows and login lockout."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from qemu_bmc_shared.ipmi import Privilege
+
+from .crypto import SessionKeys
+
+SEQUENCE_WINDOW = 16
+
+
+class SequenceWindow:
+    """Accepts each inbound sequence number once, up to 16 behind the highest seen and any number
+    ahead within 16 (IPMI v2.0 §6.12.13): replays and stale packets are refused."""
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self.seen: set[int] = set()
+
+    def accept(self, sequence: int) -> bool:
+        if sequence == 0:
+            return False
+        if self.highest and not (self.highest - SEQUENCE_WINDOW < sequence <= self.highest + SEQUENCE_WINDOW):
+            return False
+        if sequence in self.seen:
+            return False
+        self.seen.add(sequence)
+        self.highest = max(self.highest, sequence)
+        self.seen = {seen for seen in self.seen if seen > self.highest - SEQUENCE_WINDOW}
+        return True
+
+
+@dataclass
+class Session:
+    bmc_id: int
+    console_id: int
+    handle: int
+    v2: bool
+    address: tuple[str, int]
+    max_privilege: Privilege = Privilege.ADMINISTRATOR
+    privilege: Privilege = Privilege.USER
+    active: bool = False
+    user_slot: int | None = None
+    user_name: bytes = b""
+    password: bytes = b""
+    # RMCP+
+    keys: SessionKeys | None = None
+    console_random: bytes = b""
+    bmc_random: bytes = b""
+    role: int = 0
+    # IPMI 1.5
+    auth_type: int = 0
+    challenge: bytes = b""
+    inbound: SequenceWindow = field(default_factory=SequenceWindow)
+    outbound: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+
+    def next_outbound(self) -> int:
+        self.outbound = (self.outbound + 1) & 0xFFFFFFFF or 1
+        return self.outbound
+
+
+class SessionTable:
+    """At most ``capacity`` sessions (pending ones included); idle ones expire after ``timeout`` s."""
+
+    def __init__(self, capacity: int = 32, timeout: float = 60.0) -> None:
+        self.capacity = capacity
+        self.timeout = timeout
+        self.sessions: dict[int, Session] = {}
+
+    def expire(self) -> None:
+        limit = time.monotonic() - self.timeout
+        for bmc_id in [bmc_id for bmc_id, session in self.sessions.items() if session.last_activity < limit]:
+            del self.sessions[bmc_id]
+
+    def open(self, console_id: int, v2: bool, address: tuple[str, int]) -> Session | None:
+        """A new session, or None when the table is full."""
+        self.expire()
+        if len(self.sessions) >= self.capacity:
+            return None
+        bmc_id = 0
+        while bmc_id == 0 or bmc_id in self.sessions:
+            bmc_id = secrets.randbits(32)
+        used = {session.handle for session in self.sessions.values()}
+        handle = next(number for number in range(1, 256) if number not in used)
+        session = Session(bmc_id=bmc_id, console_id=console_id, handle=handle, v2=v2, address=address)
+        self.sessions[bmc_id] = session
+        return session
+
+    def get(self, bmc_id: int) -> Session | None:
+        session = self.sessions.get(bmc_id)
+        if session is None:
+            return None
+        if session.last_activity < time.monotonic() - self.timeout:
+            del self.sessions[bmc_id]
+            return None
+        return session
+
+    def close(self, bmc_id: int) -> bool:
+        return self.sessions.pop(bmc_id, None) is not None
+
+    def clear(self) -> None:
+        self.sessions.clear()
+
+    @property
+    def active(self) -> list[Session]:
+        return [session for session in self.sessions.values() if session.active]
+
+
+class LoginGuard:
+    """Locks a user name out for ``lockout`` seconds after ``failures`` failed logins within ``window``."""
+
+    def __init__(self, failures: int = 5, window: float = 30.0, lockout: float = 60.0) -> None:
+        self.failures, self.window, self.lockout = failures, window, lockout
+        self.attempts: dict[bytes, deque[float]] = defaultdict(deque)
+        self.locked_until: dict[bytes, float] = {}
+
+    def locked(self, name: bytes) -> bool:
+        return self.locked_until.get(name, 0.0) > time.monotonic()
+
+    def failed(self, name: bytes) -> bool:
+        """Record a failure; True when it locks the name out."""
+        now = time.monotonic()
+        attempts = self.attempts[name]
+        attempts.append(now)
+        while attempts and attempts[0] < now - self.window:
+            attempts.popleft()
+        if len(attempts) >= self.failures:
+            self.locked_until[name] = now + self.lockout
+            attempts.clear()
+            return True
+        return False
+
+    def succeeded(self, name: bytes) -> None:
+        self.attempts.pop(name, None)
