@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -109,11 +110,11 @@ class ServiceProcess:
 
 @pytest.fixture
 async def services(nats_server: NatsServer, nc: Client, short_dir: Path) -> AsyncIterator[Callable[..., Any]]:
-    """``await services(kind, config, *extra)`` starts the ``machine`` or ``state`` service."""
+    """``await services(kind, config, *extra)`` starts the ``machine``, ``state`` or ``ipmi-lan`` service."""
     started: list[ServiceProcess] = []
 
     async def start(kind: str, config: Path, *extra: str, env: dict[str, str] | None = None) -> ServiceProcess:
-        service = ServiceProcess(f"qemu_bmc_{kind}", config, nats_server.url, *extra, env=env,
+        service = ServiceProcess(f"qemu_bmc_{kind.replace('-', '_')}", config, nats_server.url, *extra, env=env,
                                  log=short_dir / f"{kind}.log")
         started.append(service)
         return await service.start(nc, f"qemu-bmc-{kind}")
@@ -121,6 +122,12 @@ async def services(nats_server: NatsServer, nc: Client, short_dir: Path) -> Asyn
     yield start
     for service in reversed(started):
         await service.stop()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_config(directory: Path, text: str) -> Path:

@@ -12,6 +12,10 @@ from qemu_bmc_shared.ipmi import Privilege
 from .crypto import SessionKeys
 
 SEQUENCE_WINDOW = 16
+#: A session still being opened (Open Session, RAKP, Get Session Challenge) is dropped after this long.
+PENDING_TIMEOUT = 10.0
+#: Login failures are remembered for at most this many user names.
+MAX_TRACKED_NAMES = 1024
 
 
 class SequenceWindow:
@@ -74,9 +78,12 @@ class SessionTable:
         self.sessions: dict[int, Session] = {}
 
     def expire(self) -> None:
-        limit = time.monotonic() - self.timeout
-        for bmc_id in [bmc_id for bmc_id, session in self.sessions.items() if session.last_activity < limit]:
+        now = time.monotonic()
+        for bmc_id in [bmc_id for bmc_id, session in self.sessions.items() if self._expired(session, now)]:
             del self.sessions[bmc_id]
+
+    def _expired(self, session: Session, now: float) -> bool:
+        return session.last_activity < now - (self.timeout if session.active else min(self.timeout, PENDING_TIMEOUT))
 
     def open(self, console_id: int, v2: bool, address: tuple[str, int]) -> Session | None:
         """A new session, or None when the table is full."""
@@ -96,7 +103,7 @@ class SessionTable:
         session = self.sessions.get(bmc_id)
         if session is None:
             return None
-        if session.last_activity < time.monotonic() - self.timeout:
+        if self._expired(session, time.monotonic()):
             del self.sessions[bmc_id]
             return None
         return session
@@ -126,6 +133,9 @@ class LoginGuard:
     def failed(self, name: bytes) -> bool:
         """Record a failure; True when it locks the name out."""
         now = time.monotonic()
+        if name not in self.attempts and len(self.attempts) >= MAX_TRACKED_NAMES:
+            del self.attempts[next(iter(self.attempts))]
+        self.locked_until = {locked: until for locked, until in self.locked_until.items() if until > now}
         attempts = self.attempts[name]
         attempts.append(now)
         while attempts and attempts[0] < now - self.window:
