@@ -8,6 +8,8 @@ import asyncio
 import os
 import struct
 
+from qemu_bmc_shared.ipmi.core import CIPHER_SUITES
+
 from . import crypto, framing
 
 ADMINISTRATOR_BY_NAME = 0x14
@@ -34,7 +36,7 @@ class RmcpPlusClient:
         self.console_id = struct.unpack("<I", os.urandom(4))[0] | 1
         self.bmc_id = 0
         self.sequence = 0
-        self.keys = crypto.SessionKeys(*crypto.CIPHER_SUITES[cipher_suite])
+        self.keys = crypto.SessionKeys(*CIPHER_SUITES[cipher_suite])
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -68,7 +70,7 @@ class RmcpPlusClient:
 
     async def open(self) -> None:
         """Open Session, RAKP 1-4 (§13.17-13.23)."""
-        auth, integrity, confidentiality = crypto.CIPHER_SUITES[self.cipher_suite]
+        auth, integrity, confidentiality = CIPHER_SUITES[self.cipher_suite]
         proposal = b"".join(bytes([kind, 0, 0, 8, algorithm, 0, 0, 0])
                             for kind, algorithm in enumerate((auth, integrity, confidentiality)))
         opened = await self._payload(framing.PAYLOAD_OPEN_SESSION_REQUEST,

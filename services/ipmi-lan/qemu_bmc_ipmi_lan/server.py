@@ -19,7 +19,7 @@ from qemu_bmc_shared import subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.bus import request as bus_request
 from qemu_bmc_shared.ipmi import Completion, Context, Privilege, Registry, Request
-from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
+from qemu_bmc_shared.ipmi.core import CIPHER_SUITES, LAN_CHANNEL
 from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, CredentialsRequest, KgKey
 
 from . import crypto, framing
@@ -58,7 +58,7 @@ class LanOptions:
 
     @property
     def cipher_suites(self) -> dict[int, tuple[int, int, int]]:
-        return {suite: algorithms for suite, algorithms in crypto.CIPHER_SUITES.items()
+        return {suite: algorithms for suite, algorithms in CIPHER_SUITES.items()
                 if suite != 0 or self.cipher_suite_0}
 
 
@@ -73,16 +73,20 @@ class LanServer(asyncio.DatagramProtocol):
         self.nc = nc
         self.registry = registry
         self.options = options
-        self.sessions = SessionTable(options.max_sessions, options.session_timeout)
+        self.sessions = SessionTable(options.max_sessions, options.session_timeout, self.handshake_abandoned)
         self.guard = LoginGuard(options.lockout_failures, options.lockout_window, options.lockout_time)
         self.guid = machine_guid(machine)
         self.transport: asyncio.DatagramTransport | None = None
+        self.listening: dict[str, object] = {}
+        """``lan_address`` and ``lan_port``: where this endpoint listens (LAN parameters 3 and 8)."""
         self.pending: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ datagrams
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        host, port = (transport.get_extra_info("sockname") or ("0.0.0.0", 623))[:2]
+        self.listening = {"lan_port": port, **({"lan_address": host} if host != "0.0.0.0" else {})}
 
     def datagram_received(self, data: bytes, address: tuple[str, int]) -> None:
         if len(self.pending) >= MAX_PENDING_PACKETS:
@@ -123,7 +127,9 @@ class LanServer(asyncio.DatagramProtocol):
         context = Context(machine=self.machine, nc=self.nc, channel=LAN_CHANNEL,
                           privilege=session.privilege if session else Privilege.ADMINISTRATOR,
                           user_slot=session.user_slot if session else None, session=session,
-                          extra={"lan": self, "cipher_suite_0": self.options.cipher_suite_0})
+                          extra={"lan": self, "cipher_suites": list(self.options.cipher_suites),
+                                 "auth_none": self.options.auth_none,
+                                 "active_sessions": len(self.sessions.active), **self.listening})
         response = await self.registry.dispatch(context, Request(message.netfn, message.cmd, message.data,
                                                                  message.responder_lun))
         return framing.build_lan_response(message, response.completion, response.data)
@@ -170,6 +176,9 @@ class LanServer(asyncio.DatagramProtocol):
             return
         if not self.v15_authentic(session, packet):
             log.warning("%s: IPMI 1.5 packet with a bad auth code from %s", self.machine, address)
+            if not session.active:  # Activate Session with another password: a failed login
+                self.guard.failed(session.user_name)
+                self.sessions.close(session.bmc_id)
             return
         if session.active:
             if not session.inbound.accept(packet.sequence):
@@ -302,6 +311,7 @@ class LanServer(asyncio.DatagramProtocol):
         requested = Privilege(role & 0x0F) if role & 0x0F in (1, 2, 3, 4, 5) else None
         if requested is None:
             return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_INVALID_ROLE, session, address)
+        self.sessions.sweep_abandoned(name)
         found = None if self.guard.locked(name) else await self.user(name)
         if found is None:
             self.guard.failed(name)
@@ -318,6 +328,7 @@ class LanServer(asyncio.DatagramProtocol):
         session.role = role
         session.console_random = payload[8:24]
         session.bmc_random = os.urandom(16)
+        session.last_activity = time.monotonic()
         code = session.keys.rakp2_code(session.password, console_id, struct.pack("<I", session.bmc_id),
                                        session.console_random, session.bmc_random, self.guid, role, name)
         message = bytes([tag, STATUS_OK, 0, 0]) + console_id + session.bmc_random + self.guid + code
@@ -332,8 +343,9 @@ class LanServer(asyncio.DatagramProtocol):
         if session is None or not session.v2 or session.active or session.keys is None or not session.bmc_random:
             return self.rakp_failure(framing.PAYLOAD_RAKP4, tag, STATUS_INVALID_SESSION, 0, address)
         keys = session.keys
-        if status != STATUS_OK:
+        if status != STATUS_OK:  # the console refused RAKP 2: it holds another password
             self.sessions.close(session.bmc_id)
+            self.handshake_abandoned(session)
             return
         console_id = struct.pack("<I", session.console_id)
         if not keys.rakp3_valid(payload[8:], session.password, console_id, session.bmc_random, session.role,
@@ -354,6 +366,13 @@ class LanServer(asyncio.DatagramProtocol):
         self.send_unsessioned(framing.PAYLOAD_RAKP4, bytes([tag, STATUS_OK, 0, 0]) + console_id + code, address)
         log.info("%s: RMCP+ session for user %r from %s", self.machine, session.user_name.decode("ascii", "replace"),
                  address)
+
+    def handshake_abandoned(self, session: Session) -> None:
+        """A console gave up after RAKP 2 (real consoles do when its code shows another password):
+        a failed login."""
+        self.guard.failed(session.user_name)
+        log.warning("%s: failed RMCP+ login of user %r from %s (handshake given up after RAKP 2)", self.machine,
+                    session.user_name.decode("ascii", "replace"), session.address[0])
 
     def rakp_failure(self, payload_type: int, tag: int, status: int, session: Session | int,
                      address: tuple[str, int]) -> None:

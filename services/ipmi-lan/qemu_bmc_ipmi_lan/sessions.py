@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qemu_bmc_shared.ipmi import Privilege
@@ -14,6 +15,9 @@ from .crypto import SessionKeys
 SEQUENCE_WINDOW = 16
 #: A session still being opened (Open Session, RAKP, Get Session Challenge) is dropped after this long.
 PENDING_TIMEOUT = 10.0
+#: A console answers RAKP 2 with RAKP 3 within milliseconds; one that has not after this long has
+#: given up, which real consoles do when RAKP 2 shows that they hold another password.
+ABANDONED_AFTER = 1.0
 #: Login failures are remembered for at most this many user names.
 MAX_TRACKED_NAMES = 1024
 
@@ -70,17 +74,33 @@ class Session:
 
 
 class SessionTable:
-    """At most ``capacity`` sessions (pending ones included); idle ones expire after ``timeout`` s."""
+    """At most ``capacity`` sessions (pending ones included); idle ones expire after ``timeout`` s.
+    ``on_abandoned`` hears of each RMCP+ handshake dropped after RAKP 2 (a failed login)."""
 
-    def __init__(self, capacity: int = 32, timeout: float = 60.0) -> None:
+    def __init__(self, capacity: int = 32, timeout: float = 60.0,
+                 on_abandoned: Callable[[Session], None] | None = None) -> None:
         self.capacity = capacity
         self.timeout = timeout
+        self.on_abandoned = on_abandoned
         self.sessions: dict[int, Session] = {}
 
     def expire(self) -> None:
         now = time.monotonic()
         for bmc_id in [bmc_id for bmc_id, session in self.sessions.items() if self._expired(session, now)]:
-            del self.sessions[bmc_id]
+            self._drop(bmc_id)
+
+    def sweep_abandoned(self, name: bytes) -> None:
+        """Drop the handshakes of ``name`` that got RAKP 2 and were given up."""
+        before = time.monotonic() - ABANDONED_AFTER
+        for session in list(self.sessions.values()):
+            if not session.active and session.bmc_random and session.user_name == name \
+                    and session.last_activity < before:
+                self._drop(session.bmc_id)
+
+    def _drop(self, bmc_id: int) -> None:
+        session = self.sessions.pop(bmc_id)
+        if not session.active and session.bmc_random and self.on_abandoned is not None:
+            self.on_abandoned(session)
 
     def _expired(self, session: Session, now: float) -> bool:
         return session.last_activity < now - (self.timeout if session.active else min(self.timeout, PENDING_TIMEOUT))
@@ -104,7 +124,7 @@ class SessionTable:
         if session is None:
             return None
         if self._expired(session, time.monotonic()):
-            del self.sessions[bmc_id]
+            self._drop(bmc_id)
             return None
         return session
 

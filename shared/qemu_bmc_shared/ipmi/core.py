@@ -104,6 +104,20 @@ class Response:
 SYSTEM_INTERFACE = 0x0F
 #: The channel qemu-bmc's IPMI over LAN uses.
 LAN_CHANNEL = 1
+#: "This channel", in requests that name a channel (IPMI v2.0 §6.3).
+CURRENT_CHANNEL = 0x0E
+
+#: The RMCP+ cipher suites qemu-bmc implements (IPMI v2.0 §22.15.2, table 22-20): suite id →
+#: (authentication, integrity, confidentiality) algorithm numbers (§13.28-13.29).
+CIPHER_SUITES: dict[int, tuple[int, int, int]] = {
+    0: (0, 0, 0),
+    1: (1, 0, 0),
+    2: (1, 1, 0),
+    3: (1, 1, 1),
+    15: (3, 0, 0),
+    16: (3, 4, 0),
+    17: (3, 4, 1),
+}
 
 
 @dataclass
@@ -209,6 +223,17 @@ class Registry:
 
 #: The shared commands; the netfn modules register into it when imported (see :func:`load`).
 registry = Registry()
+
+
+def lan_channel(context: Context, channel: int) -> int:
+    """The LAN channel a request names (0x0E: the one it came in on; on the system interface,
+    the LAN channel); any other channel is not a LAN channel: 0xCC."""
+    channel &= 0x0F
+    if channel == CURRENT_CHANNEL:
+        channel = LAN_CHANNEL if context.system_interface else context.channel
+    if channel != LAN_CHANNEL:
+        raise IpmiError(Completion.INVALID_FIELD, f"channel {channel} is not a LAN channel")
+    return channel
 
 
 def expect_length(data: bytes, minimum: int, maximum: int | None = None) -> None:

@@ -1,0 +1,177 @@
+"""IPMI over LAN with real clients (ipmitool, FreeIPMI, pyghmi) against real QEMU machines."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import free_udp_port, serial_log, toml_list, wait_for, write_config
+from guest_images import GuestImages
+from qemu_bmc_ipmi_lan.client import RmcpPlusClient
+from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.messages import PasswordSet, PowerStatus, User, UserAccessUpdate, UserUpdate
+
+USER, PASSWORD = "admin", "s3cret-Pass"
+
+
+class Bmc:
+    def __init__(self, nc, directory: Path, port: int) -> None:
+        self.nc, self.directory, self.port = nc, directory, port
+
+    async def ipmitool(self, *args: str, interface: tuple[str, ...] = ("-I", "lanplus", "-C", "3"),
+                       user: str = USER, password: str = PASSWORD) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            "ipmitool", *interface, "-H", "127.0.0.1", "-p", str(self.port), "-U", user, "-P", password,
+            "-N", "2", "-R", "2", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await process.communicate()
+        return process.returncode or 0, output.decode(errors="replace")
+
+    async def freeipmi(self, tool: str, *args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            tool, "-h", f"127.0.0.1:{self.port}", "-u", USER, "-p", PASSWORD, *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await process.communicate()
+        return process.returncode or 0, output.decode(errors="replace")
+
+    async def power_state(self) -> str:
+        return (await bus.request(self.nc, "n1", subjects.POWER_GET, None, PowerStatus)).state
+
+    def serial(self) -> str:
+        return serial_log(self.directory, "n1")
+
+
+@pytest.fixture
+async def bmc(nc, services, short_dir: Path, images: GuestImages) -> Bmc:
+    port = free_udp_port()
+    config = write_config(short_dir, f'[ipmi]\nlockout_failures = 3\nlockout_time = 5\n'
+                                     f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=False))}\n'
+                                     f'ipmi = "127.0.0.1:{port}"\n')
+    await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
+    await services("machine", config, "--stop-vms-on-exit")
+    await services("ipmi-lan", config)
+    return Bmc(nc, short_dir, port)
+
+
+@pytest.mark.parametrize("cipher", ["3", "17"])
+async def test_ipmitool_lanplus_power_cycle(bmc: Bmc, cipher: str):
+    lanplus = ("-I", "lanplus", "-C", cipher)
+    code, out = await bmc.ipmitool("mc", "info", interface=lanplus)
+    assert code == 0 and "IPMI Version              : 2.0" in out, out
+    code, out = await bmc.ipmitool("power", "status", interface=lanplus)
+    assert code == 0 and "Chassis Power is off" in out, out
+    code, out = await bmc.ipmitool("power", "on", interface=lanplus)
+    assert code == 0, out
+    await wait_for(lambda: "MARKER-HDD" in bmc.serial(), message="the guest booting")
+    assert "Chassis Power is on" in (await bmc.ipmitool("power", "status", interface=lanplus))[1]
+    assert (await bmc.ipmitool("power", "reset", interface=lanplus))[0] == 0
+    await wait_for(lambda: bmc.serial().count("MARKER-HDD") == 2, message="reset")
+    assert (await bmc.ipmitool("power", "diag", interface=lanplus))[0] == 0
+    await wait_for(lambda: "NMI" in bmc.serial(), message="NMI")
+    assert (await bmc.ipmitool("power", "cycle", interface=lanplus))[0] == 0
+    await wait_for(lambda: bmc.serial().count("MARKER-HDD") == 3, message="cycle")
+    assert (await bmc.ipmitool("power", "soft", interface=lanplus))[0] == 0
+    await wait_for(lambda: "POWER-BUTTON" in bmc.serial(), message="soft off reaching the guest")
+    await wait_for(lambda: _is(bmc, "Off"), message="Off after the guest shut down")
+    code, out = await bmc.ipmitool("chassis", "status", interface=lanplus)
+    assert code == 0 and "System Power         : off" in out, out
+    assert (await bmc.ipmitool("power", "on", interface=lanplus))[0] == 0
+    assert (await bmc.ipmitool("power", "off", interface=lanplus))[0] == 0
+    assert await bmc.power_state() == "Off"
+
+
+async def _is(bmc: Bmc, state: str) -> bool:
+    return await bmc.power_state() == state
+
+
+@pytest.mark.parametrize("auth", ["MD5", "PASSWORD"])
+async def test_ipmi_1_5_sessions(bmc: Bmc, auth: str):
+    lan = ("-I", "lan", "-A", auth)
+    code, out = await bmc.ipmitool("mc", "info", interface=lan)
+    assert code == 0 and "Device ID" in out, out
+    assert (await bmc.ipmitool("power", "on", interface=lan))[0] == 0
+    assert await bmc.power_state() == "On"
+    code, out = await bmc.ipmitool("power", "status", interface=lan, password="wrong")
+    assert code != 0
+
+
+async def test_freeipmi_as_maas_runs_it(bmc: Bmc):
+    for workaround in ((), ("-W", "opensesspriv")):
+        common = ("-D", "LAN_2_0", "-I", "3", "-l", "OPERATOR", *workaround)
+        code, out = await bmc.freeipmi("ipmipower", *common, "--stat")
+        assert code == 0 and "off" in out, out
+        code, out = await bmc.freeipmi("ipmipower", *common, "--cycle", "--on-if-off")
+        assert code == 0 and "ok" in out, out
+        await wait_for(lambda: _is(bmc, "On"), message="on after --cycle --on-if-off")
+        code, out = await bmc.freeipmi("ipmipower", *common, "--cycle", "--on-if-off")  # running: a real cycle
+        assert code == 0 and "ok" in out, out
+        code, out = await bmc.freeipmi("ipmipower", *common, "--off")
+        assert code == 0, out
+        assert await bmc.power_state() == "Off"
+    code, out = await bmc.freeipmi("ipmipower", "-D", "LAN_2_0", "-I", "17", "-l", "OPERATOR", "--on")
+    assert code == 0 and "ok" in out, out
+    assert await bmc.power_state() == "On"
+    code, out = await bmc.freeipmi("ipmipower", "-D", "LAN", "-a", "MD5", "-l", "OPERATOR", "--stat")
+    assert code == 0 and "on" in out, out
+
+
+async def test_pyghmi_command(bmc: Bmc):
+    from pyghmi.ipmi import command
+
+    def drive() -> tuple[dict, dict, dict]:
+        session = command.Command(bmc="127.0.0.1", userid=USER, password=PASSWORD, port=bmc.port)
+        before = session.get_power()
+        session.set_power("on", wait=True)
+        after = session.get_power()
+        return before, after, session.raw_command(netfn=6, command=1)
+
+    before, after, device_id = await asyncio.to_thread(drive)
+    assert before["powerstate"] == "off" and after["powerstate"] == "on" and device_id["code"] == 0
+
+
+async def test_refusals_and_the_next_good_client(bmc: Bmc):
+    assert (await bmc.ipmitool("power", "status", password="wrong"))[0] != 0
+    assert (await bmc.ipmitool("power", "status", user="nobody"))[0] != 0
+    assert (await bmc.ipmitool("power", "status", interface=("-I", "lanplus", "-C", "0")))[0] != 0
+    code, out = await bmc.ipmitool("power", "status")
+    assert code == 0 and "off" in out, out
+
+    # a User-privilege user can read the power state but not change it
+    await bus.request(bmc.nc, "n1", subjects.USERS_SET, UserUpdate(slot=4, name="viewer", enabled=True), User)
+    await bus.request(bmc.nc, "n1", subjects.USERS_PASSWORD, PasswordSet(slot=4, password="view-only-1"), User)
+    await bus.request(bmc.nc, "n1", subjects.USERS_ACCESS,
+                      UserAccessUpdate(slot=4, channel=1, privilege=2, ipmi_messaging=True), User)
+    viewer = {"user": "viewer", "password": "view-only-1"}
+    code, out = await bmc.ipmitool("-L", "USER", "power", "status", **viewer)
+    assert code == 0 and "off" in out, out
+    code, out = await bmc.ipmitool("-L", "USER", "power", "on", **viewer)
+    assert code != 0 and "insufficient privilege" in out.lower(), out
+    assert (await bmc.ipmitool("-L", "ADMINISTRATOR", "power", "on", **viewer))[0] != 0
+    assert await bmc.power_state() == "Off"
+
+    # lockout: after 3 failures the right password is refused for a while (5 s here), then accepted.
+    # ipmitool gives up after RAKP 2 when the password is wrong: the BMC counts a handshake given
+    # up for a second as a failure.
+    for _ in range(3):
+        await bmc.ipmitool("-L", "USER", "power", "status", **{**viewer, "password": "bad"})
+    await asyncio.sleep(1.5)
+    assert (await bmc.ipmitool("-L", "USER", "power", "status", **viewer))[0] != 0
+    await asyncio.sleep(5)
+    assert (await bmc.ipmitool("-L", "USER", "power", "status", **viewer))[0] == 0
+
+
+async def test_tampered_and_replayed_packets_are_dropped(bmc: Bmc):
+    """What real clients never send, from the service's own small RMCP+ client (cipher suite 3)."""
+    async with RmcpPlusClient("127.0.0.1", bmc.port, USER, PASSWORD, timeout=1.0) as client:
+        await client.open()
+        good = client.request_packet(0x00, 0x01)  # Get Chassis Status
+        assert client.response_of(await client.exchange(good))[0] == 0
+        assert await client.exchange(good) is None  # the same packet again: a replay
+        tampered = bytearray(client.request_packet(0x00, 0x01))
+        tampered[-1] ^= 0x01  # flip a bit of the integrity code
+        assert await client.exchange(bytes(tampered)) is None
+        payload_flip = bytearray(client.request_packet(0x00, 0x01))
+        payload_flip[20] ^= 0x80  # flip a bit of the encrypted payload
+        assert await client.exchange(bytes(payload_flip)) is None
+        assert (await client.request(0x00, 0x01))[0] == 0  # still served
+        await client.close()
