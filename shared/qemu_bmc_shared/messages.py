@@ -268,19 +268,29 @@ class ChassisUpdate(Message):
     restore_policy: Annotated[int, msgspec.Meta(ge=0, le=2)] | UnsetType = UNSET
 
 
+SelData = Annotated[bytes, msgspec.Meta(min_length=9, max_length=13)]
+
+
+def sel_timestamped(record_type: int) -> bool:
+    """System event (0x02) and OEM timestamped (0xC0-0xDF) records carry a timestamp (IPMI v2.0 §32)."""
+    return record_type < 0xE0
+
+
 class SelEntry(Message):
-    """One System Event Log record (IPMI v2.0 §31, §32.1): its id, type, timestamp and the 13
-    bytes that follow (for a system event record: generator id, EvM revision, sensor type,
-    sensor number, event dir/type, event data 1-3)."""
+    """One System Event Log record (IPMI v2.0 §31, §32): its id, type, timestamp and what follows.
+    ``data`` is the 9 bytes after the timestamp for timestamped types (for a system event record:
+    generator id 2, EvM revision, sensor type, sensor number, event dir/type, event data 1-3), and
+    the 13 bytes after the type for the others (0xE0-0xFF, OEM non-timestamped)."""
 
     record_id: int
     record_type: Byte = 0x02
     timestamp: int = 0
-    data: Annotated[bytes, msgspec.Meta(min_length=13, max_length=13)] = bytes(13)
+    data: SelData = bytes(9)
 
 
 class SelAdd(Message):
-    data: Annotated[bytes, msgspec.Meta(min_length=13, max_length=13)]
+    data: SelData
+    """9 bytes for a timestamped type, 13 for the others (see :class:`SelEntry`)."""
     record_type: Byte = 0x02
     timestamp: int | None = None
     """Seconds since 1970; the state service's clock when absent."""

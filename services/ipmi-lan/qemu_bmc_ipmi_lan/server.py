@@ -76,6 +76,7 @@ class LanServer(asyncio.DatagramProtocol):
         self.sessions = SessionTable(options.max_sessions, options.session_timeout, self.handshake_abandoned)
         self.guard = LoginGuard(options.lockout_failures, options.lockout_window, options.lockout_time)
         self.guid = machine_guid(machine)
+        self.lockout = (options.lockout_failures, options.lockout_window, options.lockout_time)
         self.transport: asyncio.DatagramTransport | None = None
         self.listening: dict[str, object] = {}
         """``lan_address`` and ``lan_port``: where this endpoint listens (LAN parameters 3 and 8)."""
@@ -128,7 +129,7 @@ class LanServer(asyncio.DatagramProtocol):
                           privilege=session.privilege if session else Privilege.ADMINISTRATOR,
                           user_slot=session.user_slot if session else None, session=session,
                           extra={"lan": self, "cipher_suites": list(self.options.cipher_suites),
-                                 "auth_none": self.options.auth_none,
+                                 "auth_none": self.options.auth_none, "login_lockout": self.lockout,
                                  "active_sessions": len(self.sessions.active), **self.listening})
         response = await self.registry.dispatch(context, Request(message.netfn, message.cmd, message.data,
                                                                  message.responder_lun))

@@ -43,11 +43,13 @@ from qemu_bmc_shared.messages import (
     UserList,
     UserRef,
     UserUpdate,
+    sel_timestamped,
 )
 from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
 
 from . import __version__
 from .sealing import SecretBox, SecretError
+from .sel_feed import SelFeed
 from .store import Store, open_bucket
 
 log = logging.getLogger(__name__)
@@ -302,6 +304,9 @@ class StateService:
 
     async def sel_add(self, machine: str, request: SelAdd) -> SelEntry:
         """Append a record; when the log is full the oldest records go (a ring, as many BMCs keep)."""
+        if len(request.data) != (9 if sel_timestamped(request.record_type) else 13):
+            raise BusError("bad_request", f"record type {request.record_type:#04x} has "
+                           f"{9 if sel_timestamped(request.record_type) else 13} data bytes")
         now = int(time.time())
         added: list[SelEntry] = []
 
@@ -361,10 +366,12 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
                               description="BMC state: users, channel access, LAN and SOL parameters, K_G",
                               endpoints=state.endpoints(),
                               metadata={"machines": ",".join(config.machine_names)})
+    feed = await SelFeed(nc, state).start()
     log.info("serving BMC state of %d machine(s)", len(config.vms))
     try:
         await stop.wait()
     finally:
+        await feed.stop()
         await service.stop()
 
 

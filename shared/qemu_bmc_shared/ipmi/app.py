@@ -40,14 +40,13 @@ from .core import (
     lan_channel,
     registry,
 )
+from .transport import auth_type_support, supported_cipher_suites
 
 command = registry.command
 
 MAX_USERS = 15
 #: IANA enterprise number of the IPMI forum, used for channel vendor ids (IPMI v2.0 §22.24).
 IPMI_IANA = (7154).to_bytes(3, "little")
-#: Authentication types (IPMI v2.0 §22.13): bit 0 none, 2 MD5, 4 straight password.
-AUTH_NONE, AUTH_MD5, AUTH_PASSWORD = 0x01, 0x04, 0x10
 
 #: Set BMC Global Enables per machine (only the system interface uses them; not persisted).
 _global_enables: dict[str, int] = {}
@@ -155,15 +154,6 @@ async def _channel_access(context: Context, volatile: bool = True) -> ChannelAcc
     return await context.call(subjects.CHANNEL_GET, ChannelRef(channel=LAN_CHANNEL, volatile=volatile), ChannelAccess)
 
 
-def supported_cipher_suites(context: Context) -> list[int]:
-    """The cipher suite ids this BMC offers: what the LAN front-end says, or the default set
-    (suite 0 only when the operator enabled it)."""
-    offered = context.extra.get("cipher_suites")
-    if offered is not None:
-        return sorted(offered)
-    return [suite for suite in sorted(CIPHER_SUITES) if suite or context.extra.get("cipher_suite_0")]
-
-
 @command(NetFn.APP, 0x38, Privilege.CALLBACK, sessionless=True)
 async def get_channel_authentication_capabilities(context: Context, data: bytes) -> bytes:
     """Get Channel Authentication Capabilities (§22.13): the authentication types, the login
@@ -175,7 +165,7 @@ async def get_channel_authentication_capabilities(context: Context, data: bytes)
     users, access, kg = await asyncio.gather(context.call(subjects.USERS_LIST, Empty(), UserList),
                                              _channel_access(context),
                                              context.call(subjects.KG_GET, None, KgKey))
-    auth_types = AUTH_MD5 | AUTH_PASSWORD | (AUTH_NONE if context.extra.get("auth_none") else 0)
+    auth_types = auth_type_support(context)
     extended = bool(data[0] & 0x80)
     can_log_in = [user for user in users.users if user.enabled and
                   (grant := user.channels.get(LAN_CHANNEL)) is not None and grant.ipmi_messaging]
