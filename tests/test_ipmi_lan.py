@@ -13,6 +13,8 @@ from qemu_bmc_ipmi_lan.client import RmcpPlusClient
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import (
     BootOverride,
+    ChannelAccess,
+    ChannelAccessUpdate,
     Inventory,
     PasswordSet,
     PowerStatus,
@@ -296,3 +298,30 @@ async def test_tampered_and_replayed_packets_are_dropped(bmc: Bmc):
         assert await client.exchange(bytes(payload_flip)) is None
         assert (await client.request(0x00, 0x01))[0] == 0  # still served
         await client.close()
+
+
+async def test_state_changes_apply_at_once(bmc: Bmc):
+    """The LAN service keeps what logins read from the state service only until the state service
+    announces a change: a new password, a disabled user, a lower channel limit apply to the next login."""
+    assert (await bmc.ipmitool("power", "status"))[0] == 0
+    await bus.request(bmc.nc, "n1", subjects.USERS_PASSWORD, PasswordSet(slot=2, password="n3w-Pass"), User)
+    assert (await bmc.ipmitool("power", "status", password="n3w-Pass"))[0] == 0
+    assert (await bmc.ipmitool("power", "status"))[0] != 0
+    await bus.request(bmc.nc, "n1", subjects.CHANNEL_SET, ChannelAccessUpdate(channel=1, privilege_limit=2),
+                      ChannelAccess)
+    code, out = await bmc.ipmitool("power", "status", password="n3w-Pass")  # asks for Administrator
+    assert code != 0, out
+    assert (await bmc.ipmitool("-L", "USER", "power", "status", password="n3w-Pass"))[0] == 0
+    await bus.request(bmc.nc, "n1", subjects.USERS_SET, UserUpdate(slot=2, enabled=False), User)
+    assert (await bmc.ipmitool("-L", "USER", "power", "status", password="n3w-Pass"))[0] != 0
+
+
+async def test_two_key_login(bmc: Bmc):
+    """With K_G set (here over IPMI, as bmc-config does), session keys come from K_G: a console
+    without it cannot talk to the BMC after RAKP; with it (ipmitool -y), it can."""
+    key = bytes(range(1, 21))
+    raw = ["raw", "0x06", "0x56", "0x01", "0x01", "0x01", *(f"{byte:#04x}" for byte in key)]
+    assert (await bmc.ipmitool(*raw))[0] == 0
+    code, out = await bmc.ipmitool("-y", key.hex(), "power", "status")
+    assert code == 0 and "off" in out, out
+    assert (await bmc.ipmitool("power", "status"))[0] != 0

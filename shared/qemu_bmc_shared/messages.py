@@ -296,6 +296,14 @@ class SelAdd(Message):
     """Seconds since 1970; the state service's clock when absent."""
 
 
+class StateChanged(Message):
+    """A machine's BMC state changed (published after the change is stored, before the reply)."""
+
+    machine: str
+    area: Literal["users", "channel", "lan", "sol", "kg", "chassis", "sel"]
+    timestamp: float
+
+
 class SelLog(Message):
     entries: list[SelEntry]
     last_add: int = 0

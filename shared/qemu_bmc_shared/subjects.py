@@ -50,13 +50,15 @@ SEL_CLEAR = "state.sel.clear"
 EVENT_POWER = "event.power"
 EVENT_BOOT = "event.boot"
 EVENT_MEDIA = "event.media"
+# Published by the state service after each change of a machine's state.
+EVENT_STATE = "event.state"
 
 MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, MEDIA_GET, MEDIA_INSERT, MEDIA_EJECT,
                      INVENTORY_GET)
 STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
                    USERS_CREDENTIALS, CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
                    KG_GET, KG_SET, CHASSIS_GET, CHASSIS_SET, SEL_GET, SEL_ADD, SEL_CLEAR)
-EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA)
+EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA, EVENT_STATE)
 
 
 def for_machine(machine: str, operation: str) -> str:

@@ -40,14 +40,13 @@ async def get_session_challenge(context: Context, data: bytes) -> bytes:
     allowed = {framing.AUTH_MD5, framing.AUTH_PASSWORD} | ({framing.AUTH_NONE} if server.options.auth_none else set())
     if auth_type not in allowed:
         raise IpmiError(Completion.INVALID_FIELD, "authentication type not enabled")
-    if server.guard.locked(name) or await server.user(name) is None:
+    found = None if server.guard.locked(name) else await server.user(name)
+    if found is None:
         server.guard.failed(name)
         raise IpmiError(0x81 if name else 0x82, "invalid user name" if name else "null user not enabled")
     session = server.sessions.open(0, False, ("", 0))
     if session is None:
         raise IpmiError(Completion.OUT_OF_SPACE, "no session slot")
-    found = await server.user(name)
-    assert found is not None
     credentials, limit = found
     session.auth_type, session.user_name = auth_type, name
     session.user_slot, session.password = credentials.user.slot, (credentials.password or "").encode()

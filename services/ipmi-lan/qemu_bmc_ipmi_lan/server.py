@@ -24,7 +24,7 @@ from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, Cre
 
 from . import crypto, framing
 from .framing import FrameError
-from .sessions import LoginGuard, Session, SessionTable
+from .sessions import LoginGuard, Session, SessionTable, StateCache
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class LanServer(asyncio.DatagramProtocol):
         self.registry = registry
         self.options = options
         self.sessions = SessionTable(options.max_sessions, options.session_timeout, self.handshake_abandoned)
+        self.state = StateCache()
         self.guard = LoginGuard(options.lockout_failures, options.lockout_window, options.lockout_time)
         self.guid = machine_guid(machine)
         self.lockout = (options.lockout_failures, options.lockout_window, options.lockout_time)
@@ -141,11 +142,11 @@ class LanServer(asyncio.DatagramProtocol):
         """The user with this name (empty: the null user) and its privilege limit on the LAN
         channel, if it may log in over LAN at all."""
         try:
-            credentials = await bus_request(self.nc, self.machine, subjects.USERS_CREDENTIALS,
-                                            CredentialsRequest(name=name.decode("ascii")), Credentials)
-            channel = await bus_request(self.nc, self.machine, subjects.CHANNEL_GET,
-                                        ChannelRef(channel=LAN_CHANNEL), ChannelAccess)
+            credentials, channel = await asyncio.gather(
+                self.state.get(("user", name), lambda: self._credentials(name)), self.channel_access())
         except (BusError, UnicodeDecodeError):
+            return None
+        if credentials is None:
             return None
         user = credentials.user
         access = user.channels.get(LAN_CHANNEL)
@@ -155,11 +156,27 @@ class LanServer(asyncio.DatagramProtocol):
             return None
         return credentials, min(access.privilege, channel.privilege_limit)
 
+    async def _credentials(self, name: bytes) -> Credentials | None:
+        try:
+            return await bus_request(self.nc, self.machine, subjects.USERS_CREDENTIALS,
+                                     CredentialsRequest(name=name.decode("ascii")), Credentials)
+        except BusError as exc:
+            if exc.error == "not_found":
+                return None
+            raise
+
+    async def channel_access(self) -> ChannelAccess:
+        return await self.state.get("channel", lambda: bus_request(
+            self.nc, self.machine, subjects.CHANNEL_GET, ChannelRef(channel=LAN_CHANNEL), ChannelAccess))
+
     async def kg(self) -> bytes | None:
         try:
-            return (await bus_request(self.nc, self.machine, subjects.KG_GET, None, KgKey)).key
+            return await self.state.get("kg", self._kg)
         except BusError:
             return None
+
+    async def _kg(self) -> bytes | None:
+        return (await bus_request(self.nc, self.machine, subjects.KG_GET, None, KgKey)).key
 
     # ------------------------------------------------------------------ IPMI 1.5
 
@@ -282,9 +299,7 @@ class LanServer(asyncio.DatagramProtocol):
             return self.open_session_failure(tag, STATUS_NO_RESOURCES, console_id, address)
         session.keys = crypto.SessionKeys(auth, integrity, confidentiality)
         try:
-            channel = await bus_request(self.nc, self.machine, subjects.CHANNEL_GET,
-                                        ChannelRef(channel=LAN_CHANNEL), ChannelAccess)
-            limit = Privilege(channel.privilege_limit)
+            limit = Privilege((await self.channel_access()).privilege_limit)
         except (BusError, ValueError):
             limit = Privilege.ADMINISTRATOR
         session.max_privilege = Privilege(min(requested or limit, limit))
@@ -313,7 +328,7 @@ class LanServer(asyncio.DatagramProtocol):
         if requested is None:
             return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_INVALID_ROLE, session, address)
         self.sessions.sweep_abandoned(name)
-        found = None if self.guard.locked(name) else await self.user(name)
+        found, kg = (None, None) if self.guard.locked(name) else await asyncio.gather(self.user(name), self.kg())
         if found is None:
             self.guard.failed(name)
             log.warning("%s: RAKP 1 from %s for unknown, disabled or locked-out user %r", self.machine, address,
@@ -327,6 +342,7 @@ class LanServer(asyncio.DatagramProtocol):
         session.password = (credentials.password or "").encode()
         session.max_privilege = requested
         session.role = role
+        session.kg = kg
         session.console_random = payload[8:24]
         session.bmc_random = os.urandom(16)
         session.last_activity = time.monotonic()
@@ -357,8 +373,7 @@ class LanServer(asyncio.DatagramProtocol):
                         session.user_name.decode("ascii", "replace"), address)
             return self.rakp_failure(framing.PAYLOAD_RAKP4, tag, STATUS_INVALID_INTEGRITY_CHECK, session, address)
         self.guard.succeeded(session.user_name)
-        kg = await self.kg()
-        keys.derive(kg or session.password, session.console_random, session.bmc_random, session.role,
+        keys.derive(session.kg or session.password, session.console_random, session.bmc_random, session.role,
                     session.user_name)
         session.active = True
         session.privilege = session.max_privilege

@@ -6,7 +6,8 @@ import asyncio
 import logging
 
 from nats.aio.client import Client
-from qemu_bmc_shared import bus, ipmi
+from nats.aio.msg import Msg
+from qemu_bmc_shared import bus, ipmi, subjects
 from qemu_bmc_shared.config import Config
 from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
 
@@ -24,12 +25,23 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     transports = []
     listening = {}
+    servers: dict[str, LanServer] = {}
+
+    async def state_changed(message: Msg) -> None:
+        """The state service changed a machine's state: its server drops what it kept of it."""
+        server = servers.get(subjects.machine_of(message.subject))
+        if server is not None:
+            server.state.clear()
+
+    subscription = await nc.subscribe(subjects.any_machine(subjects.EVENT_STATE), cb=state_changed)
+    await nc.flush()
     for vm in config.vms.values():
         if vm.ipmi is None:
             continue
-        transport, _ = await loop.create_datagram_endpoint(
+        transport, server = await loop.create_datagram_endpoint(
             lambda vm=vm: LanServer(vm.name, nc, registry, options), local_addr=vm.ipmi)
         transports.append(transport)
+        servers[vm.name] = server
         listening[vm.name] = f"{vm.ipmi[0]}:{vm.ipmi[1]}"
         log.info("%s: IPMI over LAN on udp %s:%d", vm.name, *vm.ipmi)
     service = await bus.serve(nc, name=SERVICE_NAME, version=__version__,
@@ -39,6 +51,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
+        await subscription.unsubscribe()
         await service.stop()
         for transport in transports:
             transport.close()

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET
@@ -37,6 +38,7 @@ from qemu_bmc_shared.messages import (
     SelLog,
     SolConfig,
     SolParamSet,
+    StateChanged,
     User,
     UserAccessUpdate,
     UserChannelAccess,
@@ -53,6 +55,8 @@ from .sel_feed import SelFeed
 from .store import Store, open_bucket
 
 log = logging.getLogger(__name__)
+S = TypeVar("S", bound=msgspec.Struct)
+Area = Literal["users", "channel", "lan", "sol", "kg", "chassis", "sel"]
 SERVICE_NAME = "qemu-bmc-state"
 MAX_USERS = 15
 LAN_CHANNEL = 1
@@ -119,10 +123,21 @@ def default_sol() -> SolConfig:
 
 
 class StateService:
-    def __init__(self, store: Store, box: SecretBox, config: Config) -> None:
+    def __init__(self, store: Store, box: SecretBox, config: Config, nc: Client | None = None) -> None:
         self.store = store
         self.box = box
         self.config = config
+        self.nc = nc
+
+    async def _modify(self, area: Area, machine: str, key: str, kind: type[S], default: Callable[[], S],
+                      change: Callable[[S], S]) -> S:
+        """Change a stored record, then announce it (event.state) before the request is answered,
+        so that a front-end's next read sees it."""
+        stored = await self.store.modify(key, kind, default, change)
+        if self.nc is not None:
+            await bus.publish(self.nc, machine, subjects.EVENT_STATE,
+                              StateChanged(machine=machine, area=area, timestamp=time.time()))
+        return stored
 
     # ------------------------------------------------------------------ keys and defaults
 
@@ -182,8 +197,8 @@ class StateService:
             raise BusError("internal", str(exc)) from None
 
     async def _modify_user(self, machine: str, slot: int, change: Callable[[StoredUser], StoredUser]) -> User:
-        stored = await self.store.modify(self._user_key(machine, slot), StoredUser, lambda: StoredUser(slot=slot),
-                                         change)
+        stored = await self._modify("users", machine, self._user_key(machine, slot), StoredUser,
+                                    lambda: StoredUser(slot=slot), change)
         return stored.public()
 
     async def users_list(self, machine: str, _: Empty) -> UserList:
@@ -249,7 +264,7 @@ class StateService:
     async def channel_set(self, machine: str, request: ChannelAccessUpdate) -> ChannelAccess:
         key = self._channel_key(self._machine(machine), request.channel, request.volatile)
         changes = _changes(request, ("channel", "volatile"))
-        return await self.store.modify(key, ChannelAccess,
+        return await self._modify("channel", machine, key, ChannelAccess,
                                        lambda: ChannelAccess(channel=request.channel, volatile=request.volatile),
                                        lambda access: msgspec.structs.replace(access, **changes))
 
@@ -259,15 +274,15 @@ class StateService:
 
     async def lan_set(self, machine: str, request: LanParamSet) -> LanConfig:
         key = f"{self._machine(machine)}.lan.{request.channel}"
-        return await self.store.modify(
-            key, LanConfig, lambda: LanConfig(channel=request.channel, params={}),
+        return await self._modify(
+            "lan", machine, key, LanConfig, lambda: LanConfig(channel=request.channel, params={}),
             lambda lan: LanConfig(channel=lan.channel, params={**lan.params, request.param: request.data}))
 
     async def sol_get(self, machine: str, _: Empty) -> SolConfig:
         return await self.store.get(f"{self._machine(machine)}.sol", SolConfig, default_sol)
 
     async def sol_set(self, machine: str, request: SolParamSet) -> SolConfig:
-        return await self.store.modify(f"{self._machine(machine)}.sol", SolConfig, default_sol,
+        return await self._modify("sol", machine, f"{self._machine(machine)}.sol", SolConfig, default_sol,
                                        lambda sol: SolConfig(params={**sol.params, request.param: request.data}))
 
     async def kg_get(self, machine: str, _: Empty) -> KgKey:
@@ -283,7 +298,7 @@ class StateService:
     async def kg_set(self, machine: str, request: KgKey) -> KgKey:
         machine = self._machine(machine)
         sealed = self.box.seal(request.key, f"{machine}.kg") if request.key is not None else None
-        await self.store.modify(f"{machine}.kg", StoredKg, StoredKg, lambda _: StoredKg(sealed=sealed))
+        await self._modify("kg", machine, f"{machine}.kg", StoredKg, StoredKg, lambda _: StoredKg(sealed=sealed))
         return request
 
     async def chassis_get(self, machine: str, _: Empty) -> ChassisConfig:
@@ -295,7 +310,8 @@ class StateService:
             return ChassisConfig(boot_params={**config.boot_params, **request.boot_params},
                                  restore_policy=policy)  # type: ignore[arg-type]
 
-        return await self.store.modify(f"{self._machine(machine)}.chassis", ChassisConfig, ChassisConfig, change)
+        return await self._modify("chassis", machine, f"{self._machine(machine)}.chassis", ChassisConfig,
+                                  ChassisConfig, change)
 
     # ------------------------------------------------------------------ system event log
 
@@ -318,12 +334,13 @@ class StateService:
             entries = [*log.entries, entry][-log.capacity:]
             return msgspec.structs.replace(log, entries=entries, last_add=now)
 
-        await self.store.modify(f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]), change)
+        await self._modify("sel", machine, f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]),
+                           change)
         return added[0]
 
     async def sel_clear(self, machine: str, _: Empty) -> SelLog:
         now = int(time.time())
-        return await self.store.modify(f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]),
+        return await self._modify("sel", machine, f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]),
                                        lambda log: msgspec.structs.replace(log, entries=[], last_erase=now))
 
     def endpoints(self) -> list[bus.Endpoint]:
@@ -359,7 +376,9 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
         box = SecretBox.from_key_file(config.state.key_file)
     except (SecretError, OSError) as exc:
         raise SystemExit(f"qemu-bmc-state: key file: {exc}") from None
-    state = StateService(Store(await open_bucket(nc)), box, config)
+    store = Store(await open_bucket(nc))
+    await store.start()
+    state = StateService(store, box, config, nc)
     for vm in config.vms.values():
         await state.seed(vm)
     service = await bus.serve(nc, name=SERVICE_NAME, version=__version__,
@@ -373,6 +392,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     finally:
         await feed.stop()
         await service.stop()
+        await store.stop()
 
 
 def main() -> None:

@@ -52,12 +52,16 @@ IPMI_IANA = (7154).to_bytes(3, "little")
 _global_enables: dict[str, int] = {}
 
 
-def _version() -> tuple[int, int]:
+def _firmware_revision() -> bytes:
+    """qemu-bmc's version as Get Device ID's firmware revision: major, then minor in BCD."""
     try:
-        major, minor = metadata.version("qemu-bmc").split(".")[:2]
-        return int(major), int(minor)
+        major, minor = (int(part) for part in metadata.version("qemu-bmc").split(".")[:2])
     except (metadata.PackageNotFoundError, ValueError):
-        return 0, 0
+        major, minor = 0, 0
+    return bytes([major & 0x7F, ((minor // 10) % 10) << 4 | minor % 10])
+
+
+FIRMWARE_REVISION = _firmware_revision()
 
 
 def ipmi_guid(value: uuid.UUID) -> bytes:
@@ -79,9 +83,7 @@ def user_id(data: int) -> int:
 async def get_device_id(context: Context, data: bytes) -> bytes:
     """Get Device ID (§20.1): an IPMI 2.0 BMC (device id 0x20) with chassis, SEL, SDR, FRU and
     sensor support."""
-    major, minor = _version()
-    bcd_minor = ((minor // 10) % 10) << 4 | minor % 10
-    return bytes([0x20, 0x01, major & 0x7F, bcd_minor, 0x02, 0x8F]) + bytes(3) + bytes([0x00, 0x00])
+    return bytes([0x20, 0x01]) + FIRMWARE_REVISION + bytes([0x02, 0x8F]) + bytes(5)
 
 
 @command(NetFn.APP, 0x04, Privilege.USER)
@@ -180,15 +182,20 @@ async def get_channel_authentication_capabilities(context: Context, data: bytes)
 
 @command(NetFn.APP, 0x54, Privilege.CALLBACK, sessionless=True)
 async def get_channel_cipher_suites(context: Context, data: bytes) -> bytes:
-    """Get Channel Cipher Suites (§22.15): the suite records (start of record 0xC0, suite id,
-    then its authentication, integrity and confidentiality algorithms), 16 bytes per index."""
+    """Get Channel Cipher Suites (§22.15): with list index bit 7 the suite records (start of
+    record 0xC0, suite id, then its authentication, integrity and confidentiality algorithms),
+    without it each supported algorithm once (with its tag bits); 16 bytes per index."""
     expect_length(data, 3, 3)
     channel = lan_channel(context, data[0])
     if data[1] > 0x3F:
         raise IpmiError(Completion.INVALID_FIELD, "payload type out of range")
-    records = b"".join(bytes([0xC0, suite, auth, 0x40 | integrity, 0x80 | confidentiality])
-                       for suite in supported_cipher_suites(context)
-                       for auth, integrity, confidentiality in [CIPHER_SUITES[suite]])
+    suites = {suite: bytes([auth, 0x40 | integrity, 0x80 | confidentiality])
+              for suite in supported_cipher_suites(context)
+              for auth, integrity, confidentiality in [CIPHER_SUITES[suite]]}
+    if data[2] & 0x80:
+        records = b"".join(bytes([0xC0, suite]) + algorithms for suite, algorithms in suites.items())
+    else:
+        records = bytes(sorted({algorithm for algorithms in suites.values() for algorithm in algorithms}))
     index = data[2] & 0x3F
     return bytes([channel]) + records[index * 16:index * 16 + 16]
 
@@ -256,6 +263,8 @@ async def set_user_access(context: Context, data: bytes) -> bytes:
     slot, limit = user_id(data[1]), data[2] & 0x0F
     if limit not in (1, 2, 3, 4, 5, 0x0F):
         raise IpmiError(Completion.INVALID_FIELD, "privilege limit out of range")
+    if len(data) == 4 and data[3] & 0x0F:
+        raise IpmiError(Completion.INVALID_FIELD, "user session limits are not supported")
     update = UserAccessUpdate(slot=slot, channel=channel, privilege=limit)
     if data[0] & 0x80:
         update.callback_only, update.link_auth, update.ipmi_messaging = (
@@ -360,7 +369,7 @@ async def get_user_payload_access(context: Context, data: bytes) -> bytes:
 async def set_channel_security_keys(context: Context, data: bytes) -> bytes:
     """Set Channel Security Keys (§22.25): read or set K_G (key id 1); K_R (0) is the user's
     password here, so it reads as zeros and cannot be set (0x84). Keys are never locked."""
-    expect_length(data, 3, 23)
+    expect_length(data, 3)
     lan_channel(context, data[0])
     operation, key_id, value = data[1] & 0x03, data[2], data[3:]
     if key_id > 1 or operation > 1:
@@ -373,6 +382,8 @@ async def set_channel_security_keys(context: Context, data: bytes) -> bytes:
         raise IpmiError(0x84, "K_R is not used: the user's password is")
     if len(value) < 20:
         raise IpmiError(0x81, "insufficient key bytes")
+    if len(value) > 20:
+        raise IpmiError(0x82, "too many key bytes")
     await context.call(subjects.KG_SET, KgKey(key=bytes(value) if any(value) else None), KgKey)
     return b"\x00"
 
