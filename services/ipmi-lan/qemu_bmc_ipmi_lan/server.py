@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -67,6 +68,17 @@ def machine_guid(machine: str) -> bytes:
     return hashlib.sha256(f"qemu-bmc-guid:{machine}".encode()).digest()[:16]
 
 
+def primary_address() -> str | None:
+    """The host's address on its default route (what a client elsewhere reaches an endpoint bound
+    to 0.0.0.0 at); connecting a UDP socket sends nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 623))
+            return probe.getsockname()[0]
+        except OSError:
+            return None
+
+
 class LanServer(asyncio.DatagramProtocol):
     def __init__(self, machine: str, nc: Client, registry: Registry, options: LanOptions) -> None:
         self.machine = machine
@@ -88,7 +100,9 @@ class LanServer(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         host, port = (transport.get_extra_info("sockname") or ("0.0.0.0", 623))[:2]
-        self.listening = {"lan_port": port, **({"lan_address": host} if host != "0.0.0.0" else {})}
+        if host == "0.0.0.0":
+            host = primary_address()
+        self.listening = {"lan_port": port, **({"lan_address": host} if host else {})}
 
     def datagram_received(self, data: bytes, address: tuple[str, int]) -> None:
         if len(self.pending) >= MAX_PENDING_PACKETS:
