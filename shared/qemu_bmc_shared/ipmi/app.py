@@ -207,7 +207,7 @@ async def set_channel_access(context: Context, data: bytes) -> bytes:
     expect_length(data, 3, 3)
     channel = lan_channel(context, data[0])
     access_selector, limit_selector, limit = data[1] >> 6, data[2] >> 6, data[2] & 0x0F
-    if access_selector == 3 or limit_selector == 3 or data[1] & 0x07 > 3:
+    if access_selector == 3 or limit_selector == 3 or (access_selector and data[1] & 0x07 > 3):
         raise IpmiError(Completion.INVALID_FIELD, "reserved selector or access mode")
     if limit_selector and not Privilege.CALLBACK <= limit <= Privilege.OEM:
         raise IpmiError(Completion.INVALID_FIELD, "privilege limit out of range")

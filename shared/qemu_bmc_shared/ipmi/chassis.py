@@ -70,12 +70,15 @@ _CONTROL_ACTIONS: dict[int, PowerAction] = {0: "off", 1: "on", 2: "cycle", 3: "r
 
 @command(NetFn.CHASSIS, 0x02, Privilege.OPERATOR)
 async def chassis_control(context: Context, data: bytes) -> bytes:
-    """Chassis Control (§28.3): 0 power down, 1 up, 2 cycle (powers up a machine that is off),
-    3 hard reset, 4 diagnostic interrupt (NMI), 5 soft shutdown (ACPI power button)."""
+    """Chassis Control (§28.3): 0 power down, 1 up, 2 cycle, 3 hard reset, 4 diagnostic
+    interrupt (NMI), 5 soft shutdown (ACPI power button). Cycle, reset and NMI of a machine that
+    is off answer 0xD5, as the specification recommends (FreeIPMI's --on-if-off relies on it)."""
     expect_length(data, 1, 1)
     action = _CONTROL_ACTIONS.get(data[0] & 0x0F)
     if action is None:
         raise IpmiError(Completion.INVALID_FIELD, f"chassis control {data[0]:#04x}")
+    if action == "cycle" and (await context.call(subjects.POWER_GET, PowerQuery(), PowerStatus)).state == "Off":
+        raise IpmiError(Completion.NOT_SUPPORTED_IN_STATE, "power cycle of a machine that is off")
     await context.call(subjects.POWER_SET, PowerRequest(action=action), PowerStatus, timeout=30.0)
     state = runtime(context.machine)
     if action in ("on", "cycle", "reset"):
@@ -150,12 +153,12 @@ def flags_of(override: BootOverride, stored: bytes | None) -> bytes:
     """Boot flags as the machine's override stands: the bytes last set when they still describe
     it (so every bit a client wrote reads back), the valid bit cleared once the override is
     used or cleared; otherwise flags built from the override (set over Redfish, say)."""
-    if stored is not None and len(stored) == BOOT_FLAGS:
-        asked = override_of(stored) if stored[1] >> 2 & 0x0F in _DEVICE_TARGETS else None
-        if asked is not None and override.enabled == "Disabled":
-            return bytes([stored[0] & 0x7F]) + stored[1:]
-        if asked is not None and (asked.target, asked.enabled) == (override.target, override.enabled):
+    if stored is not None and len(stored) == BOOT_FLAGS and stored[1] >> 2 & 0x0F in _DEVICE_TARGETS:
+        asked = override_of(stored)
+        if (asked.target, asked.enabled) == (override.target, override.enabled) or asked.enabled == "Disabled":
             return stored
+        if override.enabled == "Disabled":  # used, or cleared
+            return bytes([stored[0] & 0x7F]) + stored[1:]
     if override.enabled == "Disabled":
         return bytes(BOOT_FLAGS)
     first = 0x80 | (0x40 if override.enabled == "Continuous" else 0) | (0x20 if override.mode == "UEFI" else 0)
@@ -173,8 +176,10 @@ async def set_system_boot_options(context: Context, data: bytes) -> bytes:
     length = BOOT_PARAMETERS[parameter]
     if not (len(value) == length if length is not None else 2 <= len(value) <= 17):
         raise IpmiError(Completion.LENGTH_INVALID, f"parameter {parameter}: {len(value)} data bytes")
-    if parameter == 0 and value[0] & 0x03 == 3:
-        raise IpmiError(Completion.INVALID_FIELD, "reserved set-in-progress value")
+    if parameter == 0:
+        if value[0] & 0x03 == 3:
+            raise IpmiError(Completion.INVALID_FIELD, "reserved set-in-progress value")
+        value = bytes([value[0] & 0x01])  # writes apply at once: a commit write completes the set
     if parameter == MAILBOX and value[0] >= MAILBOX_BLOCKS:
         raise IpmiError(Completion.INVALID_FIELD, f"mailbox block {value[0]} out of range")
     config = await context.call(subjects.CHASSIS_GET, None, ChassisConfig)
