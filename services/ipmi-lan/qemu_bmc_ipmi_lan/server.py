@@ -89,10 +89,12 @@ class LanServer(asyncio.DatagramProtocol):
         self.state = StateCache()
         self.guard = LoginGuard(options.lockout_failures, options.lockout_window, options.lockout_time)
         self.guid = machine_guid(machine)
-        self.lockout = (options.lockout_failures, options.lockout_window, options.lockout_time)
+        self.cipher_suites = options.cipher_suites
+        self.extra: dict[str, object] = {
+            "lan": self, "cipher_suites": list(self.cipher_suites), "auth_none": options.auth_none,
+            "login_lockout": (options.lockout_failures, options.lockout_window, options.lockout_time)}
+        """What the command layer may know of this front-end (see ipmi.transport and ipmi.app)."""
         self.transport: asyncio.DatagramTransport | None = None
-        self.listening: dict[str, object] = {}
-        """``lan_address`` and ``lan_port``: where this endpoint listens (LAN parameters 3 and 8)."""
         self.pending: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ datagrams
@@ -102,7 +104,7 @@ class LanServer(asyncio.DatagramProtocol):
         host, port = (transport.get_extra_info("sockname") or ("0.0.0.0", 623))[:2]
         if host == "0.0.0.0":
             host = primary_address()
-        self.listening = {"lan_port": port, **({"lan_address": host} if host else {})}
+        self.extra.update(lan_port=port, **({"lan_address": host} if host else {}))  # LAN parameters 3 and 8
 
     def datagram_received(self, data: bytes, address: tuple[str, int]) -> None:
         if len(self.pending) >= MAX_PENDING_PACKETS:
@@ -143,9 +145,7 @@ class LanServer(asyncio.DatagramProtocol):
         context = Context(machine=self.machine, nc=self.nc, channel=LAN_CHANNEL,
                           privilege=session.privilege if session else Privilege.ADMINISTRATOR,
                           user_slot=session.user_slot if session else None, session=session,
-                          extra={"lan": self, "cipher_suites": list(self.options.cipher_suites),
-                                 "auth_none": self.options.auth_none, "login_lockout": self.lockout,
-                                 "active_sessions": len(self.sessions.active), **self.listening})
+                          extra={**self.extra, "active_sessions": len(self.sessions.active)})
         response = await self.registry.dispatch(context, Request(message.netfn, message.cmd, message.data,
                                                                  message.responder_lun))
         return framing.build_lan_response(message, response.completion, response.data)
@@ -299,7 +299,7 @@ class LanServer(asyncio.DatagramProtocol):
                 return self.open_session_failure(tag, STATUS_ILLEGAL_PARAMETER, console_id, address)
             proposed.append(payload[offset + 4] & 0x3F)
         auth, integrity, confidentiality = proposed
-        suites = self.options.cipher_suites
+        suites = self.cipher_suites
         if not any(algorithms[0] == auth for algorithms in suites.values()):
             return self.open_session_failure(tag, STATUS_INVALID_AUTH_ALGORITHM, console_id, address)
         if (auth, integrity, confidentiality) not in suites.values():
