@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import free_udp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
-from qemu_bmc_ipmi_lan.client import RmcpPlusClient
+from qemu_bmc_ipmi_lan import framing
+from qemu_bmc_ipmi_lan.client import IpmiClientError, RmcpPlusClient
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import (
     BootOverride,
@@ -330,3 +331,28 @@ async def test_two_key_login(bmc: Bmc):
     code, out = await bmc.ipmitool("-y", key.hex(), "power", "status")
     assert code == 0 and "off" in out, out
     assert (await bmc.ipmitool("power", "status"))[0] != 0
+
+
+async def test_session_table_limits_and_lookups(nc, services, short_dir: Path):
+    """Name-only and role lookup in RAKP 1; Open Session with privilege 0; a full session table
+    answers "insufficient resources" (RMCP+ status 0x01); an idle session expires."""
+    port = free_udp_port()
+    config = write_config(short_dir, f'[ipmi]\nmax_sessions = 2\nsession_timeout = 2\n'
+                                     f'[vm.n1]\ncmd = ["-m", "64"]\nipmi = "127.0.0.1:{port}"\n')
+    await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
+    await services("ipmi-lan", config)
+    async with (RmcpPlusClient("127.0.0.1", port, USER, PASSWORD, role=0x14, timeout=1.0) as by_name,
+                RmcpPlusClient("127.0.0.1", port, USER, PASSWORD, role=0x04, cipher_suite=17,
+                               timeout=1.0) as by_role):
+        await by_name.open()
+        await by_role.open()
+        assert (await by_name.request(0x06, 0x01))[0] == 0 and (await by_role.request(0x06, 0x01))[0] == 0
+        async with RmcpPlusClient("127.0.0.1", port, USER, PASSWORD, timeout=1.0) as third:
+            with pytest.raises(IpmiClientError, match="status 0x1"):
+                await third.open()
+        await asyncio.sleep(2.5)  # both idle past the session timeout: gone, and their slots free
+        assert await by_name.exchange(by_name.request_packet(0x06, 0x01)) is None
+    async with RmcpPlusClient("127.0.0.1", port, USER, PASSWORD, timeout=1.0) as client:
+        opened = await client._payload(framing.PAYLOAD_OPEN_SESSION_REQUEST, bytes([7, 0, 0, 0, 1, 2, 3, 4])
+                                       + b"".join(bytes([kind, 0, 0, 8, 1, 0, 0, 0]) for kind in range(3)))
+        assert opened[2] == 4  # requested 0: the highest the channel allows, Administrator
