@@ -125,6 +125,9 @@ async def up(config: Config, nats_url: str | None, keep_vms: bool, stop: asyncio
     ]
     if any(vm.ipmi for vm in config.vms.values()):
         children.append(Child("ipmi-lan", service_argv("qemu_bmc_ipmi_lan", config.path), nats_url, log_dir))
+    if any(vm.vmwire for vm in config.vms.values()):
+        # before the machine service, so that QEMU finds its BMC when it starts
+        children.insert(1, Child("vmwire", service_argv("qemu_bmc_vmwire", config.path), nats_url, log_dir))
     supervisors = []
     try:
         for child in children:

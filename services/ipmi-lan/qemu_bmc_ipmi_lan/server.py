@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.bus import request as bus_request
 from qemu_bmc_shared.ipmi import Completion, Context, Privilege, Registry, Request
 from qemu_bmc_shared.ipmi.core import CIPHER_SUITES, LAN_CHANNEL
+from qemu_bmc_shared.ipmi.transport import reachable_address
 from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, CredentialsRequest, KgKey
 
 from . import crypto, framing
@@ -68,17 +68,6 @@ def machine_guid(machine: str) -> bytes:
     return hashlib.sha256(f"qemu-bmc-guid:{machine}".encode()).digest()[:16]
 
 
-def primary_address() -> str | None:
-    """The host's address on its default route (what a client elsewhere reaches an endpoint bound
-    to 0.0.0.0 at); connecting a UDP socket sends nothing."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.1", 623))
-            return probe.getsockname()[0]
-        except OSError:
-            return None
-
-
 class LanServer(asyncio.DatagramProtocol):
     def __init__(self, machine: str, nc: Client, registry: Registry, options: LanOptions) -> None:
         self.machine = machine
@@ -102,8 +91,7 @@ class LanServer(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         host, port = (transport.get_extra_info("sockname") or ("0.0.0.0", 623))[:2]
-        if host == "0.0.0.0":
-            host = primary_address()
+        host = reachable_address(host)
         self.extra.update(lan_port=port, **({"lan_address": host} if host else {}))  # LAN parameters 3 and 8
 
     def datagram_received(self, data: bytes, address: tuple[str, int]) -> None:

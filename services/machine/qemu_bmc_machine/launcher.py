@@ -8,7 +8,8 @@ QEMU's own output. The launcher adds, before the operator's arguments:
   override, resets and continues);
 * a serial chardev socket ``serial.sock`` as the first serial port, logged to ``serial.log``;
 * an AHCI controller with an empty CD drive ``qbmc-cd0`` for virtual media;
-* ``-uuid`` (from the config, else one generated once and kept) unless the command has one.
+* ``-uuid`` (from the config, else one generated once and kept) unless the command has one;
+* with a ``vmwire`` address, the ipmi-bmc-extern BMC and its KCS interface (see vmwire_args).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CD_DEVICE = "qbmc-cd0"
 SERIAL_CHARDEV = "qbmc-serial0"
+IPMI_CHARDEV = "qbmc-ipmi0"
 UNIX_PATH_MAX = 107
 
 
@@ -86,7 +88,21 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles) -> list[str]:
     ]
     if "-uuid" not in user_args:
         argv += ["-uuid", machine_uuid(vm, files)]
+    argv += vmwire_args(vm)
     return argv + user_args
+
+
+def vmwire_args(vm: VmConfig) -> list[str]:
+    """With a ``vmwire`` address, an IPMI KCS interface whose BMC is the VM-wire service: QEMU
+    connects to it, and reconnects every second while it is not there. Not when the operator's
+    own arguments have an ipmi-bmc-extern device already."""
+    if vm.vmwire is None or any("ipmi-bmc-extern" in arg for arg in vm.argv):
+        return []
+    host, port = vm.vmwire
+    return ["-chardev", f"socket,id={IPMI_CHARDEV},host={'127.0.0.1' if host == '0.0.0.0' else host},port={port},"
+                        "reconnect=1",
+            "-device", f"ipmi-bmc-extern,id=qbmc-bmc0,chardev={IPMI_CHARDEV}",
+            "-device", "isa-ipmi-kcs,bmc=qbmc-bmc0"]
 
 
 def pid_alive(pid: int) -> bool:

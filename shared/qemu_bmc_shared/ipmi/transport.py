@@ -9,6 +9,7 @@ LAN front-end really offers), never stored.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,19 @@ def supported_cipher_suites(context: Context) -> list[int]:
     if offered is None:
         offered = [suite for suite in CIPHER_SUITES if suite or context.extra.get("cipher_suite_0")]
     return sorted(offered)[:16]  # parameter 23 holds at most 16 entries
+
+
+def reachable_address(host: str) -> str | None:
+    """The IPv4 address clients reach an endpoint bound to ``host`` at: ``host`` itself, or for
+    0.0.0.0 the host's address on its default route (connecting a UDP socket sends nothing)."""
+    if host != "0.0.0.0":
+        return host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 623))
+            return probe.getsockname()[0]
+        except OSError:
+            return None
 
 
 def auth_type_support(context: Context) -> int:

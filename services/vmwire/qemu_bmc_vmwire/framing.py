@@ -1,0 +1,111 @@
+"""The OpenIPMI "VM" wire protocol that QEMU's ``ipmi-bmc-extern`` device speaks over a chardev.
+
+A message ends with 0xA0, a control command with 0xA1; 0xAA escapes the byte after it, which is
+sent with bit 4 set. A request from QEMU is: message id, netfn << 2 | LUN, command, data,
+checksum (the two's complement of the sum of the bytes before it); a response carries the same
+id, the response netfn, the command, the completion code, data and a checksum. Control
+commands are one byte and an optional argument: version (0xFF, then 1) and capabilities (0x08)
+when QEMU connects, reset (0x04) when the machine was reset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MESSAGE_END = 0xA0
+COMMAND_END = 0xA1
+ESCAPE = 0xAA
+SPECIAL = frozenset((MESSAGE_END, COMMAND_END, ESCAPE))
+#: The longest frame QEMU sends or takes (an IPMI message of at most 300 bytes, its
+#: MAX_IPMI_MSG_SIZE, with the id and the checksum); anything longer is dropped up to the next
+#: end marker.
+MAX_FRAME = 302
+
+PROTOCOL_VERSION = 1
+COMMAND_VERSION = 0xFF
+COMMAND_NO_ATTENTION = 0x00
+COMMAND_RESET = 0x04
+COMMAND_CAPABILITIES = 0x08
+
+
+@dataclass(frozen=True)
+class Request:
+    message_id: int
+    netfn: int
+    lun: int
+    cmd: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Control:
+    command: int
+    argument: bytes
+
+
+def checksum(data: bytes) -> int:
+    return -sum(data) & 0xFF
+
+
+def escape(frame: bytes) -> bytes:
+    out = bytearray()
+    for byte in frame:
+        if byte in SPECIAL:
+            out += bytes([ESCAPE, byte | 0x10])
+        else:
+            out.append(byte)
+    return bytes(out)
+
+
+def encode_response(request: Request, completion: int, data: bytes = b"") -> bytes:
+    """The response to ``request``, framed."""
+    body = bytes([request.message_id, (request.netfn | 1) << 2 | request.lun, request.cmd, completion]) + data
+    return escape(body + bytes([checksum(body)])) + bytes([MESSAGE_END])
+
+
+def encode_control(command: int, argument: bytes = b"") -> bytes:
+    return escape(bytes([command]) + argument) + bytes([COMMAND_END])
+
+
+def decode_request(frame: bytes) -> Request | None:
+    """A request from an unescaped message frame; None when it is too short or its checksum is wrong."""
+    if len(frame) < 4 or sum(frame) & 0xFF:
+        return None
+    return Request(frame[0], frame[1] >> 2, frame[1] & 0x03, frame[2], bytes(frame[3:-1]))
+
+
+class Decoder:
+    """Splits the byte stream into message and control frames. Malformed frames (a stray escape
+    before an end marker, an overlong frame, a bad checksum, too short) are dropped whole and
+    counted; the next frame is unaffected. QEMU answers the guest 0xC3 for a dropped request."""
+
+    def __init__(self) -> None:
+        self.frame = bytearray()
+        self.escaped = False
+        self.overflow = False
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> list[Request | Control]:
+        frames: list[Request | Control] = []
+        for byte in data:
+            if byte in (MESSAGE_END, COMMAND_END):
+                frame, bad = bytes(self.frame), self.escaped or self.overflow
+                self.frame.clear()
+                self.escaped = self.overflow = False
+                decoded = None if bad else decode_request(frame) if byte == MESSAGE_END else (
+                    Control(frame[0], frame[1:]) if frame else None)
+                if decoded is None:
+                    self.dropped += bool(frame) or bad
+                else:
+                    frames.append(decoded)
+            elif byte == ESCAPE:
+                self.escaped = True
+            else:
+                if self.escaped:
+                    byte &= ~0x10
+                    self.escaped = False
+                if len(self.frame) >= MAX_FRAME:
+                    self.overflow = True
+                else:
+                    self.frame.append(byte)
+        return frames

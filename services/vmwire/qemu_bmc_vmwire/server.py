@@ -1,0 +1,75 @@
+"""One machine's VM-wire endpoint: QEMU's ``ipmi-bmc-extern`` device connects to it over TCP and
+every request runs in the shared command layer on the system interface (no session, no
+privilege check, as on a real KCS), so in-band and LAN share one behaviour and one state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from nats.aio.client import Client
+from qemu_bmc_shared.ipmi import Context, Privilege, Registry, Request
+from qemu_bmc_shared.ipmi.core import SYSTEM_INTERFACE
+
+from . import framing
+
+log = logging.getLogger(__name__)
+
+
+class VmWireEndpoint:
+    """Serves one QEMU connection at a time; a new connection (QEMU restarted or reconnected)
+    replaces the old one."""
+
+    def __init__(self, machine: str, nc: Client, registry: Registry, extra: dict[str, Any]) -> None:
+        self.machine = machine
+        self.nc = nc
+        self.registry = registry
+        self.extra = extra
+        self.writer: asyncio.StreamWriter | None = None
+        self.requests = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        log.info("%s: QEMU connected from %s", self.machine, peer)
+        decoder = framing.Decoder()
+        try:
+            writer.write(framing.encode_control(framing.COMMAND_VERSION, bytes([framing.PROTOCOL_VERSION]))
+                         + framing.encode_control(framing.COMMAND_NO_ATTENTION))
+            while data := await reader.read(4096):
+                for frame in decoder.feed(data):
+                    if isinstance(frame, framing.Control):
+                        self.control(frame)
+                    else:
+                        writer.write(await self.answer(frame))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            if decoder.dropped:
+                log.warning("%s: dropped %d malformed frame(s) from QEMU", self.machine, decoder.dropped)
+            if self.writer is writer:
+                self.writer = None
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            log.info("%s: QEMU disconnected", self.machine)
+
+    async def answer(self, request: framing.Request) -> bytes:
+        self.requests += 1
+        context = Context(machine=self.machine, nc=self.nc, channel=SYSTEM_INTERFACE,
+                          privilege=Privilege.ADMINISTRATOR, extra=self.extra)
+        response = await self.registry.dispatch(context, Request(request.netfn, request.cmd, request.data,
+                                                                 request.lun))
+        return framing.encode_response(request, response.completion, response.data)
+
+    def control(self, control: framing.Control) -> None:
+        if control.command == framing.COMMAND_RESET:
+            # the machine service sees the reset itself (QMP RESET) and applies the boot override
+            log.info("%s: QEMU reports a machine reset", self.machine)
+        elif control.command == framing.COMMAND_CAPABILITIES:
+            log.debug("%s: QEMU capabilities %s", self.machine, control.argument.hex())
