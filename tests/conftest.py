@@ -179,3 +179,11 @@ def no_exception_logged(log: Path) -> Iterator[None]:
     yield
     text = log.read_text()[start:] if log.exists() else ""
     assert "Traceback" not in text, text
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> Any:
+    """The tiny Linux test guest (tests/linux_guest.py), built once and cached across runs."""
+    from linux_guest import LinuxGuest, default_cache
+
+    return LinuxGuest(default_cache()).build()
