@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from qemu_bmc_shared.config import ConfigError, load
+from qemu_bmc_shared.config import VM_DMI_MARKERS, ConfigError, Identity, load
 
 
 def config_file(tmp_path: Path, text: str) -> Path:
@@ -59,6 +59,39 @@ media_device = "cd0"
     ("[vm.a]\ncmd = []\nuuid = 'xyz'\n", "vm.a.uuid", "not a UUID"),
     ("[vm.a]\ncmd = []\nautostart = 'yes'\n", "vm.a.autostart", "true or false"),
     ("[vm.a]\ncmd = []\nserial = '/x'\n", "vm.a.serial", "only for attach mode"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = 'yes'\n", "vm.a.bare_metal_identity", "true or false"),
+    ("[vm.a]\nqmp = '/q'\nbare_metal_identity = true\n", "vm.a.bare_metal_identity", "only for managed mode"),
+    ("[vm.a]\nqmp = '/q'\n[vm.a.identity]\nvendor = 'X'\n", "vm.a.identity", "only for managed mode"),
+    ("[vm.a]\ncmd = []\n[vm.a.identity]\nvendor = 'X'\n", "vm.a.identity", "only with bare_metal_identity"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\nidentity = 'x'\n", "vm.a.identity", "must be a table"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\ncolour = 'red'\n", "vm.a.identity.colour",
+     "unknown key"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nserial = 42\n", "vm.a.identity.serial",
+     "must be a string"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nproduct = ''\n", "vm.a.identity.product",
+     "1-64 printable ASCII"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nvendor = 'caf\u00e9'\n",
+     "vm.a.identity.vendor", "1-64 printable ASCII"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nserial = \"a\\tb\"\n", "vm.a.identity.serial",
+     "1-64 printable ASCII"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nsku = '{}'\n".format("x" * 65),
+     "vm.a.identity.sku", "1-64 printable ASCII"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nvendor = 'QEMU'\n", "vm.a.identity.vendor",
+     "systemd-detect-virt"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nbios_vendor = 'Bochs'\n",
+     "vm.a.identity.bios_vendor", "starts with 'Bochs'"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nproduct = 'KVM box'\n",
+     "vm.a.identity.product", "starts with 'KVM'"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\nbios_date = '2024-01-31'\n",
+     "vm.a.identity.bios_date", "MM/DD/YYYY"),
+    ("[vm.a]\ncmd = []\nbare_metal_identity = true\n[vm.a.identity]\ncpu_model = '{}'\n".format("x" * 49),
+     "vm.a.identity.cpu_model", "48 characters"),
+    ("[vm.a]\ncmd = ['-m', '64', '-smbios', 'type=1,serial=x']\nbare_metal_identity = true\n", "vm.a.cmd[2]",
+     "-smbios conflicts"),
+    ("[vm.a]\ncmd = ['-cpu', 'max,hypervisor=on']\nbare_metal_identity = true\n", "vm.a.cmd[1]",
+     "hypervisor bit"),
+    ("[vm.a]\ncmd = ['-cpu', 'host,+hypervisor,migratable=on']\nbare_metal_identity = true\n", "vm.a.cmd[1]",
+     "hypervisor bit"),
     ("[qemu]\nbinary = 'x'\n", "qemu.binary", "unknown key"),
     ("[state]\ndefault_user = 'a-very-long-user-name'\n", "state.default_user", "16 bytes"),
     ("vm = 3\n", "vm", "must be a table"),
@@ -70,6 +103,38 @@ def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, where: str,
         load(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and f"{where}:" in message and problem in message, message
+
+
+def test_bare_metal_identity(tmp_path: Path):
+    path = config_file(tmp_path, """
+[vm.plain]
+cmd = ["-m", "64"]
+[vm.defaults]
+cmd = ["-cpu", "max,hypervisor=off"]
+bare_metal_identity = true
+[vm.custom]
+cmd = ["-cpu", "host"]
+bare_metal_identity = true
+[vm.custom.identity]
+vendor = "Dell Inc."
+product = "PowerEdge R650"
+serial = "ABC1234"
+bios_vendor = "Dell Inc., BIOS"
+bios_date = "12/31/2023"
+cpu_model = "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"
+""")
+    vms = load(path).vms
+    assert vms["plain"].identity is None and not vms["plain"].bare_metal_identity
+    defaults = vms["defaults"].identity
+    assert vms["defaults"].bare_metal_identity and defaults == Identity()
+    assert (defaults.vendor, defaults.product, defaults.serial, defaults.bios_vendor) == ("Generic", "Server", None,
+                                                                                          None)
+    for value in (defaults.vendor, defaults.product, defaults.version, defaults.bios_version):
+        assert not value.startswith(VM_DMI_MARKERS)
+    custom = vms["custom"].identity
+    assert custom == Identity(vendor="Dell Inc.", product="PowerEdge R650", serial="ABC1234",
+                              bios_vendor="Dell Inc., BIOS", bios_date="12/31/2023",
+                              cpu_model="Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz")
 
 
 def test_missing_file(tmp_path: Path):

@@ -19,6 +19,10 @@
     cmd = ["-machine", "q35", "-m", "{{.mem}}", "-drive", "file={{.images}}/{{.name}}.qcow2"]
     ipmi = "127.0.0.1:6230"
     vmwire = "127.0.0.1:9002"
+    bare_metal_identity = true          # SMBIOS strings below, no VM markers (managed mode only)
+    [vm.node1.identity]                 # all optional: vendor, product, version, serial, sku, family,
+    vendor = "Example Inc."             # board_vendor, board_product, chassis_vendor, bios_vendor,
+    product = "R100"                    # bios_version, bios_date, cpu_model
     [vm.node2]                          # attach: an existing QEMU's QMP socket
     qmp = "/run/node2/qmp.sock"
     serial = "/run/node2/serial.sock"
@@ -29,6 +33,7 @@ Every error names the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tomllib
@@ -45,6 +50,43 @@ DEMO_CMD = ["-machine", "q35", "-accel", "tcg", "-m", "128", "-display", "none"]
 
 class ConfigError(Exception):
     """A configuration error, naming the file and the key."""
+
+
+# The prefixes systemd-detect-virt looks for in the DMI strings (src/basic/virt.c, dmi_vendor_table).
+VM_DMI_MARKERS = ("KVM", "OpenStack", "KubeVirt", "Amazon EC2", "QEMU", "VMware", "VMW", "innotek GmbH",
+                  "VirtualBox", "Oracle Corporation", "Xen", "Bochs", "Parallels", "BHYVE", "Hyper-V",
+                  "Apple Virtualization", "Google Compute Engine")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """``[vm.NAME.identity]``: what a ``bare_metal_identity`` machine says it is (SMBIOS types 0-3).
+
+    The board, chassis and BIOS vendor default to ``vendor``, the board product to ``product``; the
+    serial (system, board and chassis) to the machine's UUID when not set; sku and family are then
+    left unset ("Not Specified").
+    """
+
+    vendor: str = "Generic"
+    product: str = "Server"
+    version: str = "1.0"
+    serial: str | None = None
+    sku: str | None = None
+    family: str | None = None
+    board_vendor: str | None = None
+    board_product: str | None = None
+    chassis_vendor: str | None = None
+    bios_vendor: str | None = None
+    bios_version: str = "1.0"
+    bios_date: str = "01/01/2024"
+    cpu_model: str | None = None
+    """The CPU model name (``/proc/cpuinfo``); default: the CPU model's own."""
+
+
+IDENTITY_KEYS = set(Identity.__dataclass_fields__)
+# The identity strings systemd-detect-virt reads: sys_vendor, product_name, product_version, board_vendor,
+# bios_vendor (board_product and chassis_vendor are not read, but are DMI strings too).
+_DETECTED_KEYS = {"vendor", "product", "version", "board_vendor", "bios_vendor", "board_product", "chassis_vendor"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +106,13 @@ class VmConfig:
     uuid: str | None = None
     autostart: bool = False
     """Power the machine on when the machine service starts and finds it off."""
+    identity: Identity | None = None
+    """Managed mode, ``bare_metal_identity = true``: the SMBIOS strings the guest sees instead of QEMU's,
+    with the VM markers hidden (see the launcher's ``identity_args``)."""
+
+    @property
+    def bare_metal_identity(self) -> bool:
+        return self.identity is not None
 
 
 @dataclass(frozen=True)
@@ -252,7 +301,8 @@ def _parse_ipmi(reader: _Reader) -> IpmiConfig:
 def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_dir: Path, qemu_bin: str,
               global_vars: dict[str, str]) -> VmConfig:
     vm = _Reader(file, f"vm.{name}", table,
-                 {"cmd", "vars", "bin", "qmp", "serial", "media_device", "ipmi", "vmwire", "uuid", "autostart"})
+                 {"cmd", "vars", "bin", "qmp", "serial", "media_device", "ipmi", "vmwire", "uuid", "autostart",
+                  "bare_metal_identity", "identity"})
     vm_runtime = runtime_dir / "vm" / name
     variables = {**global_vars, **_vars_of(vm, "vars"), "name": name, "runtime_dir": str(vm_runtime),
                  "config_dir": str(base)}
@@ -271,10 +321,49 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
             raise vm.error("serial", "only for attach mode: the managed launcher makes its own serial socket")
         argv = [vm.str("bin", qemu_bin) or qemu_bin]
         argv += [_substitute(arg, variables, vm, f"cmd[{index}]") for index, arg in enumerate(cmd)]
-        return VmConfig(mode="managed", argv=argv, **common)
+        identity = _parse_identity(vm, argv) if vm.bool("bare_metal_identity") else None
+        if identity is None and "identity" in table:
+            raise vm.error("identity", "only with bare_metal_identity = true")
+        return VmConfig(mode="managed", argv=argv, identity=identity, **common)
+    for key in ("bare_metal_identity", "identity"):
+        if key in table:
+            raise vm.error(key, "only for managed mode (cmd): qemu-bmc does not build an attached QEMU's command "
+                           "line, give its -smbios and -cpu options there")
     serial = vm.str("serial")
     return VmConfig(mode="attach", qmp=_resolve(base, _substitute(qmp or "", variables, vm, "qmp")),
                     serial=_resolve(base, serial) if serial else None, **common)
+
+
+_SMBIOS_DATE = re.compile(r"(0[1-9]|1[0-2])/(0[1-9]|[12][0-9]|3[01])/[0-9]{4}")
+_HYPERVISOR_ON = re.compile(r"(^|,)(\+hypervisor|hypervisor=(on|yes|true))(,|$)")
+
+
+def _parse_identity(vm: _Reader, argv: list[str]) -> Identity:
+    """The ``identity`` table of a ``bare_metal_identity`` machine, checked against its command."""
+    for index, (flag, value) in enumerate(itertools.pairwise([*argv[1:], ""])):
+        if flag in ("-smbios", "--smbios"):
+            raise vm.error(f"cmd[{index}]", "-smbios conflicts with bare_metal_identity = true: set the strings "
+                           "in the identity table instead")
+        if flag in ("-cpu", "--cpu") and _HYPERVISOR_ON.search(value.replace(",,", "")):
+            raise vm.error(f"cmd[{index + 1}]", f"{value!r} turns the CPUID hypervisor bit on, which "
+                           "bare_metal_identity = true hides")
+    reader = _Reader(vm.file, f"{vm.prefix}.identity", vm.table_of("identity"), IDENTITY_KEYS)
+    values: dict[str, str] = {}
+    for key in sorted(reader.table):
+        value = reader.str(key) or ""
+        if not value or len(value) > 64 or not all(" " <= char <= "~" for char in value):
+            raise reader.error(key, f"must be 1-64 printable ASCII characters, not {value!r}")
+        if key in _DETECTED_KEYS:
+            marker = next((m for m in VM_DMI_MARKERS if value.startswith(m)), None)
+            if marker:
+                raise reader.error(key, f"{value!r} starts with {marker!r}, which systemd-detect-virt takes for "
+                                   "a virtual machine")
+        values[key] = value
+    if len(values.get("cpu_model", "")) > 48:
+        raise reader.error("cpu_model", "a CPU model name (the CPUID brand string) has at most 48 characters")
+    if "bios_date" in values and not _SMBIOS_DATE.fullmatch(values["bios_date"]):
+        raise reader.error("bios_date", f"must be MM/DD/YYYY (the SMBIOS format), not {values['bios_date']!r}")
+    return Identity(**values)
 
 
 def load(path: str | Path | None) -> Config:

@@ -9,7 +9,8 @@ QEMU's own output. The launcher adds, before the operator's arguments:
 * a serial chardev socket ``serial.sock`` as the first serial port, logged to ``serial.log``;
 * an AHCI controller with an empty CD drive ``qbmc-cd0`` for virtual media;
 * ``-uuid`` (from the config, else one generated once and kept) unless the command has one;
-* with a ``vmwire`` address, the ipmi-bmc-extern BMC and its KCS interface (see vmwire_args).
+* with a ``vmwire`` address, the ipmi-bmc-extern BMC and its KCS interface (see vmwire_args);
+* with ``bare_metal_identity``, SMBIOS strings from the config and no VM markers (see identity_args).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import re
 import signal
+import struct
 import uuid as uuid_module
 from pathlib import Path
 
@@ -89,6 +91,7 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles) -> list[str]:
     if "-uuid" not in user_args:
         argv += ["-uuid", machine_uuid(vm, files)]
     argv += vmwire_args(vm)
+    argv += identity_args(vm)
     return argv + user_args
 
 
@@ -103,6 +106,101 @@ def vmwire_args(vm: VmConfig) -> list[str]:
                         "reconnect=1",
             "-device", f"ipmi-bmc-extern,id=qbmc-bmc0,chardev={IPMI_CHARDEV}",
             "-device", "isa-ipmi-kcs,bmc=qbmc-bmc0"]
+
+
+SMBIOS_TYPE0_FILE = "smbios-type0.bin"
+
+
+def identity_args(vm: VmConfig) -> list[str]:
+    """With ``bare_metal_identity``: the options that make the guest see the configured machine and
+    none of the markers ``systemd-detect-virt`` looks for on x86 (src/basic/virt.c):
+
+    * DMI strings (``/sys/class/dmi/id/{product_name,sys_vendor,board_vendor,bios_vendor,product_version}``):
+      SMBIOS types 1, 2 and 3 from ``-smbios type=N`` fields, and types 4 and 17 whose manufacturer
+      (and processor version) would otherwise be QEMU's and its machine type;
+    * the SMBIOS type 0 "system is a virtual machine" bit (BIOS characteristics extension byte 2,
+      bit 4): QEMU's own ``-smbios type=0`` always sets it, so type 0 is a binary table written to the
+      runtime directory and loaded with ``-smbios file=`` (SeaBIOS and OVMF then add no type 0 of their
+      own);
+    * the CPUID hypervisor bit (leaf 1, ECX bit 31; the hypervisor vendor leaf 0x40000000 is read only
+      when it is set): ``hypervisor=off`` as a global property of every x86 CPU model, so it applies
+      to the operator's ``-cpu`` (or QEMU's default model) without rewriting it; and, with
+      ``cpu_model``, the CPU's model name (``QEMU Virtual CPU ...`` otherwise) the same way.
+    """
+    identity = vm.identity
+    if identity is None:
+        return []
+    binary, *user_args = vm.argv
+    serial = identity.serial or _uuid_of(vm, user_args)
+    vendor, product, version = identity.vendor, identity.product, identity.version
+    type1 = {"manufacturer": vendor, "product": product, "version": version, "serial": serial,
+             "sku": identity.sku, "family": identity.family}
+    type2 = {"manufacturer": identity.board_vendor or vendor, "product": identity.board_product or product,
+             "version": version, "serial": serial}
+    type3 = {"manufacturer": identity.chassis_vendor or vendor, "version": version, "serial": serial}
+    cpu_type = "i386-cpu" if "i386" in Path(binary).name else "x86_64-cpu"
+    return ["-smbios", f"file={qemu_escape(str(write_smbios_type0(vm)))}",
+            "-smbios", _smbios_fields(1, type1),
+            "-smbios", _smbios_fields(2, type2),
+            "-smbios", _smbios_fields(3, type3),
+            "-smbios", _smbios_fields(4, {"manufacturer": vendor, "version": ""}),
+            "-smbios", _smbios_fields(17, {"manufacturer": vendor}),
+            "-global", f"{cpu_type}.hypervisor=off",
+            *(["-global", f"{cpu_type}.model-id={identity.cpu_model}"] if identity.cpu_model else [])]
+
+
+def qemu_escape(value: str) -> str:
+    """A value inside a QEMU ``key=value,...`` option: a comma is written twice."""
+    return value.replace(",", ",,")
+
+
+def _smbios_fields(table: int, fields: dict[str, str | None]) -> str:
+    """``type=N,key=value,...``; a field that is None is left out (QEMU's default), an empty one is
+    "Not Specified" (string number 0)."""
+    return ",".join([f"type={table}"] + [f"{key}={qemu_escape(value)}" for key, value in fields.items()
+                                         if value is not None])
+
+
+def _uuid_of(vm: VmConfig, user_args: list[str]) -> str:
+    """The machine's UUID as the launcher gives it: the operator's ``-uuid``, else machine_uuid."""
+    for flag, value in itertools.pairwise(user_args):
+        if flag == "-uuid":
+            return value.lower()
+    files = RuntimeFiles(vm.runtime_dir)
+    files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return machine_uuid(vm, files)
+
+
+def smbios_type0(bios_vendor: str, bios_version: str, bios_date: str) -> bytes:
+    """An SMBIOS type 0 (BIOS information) structure, version 2.4 layout, with its strings.
+
+    Characteristics: PCI, flash upgradeable, shadowing, boot from CD, selectable boot, EDD; extension
+    byte 1: ACPI and legacy USB; extension byte 2: targeted content distribution and UEFI supported,
+    and NOT bit 4 (a virtual machine)."""
+    release = re.match(r"(\d{1,3})\.(\d{1,3})", bios_version)
+    major, minor = (int(release.group(1)), int(release.group(2))) if release else (1, 0)
+    if major > 254 or minor > 254:
+        major, minor = 1, 0
+    characteristics = (1 << 7) | (1 << 11) | (1 << 12) | (1 << 15) | (1 << 16) | (1 << 19)
+    formatted = struct.pack("<BBHBBHBBQBBBBBB",
+                            0, 0x18, 0x0000,     # type, length, handle
+                            1, 2, 0xE800, 3,     # vendor, version, start segment, release date
+                            0x0F, characteristics,  # ROM size 1 MiB
+                            0x03, 0x0C,          # extension bytes 1 and 2
+                            major, minor, 0xFF, 0xFF)  # BIOS release, no embedded controller
+    return formatted + b"".join(text.encode("ascii") + b"\0" for text in (bios_vendor, bios_version, bios_date)) + b"\0"
+
+
+def write_smbios_type0(vm: VmConfig) -> Path:
+    assert vm.identity is not None
+    identity = vm.identity
+    path = vm.runtime_dir / SMBIOS_TYPE0_FILE
+    data = smbios_type0(identity.bios_vendor or identity.vendor, identity.bios_version, identity.bios_date)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+    return path
 
 
 def pid_alive(pid: int) -> bool:
