@@ -19,13 +19,13 @@ from qemu_bmc_shared import subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.bus import request as bus_request
 from qemu_bmc_shared.ipmi import Completion, Context, Privilege, Registry, Request
-from qemu_bmc_shared.ipmi.core import CIPHER_SUITES, LAN_CHANNEL
+from qemu_bmc_shared.ipmi.core import CIPHER_SUITES, LAN_CHANNEL, StateReads
 from qemu_bmc_shared.ipmi.transport import reachable_address
 from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, CredentialsRequest, KgKey
 
 from . import crypto, framing
 from .framing import FrameError
-from .sessions import LoginGuard, Session, SessionTable, StateCache
+from .sessions import LoginGuard, Session, SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class LanServer(asyncio.DatagramProtocol):
         self.registry = registry
         self.options = options
         self.sessions = SessionTable(options.max_sessions, options.session_timeout, self.handshake_abandoned)
-        self.state = StateCache()
+        self.state = StateReads()
         self.guard = LoginGuard(options.lockout_failures, options.lockout_window, options.lockout_time)
         self.guid = machine_guid(machine)
         self.cipher_suites = options.cipher_suites
@@ -133,7 +133,7 @@ class LanServer(asyncio.DatagramProtocol):
         context = Context(machine=self.machine, nc=self.nc, channel=LAN_CHANNEL,
                           privilege=session.privilege if session else Privilege.ADMINISTRATOR,
                           user_slot=session.user_slot if session else None, session=session,
-                          extra={**self.extra, "active_sessions": len(self.sessions.active)})
+                          extra={**self.extra, "active_sessions": len(self.sessions.active)}, reads=self.state)
         response = await self.registry.dispatch(context, Request(message.netfn, message.cmd, message.data,
                                                                  message.responder_lun))
         return framing.build_lan_response(message, response.completion, response.data)

@@ -6,9 +6,9 @@ import asyncio
 import logging
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from qemu_bmc_shared import bus, ipmi, subjects
+from qemu_bmc_shared import bus, ipmi
 from qemu_bmc_shared.config import Config
+from qemu_bmc_shared.ipmi.core import StateReads, follow_state_changes
 from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
 
 from . import __version__
@@ -25,23 +25,15 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     transports = []
     listening = {}
-    servers: dict[str, LanServer] = {}
-
-    async def state_changed(message: Msg) -> None:
-        """The state service changed a machine's state: its server drops what it kept of it."""
-        server = servers.get(subjects.machine_of(message.subject))
-        if server is not None:
-            server.state.clear()
-
-    subscription = await nc.subscribe(subjects.any_machine(subjects.EVENT_STATE), cb=state_changed)
-    await nc.flush()
+    reads: dict[str, StateReads] = {}
+    subscription = await follow_state_changes(nc, reads)
     for vm in config.vms.values():
         if vm.ipmi is None:
             continue
         transport, server = await loop.create_datagram_endpoint(
             lambda vm=vm: LanServer(vm.name, nc, registry, options), local_addr=vm.ipmi)
         transports.append(transport)
-        servers[vm.name] = server
+        reads[vm.name] = server.state
         listening[vm.name] = f"{vm.ipmi[0]}:{vm.ipmi[1]}"
         log.info("%s: IPMI over LAN on udp %s:%d", vm.name, *vm.ipmi)
     service = await bus.serve(nc, name=SERVICE_NAME, version=__version__,

@@ -5,15 +5,13 @@ from __future__ import annotations
 import secrets
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from qemu_bmc_shared.ipmi import Privilege
 
 from .crypto import SessionKeys
 
-T = TypeVar("T")
 SEQUENCE_WINDOW = 16
 #: A session still being opened (Open Session, RAKP, Get Session Challenge) is dropped after this long.
 PENDING_TIMEOUT = 10.0
@@ -172,31 +170,3 @@ class LoginGuard:
     def succeeded(self, name: bytes) -> None:
         self.attempts.pop(name, None)
 
-
-class StateCache:
-    """What logins read from the state service (users by name, the LAN channel's access, K_G),
-    kept until the state service announces a change of the machine's state (``event.state``,
-    sent before it answers the request that made the change) and for ``max_age`` seconds at
-    most, in case an announcement is lost. Failed reads are not kept."""
-
-    def __init__(self, max_age: float = 5.0, max_entries: int = 64) -> None:
-        self.max_age, self.max_entries = max_age, max_entries
-        self.entries: dict[object, tuple[float, object]] = {}
-        self.generation = 0
-
-    async def get(self, key: object, fetch: Callable[[], Awaitable[T]]) -> T:
-        now = time.monotonic()
-        kept = self.entries.get(key)
-        if kept is not None and now - kept[0] < self.max_age:
-            return kept[1]  # type: ignore[return-value]
-        generation = self.generation
-        value = await fetch()
-        if generation == self.generation:  # no change was announced while it was read
-            if len(self.entries) >= self.max_entries:
-                self.entries.clear()
-            self.entries[key] = (now, value)
-        return value
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.generation += 1

@@ -5,7 +5,8 @@ sent with bit 4 set. A request from QEMU is: message id, netfn << 2 | LUN, comma
 checksum (the two's complement of the sum of the bytes before it); a response carries the same
 id, the response netfn, the command, the completion code, data and a checksum. Control
 commands are one byte and an optional argument: version (0xFF, then 1) and capabilities (0x08)
-when QEMU connects, reset (0x04) when the machine was reset.
+when QEMU connects, reset (0x04) when the machine was reset; the BMC sends its version, "no
+attention" (0x00), and enables or disables the interface's interrupt (0x05, 0x06).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ PROTOCOL_VERSION = 1
 COMMAND_VERSION = 0xFF
 COMMAND_NO_ATTENTION = 0x00
 COMMAND_RESET = 0x04
+COMMAND_ENABLE_IRQ = 0x05
+COMMAND_DISABLE_IRQ = 0x06
 COMMAND_CAPABILITIES = 0x08
 
 

@@ -10,12 +10,15 @@ import logging
 from typing import Any
 
 from nats.aio.client import Client
-from qemu_bmc_shared.ipmi import Context, Privilege, Registry, Request
-from qemu_bmc_shared.ipmi.core import SYSTEM_INTERFACE
+from qemu_bmc_shared.ipmi import Context, Privilege, Registry, Request, app
+from qemu_bmc_shared.ipmi.core import SYSTEM_INTERFACE, StateReads
 
 from . import framing
 
 log = logging.getLogger(__name__)
+SET_BMC_GLOBAL_ENABLES = (0x06, 0x2E)
+#: Global enables bits 0 (receive message queue interrupt) and 1 (event message buffer full interrupt).
+MESSAGE_INTERRUPTS = 0x03
 
 
 class VmWireEndpoint:
@@ -28,6 +31,7 @@ class VmWireEndpoint:
         self.registry = registry
         self.extra = extra
         self.writer: asyncio.StreamWriter | None = None
+        self.reads = StateReads()
         self.requests = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -39,7 +43,7 @@ class VmWireEndpoint:
         decoder = framing.Decoder()
         try:
             writer.write(framing.encode_control(framing.COMMAND_VERSION, bytes([framing.PROTOCOL_VERSION]))
-                         + framing.encode_control(framing.COMMAND_NO_ATTENTION))
+                         + framing.encode_control(framing.COMMAND_NO_ATTENTION) + self.interrupt_control())
             while data := await reader.read(4096):
                 for frame in decoder.feed(data):
                     if isinstance(frame, framing.Control):
@@ -62,10 +66,20 @@ class VmWireEndpoint:
     async def answer(self, request: framing.Request) -> bytes:
         self.requests += 1
         context = Context(machine=self.machine, nc=self.nc, channel=SYSTEM_INTERFACE,
-                          privilege=Privilege.ADMINISTRATOR, extra=self.extra)
+                          privilege=Privilege.ADMINISTRATOR, extra=self.extra, reads=self.reads)
         response = await self.registry.dispatch(context, Request(request.netfn, request.cmd, request.data,
                                                                  request.lun))
-        return framing.encode_response(request, response.completion, response.data)
+        answer = framing.encode_response(request, response.completion, response.data)
+        if (request.netfn, request.cmd) == SET_BMC_GLOBAL_ENABLES and response.completion == 0:
+            answer += self.interrupt_control()
+        return answer
+
+    def interrupt_control(self) -> bytes:
+        """QEMU raises the KCS interrupt only when the BMC enables it: on when the guest's driver
+        turned the message interrupts on in the global enables (without it, the driver waits for
+        its timer at every request)."""
+        on = app.global_enables(self.machine) & MESSAGE_INTERRUPTS
+        return framing.encode_control(framing.COMMAND_ENABLE_IRQ if on else framing.COMMAND_DISABLE_IRQ)
 
     def control(self, control: framing.Control) -> None:
         if control.command == framing.COMMAND_RESET:

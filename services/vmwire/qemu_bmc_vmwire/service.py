@@ -9,6 +9,7 @@ from typing import Any
 from nats.aio.client import Client
 from qemu_bmc_shared import bus, ipmi
 from qemu_bmc_shared.config import Config, VmConfig
+from qemu_bmc_shared.ipmi.core import StateReads, follow_state_changes
 from qemu_bmc_shared.ipmi.transport import reachable_address
 from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
 
@@ -35,10 +36,13 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     registry = ipmi.load()
     servers = []
     listening = {}
+    reads: dict[str, StateReads] = {}
+    subscription = await follow_state_changes(nc, reads)
     for vm in config.vms.values():
         if vm.vmwire is None:
             continue
         endpoint = VmWireEndpoint(vm.name, nc, registry, front_end(config, vm))
+        reads[vm.name] = endpoint.reads
         servers.append(await asyncio.start_server(endpoint.serve, *vm.vmwire))
         listening[vm.name] = f"{vm.vmwire[0]}:{vm.vmwire[1]}"
         log.info("%s: VM wire on tcp %s:%d", vm.name, *vm.vmwire)
@@ -49,6 +53,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
+        await subscription.unsubscribe()
         await service.stop()
         for server in servers:
             server.close()

@@ -117,7 +117,13 @@ async def set_bmc_global_enables(context: Context, data: bytes) -> bytes:
 @command(NetFn.APP, 0x2F, Privilege.USER)
 async def get_bmc_global_enables(context: Context, data: bytes) -> bytes:
     """Get BMC Global Enables (§22.2); System Event Logging enabled by default."""
-    return bytes([_global_enables.get(context.machine, 0x08)])
+    return bytes([global_enables(context.machine)])
+
+
+def global_enables(machine: str) -> int:
+    """The machine's BMC Global Enables (§22.1): bit 0 receive message queue interrupt, bit 1
+    event message buffer full interrupt, bit 2 event message buffer, bit 3 system event logging."""
+    return _global_enables.get(machine, 0x08)
 
 
 @command(NetFn.APP, 0x30, Privilege.USER)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -10,13 +11,16 @@ from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
-from .. import bus
+from .. import bus, subjects
 from ..bus import BusError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=msgspec.Struct)
+R = TypeVar("R")
 
 
 class NetFn(IntEnum):
@@ -120,6 +124,58 @@ CIPHER_SUITES: dict[int, tuple[int, int, int]] = {
 }
 
 
+#: State service reads a front-end may keep (see :class:`StateReads`) and the writes after which
+#: it drops what it kept.
+CACHED_READS = frozenset({subjects.USERS_LIST, subjects.USERS_GET, subjects.CHANNEL_GET, subjects.LAN_GET,
+                          subjects.SOL_GET, subjects.KG_GET, subjects.CHASSIS_GET})
+STATE_WRITES = frozenset({subjects.USERS_SET, subjects.USERS_ACCESS, subjects.USERS_PASSWORD, subjects.CHANNEL_SET,
+                          subjects.LAN_SET, subjects.SOL_SET, subjects.KG_SET, subjects.CHASSIS_SET,
+                          subjects.SEL_ADD, subjects.SEL_CLEAR})
+
+
+class StateReads:
+    """What a front-end read from the state service for one machine, kept until the state service
+    announces a change of that machine's state (``event.state``, sent before it answers the
+    request that made the change; see :func:`follow_state_changes`), until this front-end writes
+    to it, and for ``max_age`` seconds at most in case an announcement is lost. A read that was
+    under way when a change was announced is not kept; failed reads are not kept."""
+
+    def __init__(self, max_age: float = 5.0, max_entries: int = 256) -> None:
+        self.max_age, self.max_entries = max_age, max_entries
+        self.entries: dict[object, tuple[float, object]] = {}
+        self.generation = 0
+
+    async def get(self, key: object, fetch: Callable[[], Awaitable[R]]) -> R:
+        now = time.monotonic()
+        kept = self.entries.get(key)
+        if kept is not None and now - kept[0] < self.max_age:
+            return kept[1]  # type: ignore[return-value]
+        generation = self.generation
+        value = await fetch()
+        if generation == self.generation:
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+            self.entries[key] = (now, value)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.generation += 1
+
+
+async def follow_state_changes(nc: Client, reads: dict[str, StateReads]) -> Subscription:
+    """Clear a machine's :class:`StateReads` whenever the state service announces a change of it."""
+
+    async def changed(message: Msg) -> None:
+        kept = reads.get(subjects.machine_of(message.subject))
+        if kept is not None:
+            kept.clear()
+
+    subscription = await nc.subscribe(subjects.any_machine(subjects.EVENT_STATE), cb=changed)
+    await nc.flush()
+    return subscription
+
+
 @dataclass
 class Context:
     """Where a request comes from: the machine, the bus, the channel and who asks.
@@ -137,6 +193,8 @@ class Context:
     user_slot: int | None = None
     session: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    reads: StateReads | None = None
+    """The front-end's kept state service reads, if it keeps them."""
 
     @property
     def system_interface(self) -> bool:
@@ -145,6 +203,16 @@ class Context:
     async def call(self, operation: str, message: msgspec.Struct | None, reply_type: type[T],
                    timeout: float = 10.0) -> T:
         """A bus request for this machine; bus failures end the command with a completion code."""
+        if self.reads is not None and operation in CACHED_READS:
+            key = (operation, bus.encode(message) if message is not None else b"")
+            return await self.reads.get(key, lambda: self._request(operation, message, reply_type, timeout))
+        reply = await self._request(operation, message, reply_type, timeout)
+        if self.reads is not None and operation in STATE_WRITES:
+            self.reads.clear()
+        return reply
+
+    async def _request(self, operation: str, message: msgspec.Struct | None, reply_type: type[T],
+                       timeout: float) -> T:
         try:
             return await bus.request(self.nc, self.machine, operation, message, reply_type, timeout=timeout)
         except BusError as exc:
