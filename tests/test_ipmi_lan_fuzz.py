@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qemu_bmc_ipmi_lan import framing
 from qemu_bmc_ipmi_lan.lan_commands import lan_registry
-from qemu_bmc_ipmi_lan.server import LanOptions, LanServer
+from qemu_bmc_ipmi_lan.server import LanServer
 from qemu_bmc_shared import ipmi
+from qemu_bmc_shared.config import IpmiConfig
 
 OPEN_SESSION = (bytes([0x01, 0x04, 0, 0]) + struct.pack("<I", 0xA0A1A2A3) + bytes([0, 0, 0, 8, 1, 0, 0, 0])
                 + bytes([1, 0, 0, 8, 1, 0, 0, 0]) + bytes([2, 0, 0, 8, 1, 0, 0, 0]))
@@ -59,7 +60,7 @@ async def test_fuzzed_datagrams_never_break_the_server(nc, services, short_dir: 
     port = free_udp_port()
     config = write_config(short_dir, f'[vm.f1]\ncmd = ["-m", "64"]\nipmi = "127.0.0.1:{port}"\n')
     await services("state", config)
-    server = LanServer("f1", nc, ipmi.load().extended(lan_registry), LanOptions(max_sessions=8))
+    server = LanServer("f1", nc, ipmi.load().extended(lan_registry), IpmiConfig(max_sessions=8))
     capture = Capture()
     server.connection_made(capture)
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -12,7 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
+from nats.aio.client import Client
 
+from . import bus
 from .config import Config, ConfigError, load
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -64,3 +67,21 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await main(stop)
 
     uvloop.run(runner())
+
+
+def run_service(name: str, args: argparse.Namespace, serve: Callable[[Client, Config, asyncio.Event], Awaitable[None]]
+                ) -> None:
+    """A service process: logging and config from ``args``, a NATS connection as ``name``, then
+    ``serve(nc, config, stop)`` until SIGTERM or SIGINT."""
+    setup_logging(args.log_level)
+    config = load_config_or_exit(args.config)
+
+    async def main(stop: asyncio.Event) -> None:
+        nc = await bus.connect(nats_url(args.nats, config), name)
+        try:
+            await serve(nc, config, stop)
+        finally:
+            with contextlib.suppress(Exception):  # the NATS server may be gone already
+                await nc.drain()
+
+    run(main)

@@ -12,15 +12,15 @@ import logging
 import os
 import struct
 import time
-from dataclasses import dataclass
 
 from nats.aio.client import Client
 from qemu_bmc_shared import subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.bus import request as bus_request
+from qemu_bmc_shared.config import IpmiConfig
 from qemu_bmc_shared.ipmi import Completion, Context, Privilege, Registry, Request
 from qemu_bmc_shared.ipmi.core import CIPHER_SUITES, LAN_CHANNEL, StateReads
-from qemu_bmc_shared.ipmi.transport import reachable_address
+from qemu_bmc_shared.ipmi.transport import front_end
 from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, CredentialsRequest, KgKey
 
 from . import crypto, framing
@@ -47,29 +47,13 @@ STATUS_ILLEGAL_PARAMETER = 0x12
 MAX_PENDING_PACKETS = 256
 
 
-@dataclass(frozen=True)
-class LanOptions:
-    cipher_suite_0: bool = False
-    auth_none: bool = False
-    session_timeout: float = 60.0
-    max_sessions: int = 32
-    lockout_failures: int = 5
-    lockout_window: float = 30.0
-    lockout_time: float = 60.0
-
-    @property
-    def cipher_suites(self) -> dict[int, tuple[int, int, int]]:
-        return {suite: algorithms for suite, algorithms in CIPHER_SUITES.items()
-                if suite != 0 or self.cipher_suite_0}
-
-
 def machine_guid(machine: str) -> bytes:
     """The managed system GUID that RAKP 2 and 4 carry: stable, derived from the machine name."""
     return hashlib.sha256(f"qemu-bmc-guid:{machine}".encode()).digest()[:16]
 
 
 class LanServer(asyncio.DatagramProtocol):
-    def __init__(self, machine: str, nc: Client, registry: Registry, options: LanOptions) -> None:
+    def __init__(self, machine: str, nc: Client, registry: Registry, options: IpmiConfig) -> None:
         self.machine = machine
         self.nc = nc
         self.registry = registry
@@ -78,11 +62,9 @@ class LanServer(asyncio.DatagramProtocol):
         self.state = StateReads()
         self.guard = LoginGuard(options.lockout_failures, options.lockout_window, options.lockout_time)
         self.guid = machine_guid(machine)
-        self.cipher_suites = options.cipher_suites
-        self.extra: dict[str, object] = {
-            "lan": self, "cipher_suites": list(self.cipher_suites), "auth_none": options.auth_none,
-            "login_lockout": (options.lockout_failures, options.lockout_window, options.lockout_time)}
+        self.extra: dict[str, object] = {"lan": self, **front_end(options)}
         """What the command layer may know of this front-end (see ipmi.transport and ipmi.app)."""
+        self.cipher_suites = {suite: CIPHER_SUITES[suite] for suite in self.extra["cipher_suites"]}  # type: ignore
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: set[asyncio.Task[None]] = set()
 
@@ -90,9 +72,7 @@ class LanServer(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        host, port = (transport.get_extra_info("sockname") or ("0.0.0.0", 623))[:2]
-        host = reachable_address(host)
-        self.extra.update(lan_port=port, **({"lan_address": host} if host else {}))  # LAN parameters 3 and 8
+        self.extra.update(front_end(self.options, (transport.get_extra_info("sockname") or ("0.0.0.0", 623))[:2]))
 
     def datagram_received(self, data: bytes, address: tuple[str, int]) -> None:
         if len(self.pending) >= MAX_PENDING_PACKETS:

@@ -9,18 +9,17 @@ from nats.aio.client import Client
 from qemu_bmc_shared import bus, ipmi
 from qemu_bmc_shared.config import Config
 from qemu_bmc_shared.ipmi.core import StateReads, follow_state_changes
-from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
+from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
 from .lan_commands import lan_registry
-from .server import LanOptions, LanServer
+from .server import LanServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "qemu-bmc-ipmi-lan"
 
 
 async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
-    options = LanOptions(**config.ipmi.__dict__)
     registry = ipmi.load().extended(lan_registry)
     loop = asyncio.get_running_loop()
     transports = []
@@ -31,7 +30,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
         if vm.ipmi is None:
             continue
         transport, server = await loop.create_datagram_endpoint(
-            lambda vm=vm: LanServer(vm.name, nc, registry, options), local_addr=vm.ipmi)
+            lambda vm=vm: LanServer(vm.name, nc, registry, config.ipmi), local_addr=vm.ipmi)
         transports.append(transport)
         reads[vm.name] = server.state
         listening[vm.name] = f"{vm.ipmi[0]}:{vm.ipmi[1]}"
@@ -50,15 +49,4 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    args = argument_parser("qemu-bmc IPMI over LAN service").parse_args()
-    setup_logging(args.log_level)
-    config = load_config_or_exit(args.config)
-
-    async def main_task(stop: asyncio.Event) -> None:
-        nc = await bus.connect(nats_url(args.nats, config), SERVICE_NAME)
-        try:
-            await serve(nc, config, stop)
-        finally:
-            await nc.drain()
-
-    run(main_task)
+    run_service(SERVICE_NAME, argument_parser("qemu-bmc IPMI over LAN service").parse_args(), serve)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import msgspec
@@ -16,7 +17,7 @@ from qemu_bmc_shared.messages import (
     PowerQuery,
     PowerRequest,
 )
-from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
+from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
 from .machine import Machine
@@ -94,16 +95,6 @@ def main() -> None:
     parser.add_argument("--stop-vms-on-exit", action="store_true",
                         help="power off the managed VMs when the service stops (default: leave them running)")
     args = parser.parse_args()
-    setup_logging(args.log_level)
     # qemu.qmp logs every refused connection attempt as an error; reconnecting is normal here.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    config = load_config_or_exit(args.config)
-
-    async def main_task(stop: asyncio.Event) -> None:
-        nc = await bus.connect(nats_url(args.nats, config), SERVICE_NAME)
-        try:
-            await serve(nc, config, stop, stop_vms=args.stop_vms_on_exit)
-        finally:
-            await nc.drain()
-
-    run(main_task)
+    run_service(SERVICE_NAME, args, functools.partial(serve, stop_vms=args.stop_vms_on_exit))

@@ -47,7 +47,7 @@ from qemu_bmc_shared.messages import (
     UserUpdate,
     sel_timestamped,
 )
-from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
+from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
 from .sealing import SecretBox, SecretError
@@ -397,14 +397,4 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
 
 def main() -> None:
     args = argument_parser("qemu-bmc state service: BMC users and configuration over NATS").parse_args()
-    setup_logging(args.log_level)
-    config = load_config_or_exit(args.config)
-
-    async def main_task(stop: asyncio.Event) -> None:
-        nc = await bus.connect(nats_url(args.nats, config), SERVICE_NAME)
-        try:
-            await serve(nc, config, stop)
-        finally:
-            await nc.drain()
-
-    run(main_task)
+    run_service(SERVICE_NAME, args, serve)

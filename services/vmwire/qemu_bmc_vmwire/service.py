@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from nats.aio.client import Client
 from qemu_bmc_shared import bus, ipmi
-from qemu_bmc_shared.config import Config, VmConfig
+from qemu_bmc_shared.config import Config
 from qemu_bmc_shared.ipmi.core import StateReads, follow_state_changes
-from qemu_bmc_shared.ipmi.transport import reachable_address
-from qemu_bmc_shared.service import argument_parser, load_config_or_exit, nats_url, run, setup_logging
+from qemu_bmc_shared.ipmi.transport import front_end
+from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
 from .server import VmWireEndpoint
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "qemu-bmc-vmwire"
-
-
-def front_end(config: Config, vm: VmConfig) -> dict[str, Any]:
-    """What the command layer answers about the machine's IPMI over LAN front-end (LAN parameters
-    3 and 8, cipher suites, authentication types, lockout): it is in the same config."""
-    extra: dict[str, Any] = {"cipher_suite_0": config.ipmi.cipher_suite_0, "auth_none": config.ipmi.auth_none,
-                             "login_lockout": (config.ipmi.lockout_failures, config.ipmi.lockout_window,
-                                               config.ipmi.lockout_time)}
-    if vm.ipmi is not None:
-        host, port = vm.ipmi
-        extra.update(lan_port=port, **({"lan_address": address} if (address := reachable_address(host)) else {}))
-    return extra
 
 
 async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
@@ -41,7 +28,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     for vm in config.vms.values():
         if vm.vmwire is None:
             continue
-        endpoint = VmWireEndpoint(vm.name, nc, registry, front_end(config, vm))
+        endpoint = VmWireEndpoint(vm.name, nc, registry, front_end(config.ipmi, vm.ipmi))
         reads[vm.name] = endpoint.reads
         servers.append(await asyncio.start_server(endpoint.serve, *vm.vmwire))
         listening[vm.name] = f"{vm.vmwire[0]}:{vm.vmwire[1]}"
@@ -60,15 +47,4 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    args = argument_parser("qemu-bmc VM-wire service (in-band IPMI)").parse_args()
-    setup_logging(args.log_level)
-    config = load_config_or_exit(args.config)
-
-    async def main_task(stop: asyncio.Event) -> None:
-        nc = await bus.connect(nats_url(args.nats, config), SERVICE_NAME)
-        try:
-            await serve(nc, config, stop)
-        finally:
-            await nc.drain()
-
-    run(main_task)
+    run_service(SERVICE_NAME, argument_parser("qemu-bmc VM-wire service (in-band IPMI)").parse_args(), serve)

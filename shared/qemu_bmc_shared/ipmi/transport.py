@@ -12,8 +12,10 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .. import subjects
+from ..config import IpmiConfig
 from ..messages import Empty, LanConfig, LanParamSet, LanRef, SolConfig, SolParamSet
 from .core import (
     CIPHER_SUITES,
@@ -47,6 +49,22 @@ def supported_cipher_suites(context: Context) -> list[int]:
     if offered is None:
         offered = [suite for suite in CIPHER_SUITES if suite or context.extra.get("cipher_suite_0")]
     return sorted(offered)[:16]  # parameter 23 holds at most 16 entries
+
+
+def front_end(ipmi: IpmiConfig, address: tuple[str, int] | None = None) -> dict[str, Any]:
+    """What the command layer answers about a machine's IPMI over LAN front-end, for the
+    ``extra`` of a :class:`Context`: its cipher suites, authentication types and login lockout
+    (``[ipmi]`` in the config) and, given its listen address, where clients reach it (LAN
+    parameters 3 and 8)."""
+    extra: dict[str, Any] = {
+        "cipher_suites": [suite for suite in CIPHER_SUITES if suite or ipmi.cipher_suite_0],
+        "auth_none": ipmi.auth_none,
+        "login_lockout": (ipmi.lockout_failures, ipmi.lockout_window, ipmi.lockout_time)}
+    if address is not None:
+        host, extra["lan_port"] = address
+        if reached := reachable_address(host):
+            extra["lan_address"] = reached
+    return extra
 
 
 def reachable_address(host: str) -> str | None:
