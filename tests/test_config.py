@@ -41,7 +41,7 @@ media_device = "cd0"
         "-pidfile", f"{tmp_path}/.qemu-bmc/vm/node1/x"]
     assert node1.ipmi == ("127.0.0.1", 6230) and node1.vmwire == ("127.0.0.1", 9002)
     assert node2.mode == "attach" and node2.qmp == tmp_path / "node2" / "qmp.sock" and node2.media_device == "cd0"
-    assert config.redfish_listen == "0.0.0.0:8443"
+    assert config.redfish.listen == ("0.0.0.0", 8443) and config.redfish.tls
     assert config.state.default_user == "admin"
     demo = load(None)
     assert list(demo.vms) == ["demo"] and demo.vms["demo"].autostart

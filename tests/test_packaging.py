@@ -15,7 +15,7 @@ def test_compose_files_validate():
         arguments = [argument for name in files for argument in ("-f", str(REPO / name))]
         result = subprocess.run(["docker-compose", *arguments, "config"], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        for service in ("nats:", "state:", "machine:", "ipmi-lan:", "vmwire:"):
+        for service in ("nats:", "state:", "machine:", "ipmi-lan:", "vmwire:", "redfish:"):
             assert service in result.stdout
 
 

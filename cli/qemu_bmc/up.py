@@ -87,8 +87,8 @@ def describe(config: Config, nats_address: str, log_dir: Path) -> str:
             lines.append(f"    IPMI over LAN: udp {vm.ipmi[0]}:{vm.ipmi[1]}")
         if vm.vmwire:
             lines.append(f"    VM wire address {vm.vmwire[0]}:{vm.vmwire[1]} (its service is not built yet)")
-    if config.redfish_listen:
-        lines.append(f"  Redfish {config.redfish_listen} (its service is not built yet)")
+    host, port = config.redfish.listen
+    lines.append(f"  Redfish {'https' if config.redfish.tls else 'http'}://{host}:{port}/redfish/v1/")
     lines.append("Try: qemu-bmc power status " + (config.machine_names[0] if config.vms else "NAME"))
     lines.append("Ctrl-C stops everything.")
     return "\n".join(lines)
@@ -125,6 +125,7 @@ async def up(config: Config, nats_url: str | None, keep_vms: bool, stop: asyncio
     ]
     if any(vm.ipmi for vm in config.vms.values()):
         children.append(Child("ipmi-lan", service_argv("qemu_bmc_ipmi_lan", config.path), nats_url, log_dir))
+    children.append(Child("redfish", service_argv("qemu_bmc_redfish", config.path), nats_url, log_dir))
     if any(vm.vmwire for vm in config.vms.values()):
         # before the machine service, so that QEMU finds its BMC when it starts
         children.insert(1, Child("vmwire", service_argv("qemu_bmc_vmwire", config.path), nats_url, log_dir))

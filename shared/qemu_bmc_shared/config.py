@@ -13,7 +13,7 @@
     key_file = "/var/lib/qemu-bmc/state.key"
     default_user = "admin"              # or IPMI_USER; the password comes from IPMI_PASS
     [redfish]
-    listen = "0.0.0.0:8443"
+    listen = "0.0.0.0:8443"             # HTTPS; tls = false for HTTP; cert_file/key_file, or self-signed
     [vm.node1]                          # managed: the service launches QEMU
     vars = { mem = "512" }
     cmd = ["-machine", "q35", "-m", "{{.mem}}", "-drive", "file={{.images}}/{{.name}}.qcow2"]
@@ -123,6 +123,20 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class RedfishConfig:
+    """``[redfish]``: the Redfish service (one endpoint for every machine)."""
+
+    listen: tuple[str, int] = ("0.0.0.0", 8443)
+    tls: bool = True
+    """HTTPS (the default), with ``cert_file``/``key_file``, or a self-signed certificate made at
+    the first start and kept in the runtime directory; false: plain HTTP."""
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    session_timeout: int = 1800
+    """Seconds a Redfish session lives without being used (SessionService.SessionTimeout)."""
+
+
+@dataclass(frozen=True)
 class IpmiConfig:
     """``[ipmi]``: IPMI over LAN security settings (the same for every machine)."""
 
@@ -142,7 +156,7 @@ class Config:
     nats_url: str | None
     vms: dict[str, VmConfig]
     state: StateConfig
-    redfish_listen: str | None = None
+    redfish: RedfishConfig = field(default_factory=RedfishConfig)
     ipmi: IpmiConfig = field(default_factory=IpmiConfig)
 
     @property
@@ -254,8 +268,14 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
     if len(default_password.encode()) > 20:
         raise ConfigError("IPMI_PASS: an IPMI password has at most 20 bytes")
 
-    redfish = _Reader(file, "redfish", top.table_of("redfish"), {"listen"})
-    redfish.address("listen")
+    redfish = _Reader(file, "redfish", top.table_of("redfish"),
+                      {"listen", "tls", "cert_file", "key_file", "session_timeout"})
+    cert_file, key_file = redfish.str("cert_file"), redfish.str("key_file")
+    if (cert_file is None) != (key_file is None):
+        raise redfish.error("cert_file" if cert_file is None else "key_file", "give both cert_file and key_file")
+    session_timeout = redfish.table.get("session_timeout", RedfishConfig.session_timeout)
+    if isinstance(session_timeout, bool) or not isinstance(session_timeout, int) or not 30 <= session_timeout <= 86400:
+        raise redfish.error("session_timeout", f"must be seconds from 30 to 86400, not {session_timeout!r}")
     ipmi = _parse_ipmi(_Reader(file, "ipmi", top.table_of("ipmi"), set(IpmiConfig.__dataclass_fields__)))
 
     vms: dict[str, VmConfig] = {}
@@ -278,7 +298,11 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
             default_user=default_user,
             default_password=default_password,
         ),
-        redfish_listen=redfish.str("listen"),
+        redfish=RedfishConfig(listen=redfish.address("listen") or RedfishConfig.listen,
+                              tls=redfish.bool("tls", True),
+                              cert_file=_resolve(base, cert_file) if cert_file else None,
+                              key_file=_resolve(base, key_file) if key_file else None,
+                              session_timeout=session_timeout),
         ipmi=ipmi,
     )
 

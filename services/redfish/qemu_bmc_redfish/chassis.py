@@ -1,0 +1,30 @@
+"""Chassis: one per machine (Redfish Chassis schema)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, Response
+from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.messages import PowerQuery, PowerStatus
+
+from .app import Redfish, json_response, link
+
+
+def register(app: FastAPI, redfish: Redfish) -> None:
+    @app.get("/redfish/v1/Chassis")
+    async def chassis_collection(request: Request) -> Response:
+        members = await redfish.visible_machines(request)
+        return json_response({
+            "@odata.id": "/redfish/v1/Chassis", "@odata.type": "#ChassisCollection.ChassisCollection",
+            "Name": "Chassis", "Members@odata.count": len(members),
+            "Members": [link(f"/redfish/v1/Chassis/{machine}") for machine in members]})
+
+    @app.get("/redfish/v1/Chassis/{machine}")
+    async def chassis(request: Request, machine: str) -> Response:
+        await redfish.login(request, machine)
+        power = await bus.request(redfish.nc, machine, subjects.POWER_GET, PowerQuery(), PowerStatus)
+        return json_response({
+            "@odata.id": f"/redfish/v1/Chassis/{machine}", "@odata.type": "#Chassis.v1_25_0.Chassis",
+            "Id": machine, "Name": f"Chassis of {machine}", "ChassisType": "Other", "PowerState": power.state,
+            "Status": {"State": "Enabled", "Health": "OK"},
+            "Links": {"ComputerSystems": [link(f"/redfish/v1/Systems/{machine}")],
+                      "ManagedBy": [link(f"/redfish/v1/Managers/{machine}")]}})

@@ -1,0 +1,72 @@
+"""Redfish errors (DMTF DSP0266 §9.6 "Error responses") with Base message registry MessageIds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BASE_REGISTRY = "Base.1.22"
+
+#: MessageId → (severity, message with %1.. for its arguments, resolution). Our wording; the ids and
+#: arguments are the Base registry's.
+MESSAGES: dict[str, tuple[str, str, str]] = {
+    "Success": ("OK", "The request completed successfully.", "None."),
+    "GeneralError": ("Critical", "The request failed: %1", "See the message; retry later if it persists."),
+    "ResourceNotFound": ("Critical", "There is no %1 named %2.", "Use a URI from a collection or link."),
+    "ResourceMissingAtURI": ("Critical", "There is no resource at %1.", "Use a URI from a collection or link."),
+    "MalformedJSON": ("Critical", "The request body is not valid JSON.", "Send a valid JSON object."),
+    "PropertyUnknown": ("Warning", "The property %1 is not known here.", "Remove it from the request."),
+    "PropertyNotWritable": ("Warning", "The property %1 cannot be changed.", "Remove it from the request."),
+    "PropertyValueNotInList": ("Warning", "The value %1 is not allowed for %2.",
+                               "Use one of the property's allowable values."),
+    "PropertyValueTypeError": ("Warning", "The value %1 has the wrong type for %2.",
+                               "Send a value of the property's type."),
+    "PropertyMissing": ("Warning", "The property %1 is required.", "Add it to the request."),
+    "ActionParameterMissing": ("Critical", "The action %1 needs the parameter %2.", "Add the parameter."),
+    "ActionParameterUnknown": ("Warning", "The action %1 has no parameter %2.", "Remove the parameter."),
+    "ActionParameterValueNotInList": ("Warning", "The value %1 of parameter %2 is not allowed for action %3.",
+                                      "Use one of the parameter's allowable values."),
+    "ActionParameterValueTypeError": ("Warning", "The value %1 of parameter %2 of action %3 has the wrong type.",
+                                      "Send a value of the parameter's type."),
+    "ActionNotSupported": ("Critical", "The action %1 is not supported here.", "Use an action the resource lists."),
+    "InsufficientPrivilege": ("Critical", "Your role does not allow this request.",
+                              "Use an account with a role that allows it."),
+    "NoValidSession": ("Critical", "There is no valid session or credentials for this request.",
+                       "Log in (POST /redfish/v1/SessionService/Sessions) or use Basic authentication."),
+    "PreconditionFailed": ("Critical", "The ETag in If-Match does not match the resource.",
+                           "GET the resource again and retry with its ETag."),
+    "OperationNotAllowed": ("Critical", "The operation is not allowed on this resource.", "None."),
+    "ResourceAlreadyExists": ("Critical", "A %1 with %2 %3 exists already.", "Use another value."),
+    "CreateFailedMissingReqProperties": ("Critical", "The resource was not created: %1 is required.",
+                                         "Add the property and retry."),
+    "ResourceCannotBeDeleted": ("Critical", "This resource cannot be deleted.", "None."),
+    "ServiceTemporarilyUnavailable": ("Critical", "The service cannot handle the request now; retry after %1 s.",
+                                      "Retry later."),
+}
+
+
+def message(message_id: str, *args: Any) -> dict[str, Any]:
+    severity, text, resolution = MESSAGES[message_id]
+    for number, arg in enumerate(args, 1):
+        text = text.replace(f"%{number}", str(arg))
+    return {"@odata.type": "#Message.v1_1_2.Message", "MessageId": f"{BASE_REGISTRY}.{message_id}",
+            "Message": text, "MessageArgs": [str(arg) for arg in args], "MessageSeverity": severity,
+            "Resolution": resolution}
+
+
+class RedfishError(Exception):
+    """Ends a request with ``status`` and a Redfish error body."""
+
+    def __init__(self, status: int, message_id: str, *args: Any, headers: dict[str, str] | None = None,
+                 extra: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message_id)
+        self.status, self.message_id, self.args_, self.headers = status, message_id, args, headers or {}
+        self.extra = extra or []
+
+    def body(self) -> dict[str, Any]:
+        info = message(self.message_id, *self.args_)
+        return {"error": {"code": info["MessageId"], "message": info["Message"],
+                          "@Message.ExtendedInfo": [info, *self.extra]}}
+
+
+def not_found(kind: str, name: str) -> RedfishError:
+    return RedfishError(404, "ResourceNotFound", kind, name)

@@ -1,0 +1,50 @@
+"""The machines on the bus: what every machine service announces (nats.micro INFO metadata)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from nats.aio.client import Client
+
+MACHINE_SERVICE = "qemu-bmc-machine"
+
+
+class Machines:
+    """Machine names, asked of every machine service and kept for ``max_age`` seconds."""
+
+    def __init__(self, nc: Client, max_age: float = 2.0) -> None:
+        self.nc, self.max_age = nc, max_age
+        self.names: list[str] = []
+        self.at = -max_age
+        self.lock = asyncio.Lock()
+
+    async def list(self) -> list[str]:
+        async with self.lock:
+            if time.monotonic() - self.at >= self.max_age:
+                self.names = await self._discover()
+                self.at = time.monotonic()
+            return self.names
+
+    async def _discover(self, first: float = 0.5, quiet: float = 0.05) -> list[str]:
+        inbox = self.nc.new_inbox()
+        subscription = await self.nc.subscribe(inbox)
+        names: set[str] = set()
+        try:
+            await self.nc.publish(f"$SRV.INFO.{MACHINE_SERVICE}", b"", reply=inbox)
+            timeout = first
+            while True:
+                try:
+                    message = await subscription.next_msg(timeout=timeout)
+                except TimeoutError:
+                    break
+                timeout = quiet
+                try:
+                    listed = json.loads(message.data).get("metadata", {}).get("machines", "")
+                except (ValueError, AttributeError):
+                    continue
+                names.update(name for name in listed.split(",") if name)
+        finally:
+            await subscription.unsubscribe()
+        return sorted(names)

@@ -1,0 +1,50 @@
+"""The Redfish service: HTTPS (or HTTP when asked) for every machine on the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+from nats.aio.client import Client
+from qemu_bmc_shared import bus
+from qemu_bmc_shared.config import Config
+from qemu_bmc_shared.ipmi.core import follow_state_changes
+from qemu_bmc_shared.service import argument_parser, run_service
+
+from . import __version__, tls
+from .app import create_app
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "qemu-bmc-redfish"
+
+
+async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
+    app = create_app(nc, config)
+    settings = config.redfish
+    host, port = settings.listen
+    certificate: dict[str, str] = {}
+    if settings.tls:
+        cert, key = ((settings.cert_file, settings.key_file) if settings.cert_file and settings.key_file
+                     else tls.self_signed(config.runtime_dir / "redfish"))
+        certificate = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http="httptools", lifespan="off",
+                                           log_level="warning", access_log=False, server_header=False,
+                                           **certificate))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # run_service handles them
+    subscription = await follow_state_changes(nc, app.state.redfish.auth.reads)
+    service = await bus.serve(nc, name=SERVICE_NAME, version=__version__, description="Redfish", endpoints=[],
+                              metadata={"url": f"{'https' if settings.tls else 'http'}://{host}:{port}/redfish/v1"})
+    serving = asyncio.create_task(server.serve())
+    log.info("Redfish on %s://%s:%d/redfish/v1", "https" if settings.tls else "http", host, port)
+    try:
+        await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        await serving
+        await subscription.unsubscribe()
+        await service.stop()
+
+
+def main() -> None:
+    run_service(SERVICE_NAME, argument_parser("qemu-bmc Redfish service").parse_args(), serve)
