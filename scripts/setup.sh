@@ -10,6 +10,7 @@ DEBIAN_PACKAGES=(
   busybox-static cpio                    # the small Linux test guest
   nasm xorriso mtools                    # the tiny boot images the tests build
   docker-compose                         # validates compose.yaml offline
+  wrk                                    # the HTTP load generator of bench/redfish.py
 )
 if ! python3 -m venv --help >/dev/null 2>&1; then
   DEBIAN_PACKAGES+=(python3-venv python3-pip)

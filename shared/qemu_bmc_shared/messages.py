@@ -110,6 +110,14 @@ class Inventory(Message):
     firmware: BootMode
 
 
+class SystemView(Message):
+    """Power, boot override and inventory in one reply (what a Redfish ComputerSystem shows)."""
+
+    power: PowerStatus
+    boot: BootOverride
+    inventory: Inventory
+
+
 # ---------------------------------------------------------------- state service
 
 class UserChannelAccess(Message):

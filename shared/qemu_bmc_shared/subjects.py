@@ -23,6 +23,7 @@ MEDIA_GET = "media.get"
 MEDIA_INSERT = "media.insert"
 MEDIA_EJECT = "media.eject"
 INVENTORY_GET = "inventory.get"
+SYSTEM_GET = "system.get"
 
 # State service (one wildcard endpoint each, queue group, for every machine).
 USERS_LIST = "state.users.list"
@@ -54,7 +55,7 @@ EVENT_MEDIA = "event.media"
 EVENT_STATE = "event.state"
 
 MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, MEDIA_GET, MEDIA_INSERT, MEDIA_EJECT,
-                     INVENTORY_GET)
+                     INVENTORY_GET, SYSTEM_GET)
 STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
                    USERS_CREDENTIALS, CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
                    KG_GET, KG_SET, CHASSIS_GET, CHASSIS_SET, SEL_GET, SEL_ADD, SEL_CLEAR)

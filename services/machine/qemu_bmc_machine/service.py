@@ -16,6 +16,7 @@ from qemu_bmc_shared.messages import (
     MediaInsert,
     PowerQuery,
     PowerRequest,
+    SystemView,
 )
 from qemu_bmc_shared.service import argument_parser, run_service
 
@@ -53,7 +54,11 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
     async def inventory_get(_: str, __: Empty) -> msgspec.Struct:
         return await machine.inventory()
 
+    async def system_get(_: str, __: Empty) -> msgspec.Struct:
+        return SystemView(power=machine.status(), boot=machine.boot_override(), inventory=await machine.inventory())
+
     table = [
+        (subjects.SYSTEM_GET, Empty, system_get),
         (subjects.POWER_GET, PowerQuery, power_get),
         (subjects.POWER_SET, PowerRequest, power_set),
         (subjects.BOOT_GET, Empty, boot_get),

@@ -8,7 +8,6 @@ change)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -17,6 +16,8 @@ from nats.aio.client import Client
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import ROLE_PRIVILEGES, Authenticator, Login
 from .errors import RedfishError, not_found
@@ -40,12 +41,11 @@ class Redfish:
         """The caller's login on ``machine`` (on any machine for service-wide resources) with
         ``privilege``: 401 without valid credentials, 404 for a machine that is not on the bus
         (once the caller has logged in somewhere), 403 below the privilege."""
-        authorization = request.headers.get("authorization")
         known = await self.machines.list()
         if machine is not None and machine in known:
-            login = (await self.auth.login(authorization, [machine]))[machine]
+            login = (await self.auth.login(request.headers, [machine]))[machine]
         else:
-            logins = await self.auth.login(authorization, known)
+            logins = await self.auth.login(request.headers, known)
             if machine is not None:
                 raise not_found("ComputerSystem", machine)
             login = max(logins.values(), key=lambda login: ROLE_PRIVILEGES[login.role])
@@ -53,16 +53,21 @@ class Redfish:
         return login
 
     async def visible_machines(self, request: Request) -> list[str]:
-        """The machines on the bus the caller logs in to (401 when none)."""
-        return sorted(await self.auth.login(request.headers.get("authorization"), await self.machines.list()))
+        """The machines on the bus the caller logs in to (401 when none): by session token or Basic."""
+        return sorted(await self.auth.login(request.headers, await self.machines.list()))
 
 
 def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None,
                   etag: bool = False) -> Response:
+    """A JSON resource, with the Link to the JSON schema that describes it (DSP0266 §8.2)."""
     content = msgspec.json.encode(body)
     headers = dict(headers or {})
     if etag:
         headers["ETag"] = etag_of(body)
+    odata_type = body.get("@odata.type")
+    if isinstance(odata_type, str):
+        schema = odata_type.lstrip("#").rsplit(".", 1)[0]
+        headers["Link"] = f"<http://redfish.dmtf.org/schemas/v1/{schema}.json>; rel=describedby"
     return Response(content, status_code=status, media_type=JSON_TYPE, headers=headers)
 
 
@@ -81,30 +86,35 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+async def patch_body(request: Request) -> dict[str, Any]:
+    """A PATCH body without its OData annotations, which are never changed (DSP0266 §9.7.4.2);
+    nothing left: 400 NoOperation."""
+    body = await json_body(request)
+    changes = {key: value for key, value in body.items() if not key.startswith("@odata.")}
+    if not changes:
+        raise RedfishError(400, "NoOperation")
+    return changes
+
+
+def check_if_match(request: Request, current: dict[str, Any]) -> None:
+    """With If-Match, 412 unless one of its ETags is the resource's current one (DSP0266 §9.7.4)."""
+    if_match = request.headers.get("if-match")
+    if if_match and if_match.strip() != "*" and etag_of(current) not in (tag.strip() for tag in if_match.split(",")):
+        raise RedfishError(412, "PreconditionFailed")
+
+
 def link(path: str) -> dict[str, str]:
     return {"@odata.id": path}
 
 
 def create_app(nc: Client, config: Config) -> FastAPI:
-    from . import chassis, managers, service_root, systems
+    from . import accounts, chassis, events, managers, service_root, sessions, systems, virtual_media
 
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
     redfish = Redfish(nc, config)
     app.state.redfish = redfish
-    for module in (service_root, systems, managers, chassis):
+    for module in (service_root, systems, managers, chassis, virtual_media, sessions, accounts, events):
         module.register(app, redfish)
-
-    @app.middleware("http")
-    async def odata(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.scope["path"]
-        if len(path) > 1 and path.endswith("/"):  # a trailing slash works on every URI
-            request.scope["path"] = path.rstrip("/")
-        try:
-            response = await call_next(request)
-        except RedfishError as exc:
-            response = error_response(exc)
-        response.headers["OData-Version"] = "4.0"
-        return response
 
     @app.exception_handler(RedfishError)
     async def redfish_error(request: Request, exc: RedfishError) -> Response:
@@ -122,7 +132,60 @@ def create_app(nc: Client, config: Config) -> FastAPI:
             return error_response(RedfishError(405, "OperationNotAllowed", headers=dict(exc.headers or {})))
         return error_response(RedfishError(exc.status_code, "GeneralError", exc.detail))
 
+    app.add_middleware(ODataMiddleware, router=app.router)
     return app
+
+
+class ODataMiddleware:
+    """Plain ASGI (no per-request streams), for every request: a trailing slash works on every URI;
+    a request for another OData version gets 412 and one with query options (none is supported)
+    501; every response says ``OData-Version: 4.0``, and a successful GET or HEAD also its
+    ``Allow`` and ``Cache-Control`` (DSP0266 §8.1, §8.2, §7.4)."""
+
+    def __init__(self, app: ASGIApp, router: Router) -> None:
+        self.app = app
+        self.router = router
+        self.allowed: dict[str, bytes] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/")}
+        headers = dict(scope["headers"])
+        version = headers.get(b"odata-version")
+        if version is not None and version.strip() != b"4.0":
+            return await error_response(RedfishError(412, "HeaderInvalid", f"OData-Version: {version.decode()}"))(
+                scope, receive, send)
+        if any(pair.split(b"=", 1)[0].startswith(b"$") for pair in scope["query_string"].split(b"&")):
+            return await error_response(RedfishError(501, "QueryNotSupported"))(scope, receive, send)
+        reading = scope["method"] in ("GET", "HEAD")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(b"odata-version", b"4.0")]
+                if reading and message["status"] < 300:
+                    extra += [(b"allow", self.allow(scope)), (b"cache-control", b"no-cache")]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def allow(self, scope: Scope) -> bytes:
+        """The methods the routes of this path take (kept per path)."""
+        path = scope["path"]
+        allowed = self.allowed.get(path)
+        if allowed is None:
+            methods: set[str] = set()
+            for route in self.router.routes:
+                match, _ = route.matches({**scope, "method": "GET"})
+                if match is not Match.NONE:
+                    methods |= getattr(route, "methods", None) or set()
+            allowed = ", ".join(sorted(methods | {"HEAD"} if "GET" in methods else methods)).encode()
+            if len(self.allowed) < 4096:
+                self.allowed[path] = allowed
+        return allowed
 
 
 def error_response(error: RedfishError) -> Response:

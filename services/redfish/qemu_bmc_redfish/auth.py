@@ -1,6 +1,6 @@
-"""Who asks: HTTP Basic credentials (or, later, a session token) checked against the machine's
-users in the state service, the same users IPMI has; the user's IPMI privilege on the LAN channel
-is its Redfish role (4 Administrator, 3 Operator, 2 ReadOnly)."""
+"""Who asks: a session token (``X-Auth-Token``, see sessions.py) or HTTP Basic credentials, checked
+against the machine's users in the state service, the same users IPMI has; the user's IPMI
+privilege on the LAN channel is its Redfish role (4 Administrator, 3 Operator, 2 ReadOnly)."""
 
 from __future__ import annotations
 
@@ -8,34 +8,57 @@ import asyncio
 import base64
 import binascii
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL, StateReads
-from qemu_bmc_shared.messages import PasswordCheck, PasswordCheckResult
+from qemu_bmc_shared.messages import PasswordCheck, PasswordCheckResult, User, UserRef
 
 from .errors import RedfishError
 
+if TYPE_CHECKING:
+    from .sessions import SessionStore
+
 ROLES = {4: "Administrator", 3: "Operator", 2: "ReadOnly"}
 ROLE_PRIVILEGES = {role: privilege for privilege, role in ROLES.items()}
-#: Redfish privileges (DSP0266 §13.3, the Base privilege registry) of each role.
-PRIVILEGES = {"ReadOnly": {"Login"},
+#: Redfish privileges (DSP0266 §13.3, the Base privilege registry DSP8011) of each role.
+PRIVILEGES = {"ReadOnly": {"Login", "ConfigureSelf"},
               "Operator": {"Login", "ConfigureComponents", "ConfigureSelf"},
               "Administrator": {"Login", "ConfigureComponents", "ConfigureSelf", "ConfigureManager",
                                 "ConfigureUsers"}}
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="qemu-bmc"'}
+TOKEN_HEADER = "x-auth-token"
 
 
 @dataclass(frozen=True)
 class Login:
     user: str
     role: str
+    slot: int = 0
+    """The user's slot on the machine (0: not known)."""
+    session: str | None = None
+    """The Id of the Redfish session the request came with (None: Basic credentials)."""
 
     def require(self, privilege: str) -> None:
         if privilege not in PRIVILEGES[self.role]:
             raise RedfishError(403, "InsufficientPrivilege")
+
+
+def role_of(user: User) -> str | None:
+    """The Redfish role of an enabled user from its LAN channel privilege (5, OEM, counts as
+    Administrator), None for a disabled user or one with no role (callback, no access)."""
+    access = user.channels.get(LAN_CHANNEL)
+    if not user.enabled or access is None or not 2 <= access.privilege <= 5:
+        return None
+    return ROLES[min(access.privilege, 4)]
+
+
+def no_session() -> RedfishError:
+    return RedfishError(401, "NoValidSession", headers=CHALLENGE)
 
 
 class Authenticator:
@@ -45,6 +68,8 @@ class Authenticator:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.reads: dict[str, StateReads] = {}
+        self.sessions: SessionStore | None = None
+        """Where session tokens are looked up (set by the sessions module; None: Basic only)."""
 
     def reads_of(self, machine: str) -> StateReads:
         return self.reads.setdefault(machine, StateReads())
@@ -63,36 +88,79 @@ class Authenticator:
                     return None
                 raise
             user = result.user
-            if not result.ok or user is None or not user.enabled:
+            if not result.ok or user is None:
                 return None
-            access = user.channels.get(LAN_CHANNEL)
-            role = ROLES.get(min(access.privilege, 4)) if access and access.privilege <= 5 else None
-            return Login(name, role) if role else None
+            role = role_of(user)
+            return Login(name, role, user.slot) if role else None
 
         try:
             return await self.reads_of(machine).get(key, ask)
         except BusError as exc:
             raise RedfishError(503, "ServiceTemporarilyUnavailable", 1) from exc
 
-    async def login(self, authorization: str | None, machines: list[str]) -> dict[str, Login]:
-        """The machines among ``machines`` these credentials log in to (401 when none)."""
+    async def session_user(self, machine: str, name: str, slot: int, session: str) -> Login | None:
+        """The login on ``machine`` of a session's user, read now: the user in ``slot`` must still
+        be ``name``, enabled, with a role (a change takes effect at the state service's next
+        announcement, i.e. at once)."""
+
+        async def ask() -> User | None:
+            try:
+                return await bus.request(self.nc, machine, subjects.USERS_GET, UserRef(slot=slot), User)
+            except BusError as exc:
+                if exc.error in ("unknown_machine", "bad_request"):
+                    return None
+                raise
+
+        try:
+            user = await self.reads_of(machine).get(("slot", slot), ask)
+        except BusError as exc:
+            raise RedfishError(503, "ServiceTemporarilyUnavailable", 1) from exc
+        role = role_of(user) if user is not None and user.name == name else None
+        return Login(name, role, slot, session) if role else None
+
+    async def login(self, credentials: Mapping[str, str] | str | None, machines: list[str]) -> dict[str, Login]:
+        """The machines among ``machines`` the request's credentials log in to (401 when none).
+        ``credentials`` are the request headers (a session token in X-Auth-Token is used before
+        an Authorization header), or the Authorization header alone."""
+        if credentials is None or isinstance(credentials, str):
+            authorization, token = credentials, None
+        else:
+            authorization, token = credentials.get("authorization"), credentials.get(TOKEN_HEADER)
+        if token is not None:
+            return await self.token_login(token, machines)
         name, password = basic_credentials(authorization)
         if len(name.encode()) > 16 or len(password.encode()) > 20:
-            raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
+            raise no_session()
         logins = await asyncio.gather(*(self.check(machine, name, password) for machine in machines))
         granted = {machine: login for machine, login in zip(machines, logins, strict=True) if login}
         if not granted:
-            raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
+            raise no_session()
+        return granted
+
+    async def token_login(self, token: str, machines: list[str]) -> dict[str, Login]:
+        """The machines among ``machines`` a session token logs in to: those of the session where
+        its user still has a role (401 when none, or for an unknown, ended or expired session)."""
+        if self.sessions is None:
+            raise no_session()
+        session = await self.sessions.lookup(token)
+        if session is None:
+            raise no_session()
+        wanted = [machine for machine in machines if machine in session.machines]
+        logins = await asyncio.gather(*(self.session_user(machine, session.user, session.machines[machine], session.id)
+                                        for machine in wanted))
+        granted = {machine: login for machine, login in zip(wanted, logins, strict=True) if login}
+        if not granted:
+            raise no_session()
         return granted
 
 
 def basic_credentials(authorization: str | None) -> tuple[str, str]:
     if not authorization or not authorization.lower().startswith("basic "):
-        raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
+        raise no_session()
     try:
         name, sep, password = base64.b64decode(authorization[6:].strip(), validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
-        raise RedfishError(401, "NoValidSession", headers=CHALLENGE) from None
+        raise no_session() from None
     if not sep:
-        raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
+        raise no_session()
     return name, password

@@ -12,22 +12,30 @@ MACHINE_SERVICE = "qemu-bmc-machine"
 
 
 class Machines:
-    """Machine names, asked of every machine service and kept for ``max_age`` seconds."""
+    """Machine names, asked of every machine service; answered from the last answer while a
+    newer one is asked for in the background once it is ``max_age`` seconds old."""
 
     def __init__(self, nc: Client, max_age: float = 2.0) -> None:
         self.nc, self.max_age = nc, max_age
-        self.names: list[str] = []
-        self.at = -max_age
-        self.lock = asyncio.Lock()
+        self.names: list[str] | None = None
+        self.at = 0.0
+        self.refreshing: asyncio.Task[None] | None = None
 
     async def list(self) -> list[str]:
-        async with self.lock:
-            if time.monotonic() - self.at >= self.max_age:
-                self.names = await self._discover()
-                self.at = time.monotonic()
-            return self.names
+        if self.names is None:
+            if self.refreshing is None:
+                self.refreshing = asyncio.create_task(self._refresh())
+            await asyncio.shield(self.refreshing)
+        elif time.monotonic() - self.at >= self.max_age and (self.refreshing is None or self.refreshing.done()):
+            self.refreshing = asyncio.create_task(self._refresh())
+        assert self.names is not None
+        return self.names
 
-    async def _discover(self, first: float = 0.5, quiet: float = 0.05) -> list[str]:
+    async def _refresh(self) -> None:
+        self.names = await self._discover()
+        self.at = time.monotonic()
+
+    async def _discover(self, first: float = 0.5, quiet: float = 0.02) -> list[str]:
         inbox = self.nc.new_inbox()
         subscription = await self.nc.subscribe(inbox)
         names: set[str] = set()

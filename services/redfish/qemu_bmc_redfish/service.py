@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 import uvicorn
@@ -35,6 +36,8 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     subscription = await follow_state_changes(nc, app.state.redfish.auth.reads)
     service = await bus.serve(nc, name=SERVICE_NAME, version=__version__, description="Redfish", endpoints=[],
                               metadata={"url": f"{'https' if settings.tls else 'http'}://{host}:{port}/redfish/v1"})
+    gc.collect()
+    gc.freeze()  # what exists now lives as long as the service: keep it out of the collector's scans
     serving = asyncio.create_task(server.serve())
     log.info("Redfish on %s://%s:%d/redfish/v1", "https" if settings.tls else "http", host, port)
     try:

@@ -10,9 +10,12 @@ from fastapi import FastAPI, Response
 from .app import Redfish, json_response, link
 
 #: The schemas the service's resources use, for $metadata and the odata document.
-SCHEMAS = ("ServiceRoot", "ComputerSystemCollection", "ComputerSystem", "ManagerCollection", "Manager",
+SCHEMAS = ("ServiceRoot", "EventService", "Event", "EventDestinationCollection",
+           "ComputerSystemCollection", "ComputerSystem", "ManagerCollection", "Manager",
            "ChassisCollection", "Chassis", "EthernetInterfaceCollection", "EthernetInterface", "Resource",
-           "Message", "ActionInfo")
+           "Message", "ActionInfo", "VirtualMediaCollection", "VirtualMedia", "ManagerNetworkProtocol",
+           "IPAddresses", "SessionService", "SessionCollection", "Session", "AccountService",
+           "ManagerAccountCollection", "ManagerAccount", "RoleCollection", "Role")
 ROOT_COLLECTIONS = {"Systems": "ComputerSystemCollection", "Managers": "ManagerCollection",
                     "Chassis": "ChassisCollection"}
 
@@ -33,12 +36,14 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     async def service_root() -> Response:
         """ServiceRoot (DSP0266 §7.1): open to all, links to everything else."""
         return json_response({
-            "@odata.id": "/redfish/v1", "@odata.type": "#ServiceRoot.v1_17_0.ServiceRoot",
+            "@odata.id": "/redfish/v1", "@odata.type": "#ServiceRoot.v1_20_0.ServiceRoot",
             "@odata.context": "/redfish/v1/$metadata#ServiceRoot.ServiceRoot",
             "Id": "RootService", "Name": "qemu-bmc Redfish service", "RedfishVersion": "1.20.0",
             "UUID": root_uuid, "ServiceEntryPointUUID": root_uuid, "Vendor": "qemu-bmc", "Product": "qemu-bmc",
             **{name: link(f"/redfish/v1/{name}") for name in ROOT_COLLECTIONS},
-            "Links": {},
+            "SessionService": link("/redfish/v1/SessionService"), "AccountService": link("/redfish/v1/AccountService"),
+            "EventService": link("/redfish/v1/EventService"),
+            "Links": {"Sessions": link("/redfish/v1/SessionService/Sessions")},
             "ProtocolFeaturesSupported": {"ExpandQuery": {"ExpandAll": False}, "FilterQuery": False,
                                           "SelectQuery": False, "OnlyMemberQuery": False},
         })

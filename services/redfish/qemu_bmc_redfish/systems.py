@@ -17,9 +17,10 @@ from qemu_bmc_shared.messages import (
     PowerQuery,
     PowerRequest,
     PowerStatus,
+    SystemView,
 )
 
-from .app import Redfish, etag_of, json_body, json_response, link
+from .app import Redfish, check_if_match, etag_of, json_body, json_response, link, patch_body
 from .errors import RedfishError
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,8 @@ def system_path(machine: str) -> str:
 
 
 async def computer_system(redfish: Redfish, machine: str) -> dict[str, Any]:
-    power, boot, inventory = await asyncio.gather(
-        bus.request(redfish.nc, machine, subjects.POWER_GET, PowerQuery(), PowerStatus),
-        bus.request(redfish.nc, machine, subjects.BOOT_GET, None, BootOverride),
-        bus.request(redfish.nc, machine, subjects.INVENTORY_GET, None, Inventory))
+    view = await bus.request(redfish.nc, machine, subjects.SYSTEM_GET, None, SystemView)
+    power, boot, inventory = view.power, view.boot, view.inventory
     path = system_path(machine)
     body = {
         "@odata.id": path, "@odata.type": "#ComputerSystem.v1_20_0.ComputerSystem",
@@ -49,9 +48,8 @@ async def computer_system(redfish: Redfish, machine: str) -> dict[str, Any]:
         "Manufacturer": "QEMU", "Model": "QEMU virtual machine", "SerialNumber": inventory.uuid,
         "PowerState": power.state,
         "Status": {"State": "Enabled", "Health": "OK"},
-        "ProcessorSummary": {"Count": inventory.cpus, "Status": {"State": "Enabled", "Health": "OK"}},
-        "MemorySummary": {"TotalSystemMemoryGiB": round(inventory.memory_mib / 1024, 3),
-                          "Status": {"State": "Enabled", "Health": "OK"}},
+        "ProcessorSummary": {"Count": inventory.cpus},
+        "MemorySummary": {"TotalSystemMemoryGiB": round(inventory.memory_mib / 1024, 3)},
         "Boot": {
             "BootSourceOverrideTarget": boot.target, "BootSourceOverrideEnabled": boot.enabled,
             "BootSourceOverrideMode": boot.mode,
@@ -59,6 +57,7 @@ async def computer_system(redfish: Redfish, machine: str) -> dict[str, Any]:
             "BootSourceOverrideMode@Redfish.AllowableValues": [inventory.firmware],
         },
         "EthernetInterfaces": link(f"{path}/EthernetInterfaces"),
+        "VirtualMedia": link(f"{path}/VirtualMedia"),
         "Links": {"ManagedBy": [link(f"/redfish/v1/Managers/{machine}")],
                   "Chassis": [link(f"/redfish/v1/Chassis/{machine}")]},
         "Actions": {"#ComputerSystem.Reset": {"target": f"{path}/Actions/ComputerSystem.Reset",
@@ -104,12 +103,9 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     async def patch_system(request: Request, machine: str) -> Response:
         """PATCH of Boot (ConfigureComponents); with If-Match, 412 unless it is the current ETag."""
         await redfish.login(request, machine, "ConfigureComponents")
-        body = await json_body(request)
+        body = await patch_body(request)
         current = await computer_system(redfish, machine)
-        if_match = request.headers.get("if-match")
-        if if_match and if_match.strip() != "*" and current["@odata.etag"] not in (
-                tag.strip() for tag in if_match.split(",")):
-            raise RedfishError(412, "PreconditionFailed")
+        check_if_match(request, current)
         for key in body:
             if key != "Boot":
                 raise RedfishError(400, "PropertyNotWritable" if key in current else "PropertyUnknown", key)

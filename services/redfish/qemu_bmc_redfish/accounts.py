@@ -1,0 +1,358 @@
+"""AccountService: the BMC users as Redfish accounts (ManagerAccount, Role schemas).
+
+Every machine's BMC has its own 15 user slots in the state service, shared with IPMI (slot 1 is
+IPMI's null user and never an account). One Redfish service serves all machines, so an account
+is a user *name*: the accounts a caller sees are the named users of the machines it administers
+(its login is Administrator there), merged by name, plus its own. A change made through Redfish
+is made on every machine the caller administers that has the user (a new account: on every
+machine the caller administers), and holds for IPMI at once: the user's LAN channel privilege is
+its role (4 Administrator, 3 Operator, 2 ReadOnly, anything else NoAccess).
+
+A machine's last enabled Administrator (with a password) cannot be deleted, disabled or demoted:
+409 Conflict, since the request is sound but the machine's current users forbid it; it would
+otherwise leave a BMC nobody can administer over the network."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request, Response
+from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
+from qemu_bmc_shared.messages import Empty, PasswordSet, User, UserAccessUpdate, UserList, UserUpdate
+
+from .app import Redfish, check_if_match, json_body, json_response, link, patch_body
+from .auth import PRIVILEGES, ROLES, Login, role_of
+from .errors import RedfishError, message
+
+SERVICE_PATH = "/redfish/v1/AccountService"
+ACCOUNTS_PATH = f"{SERVICE_PATH}/Accounts"
+ROLES_PATH = f"{SERVICE_PATH}/Roles"
+#: RoleId → the user's IPMI privilege limit on the LAN channel.
+ROLE_IDS = {"Administrator": 4, "Operator": 3, "ReadOnly": 2, "NoAccess": 15}
+ROLE_RANK = {"NoAccess": 0, "ReadOnly": 1, "Operator": 2, "Administrator": 3}
+PRIVILEGE_ORDER = ("Login", "ConfigureManager", "ConfigureUsers", "ConfigureSelf", "ConfigureComponents")
+MIN_PASSWORD, MAX_PASSWORD, MAX_NAME = 1, 20, 16
+#: Printable ASCII without the characters that break Basic authentication (:) or a URI.
+NAME = re.compile(r"^[!$&'()*+,\-.0-9;=@A-Z\[\]^_`a-z{|}~]+$")
+FIRST_SLOT, LAST_SLOT = 2, 15
+SOL_PAYLOAD = 0x02
+NO_ACCESS = 15
+HIDDEN = "******"
+
+
+def account_path(name: str) -> str:
+    return f"{ACCOUNTS_PATH}/{quote(name, safe='')}"
+
+
+def role_id(user: User) -> str:
+    """The user's role from its LAN channel privilege, enabled or not."""
+    access = user.channels.get(LAN_CHANNEL)
+    privilege = access.privilege if access is not None else NO_ACCESS
+    return ROLES[min(privilege, 4)] if 2 <= privilege <= 5 else "NoAccess"
+
+
+def account_body(name: str, users: dict[str, User]) -> dict[str, Any]:
+    """The account ``name`` as it is on ``users`` (machine → the user there): when machines
+    differ, the highest role and enabled on any."""
+    role = max((role_id(user) for user in users.values()), key=ROLE_RANK.__getitem__)
+    return {"@odata.id": account_path(name), "@odata.type": "#ManagerAccount.v1_14_1.ManagerAccount",
+            "Id": name, "Name": f"Account {name}", "Description": f"BMC user on {', '.join(sorted(users))}",
+            "UserName": name, "RoleId": role, "Enabled": any(user.enabled for user in users.values()),
+            "Locked": False, "Password": None, "AccountTypes": ["Redfish", "IPMI"],
+            "Links": {"Role": link(f"{ROLES_PATH}/{role}")}}
+
+
+def role_body(role: str) -> dict[str, Any]:
+    privileges = PRIVILEGES.get(role, set())
+    return {"@odata.id": f"{ROLES_PATH}/{role}", "@odata.type": "#Role.v1_3_3.Role", "Id": role, "Name": role,
+            "RoleId": role, "IsPredefined": True, "Description": f"{role} role",
+            "AssignedPrivileges": [privilege for privilege in PRIVILEGE_ORDER if privilege in privileges],
+            "OemPrivileges": []}
+
+
+def named(users: list[User], name: str) -> User | None:
+    return next((user for user in users if user.slot >= FIRST_SLOT and user.name == name), None)
+
+
+def administrators(users: list[User], but: int) -> int:
+    """How many enabled Administrators with a password other than slot ``but`` there are."""
+    return sum(1 for user in users if user.slot not in (1, but) and user.password_set
+               and role_of(user) == "Administrator")
+
+
+class Scope:
+    """One caller's view: its logins and the users of the machines it logs in to."""
+
+    def __init__(self, logins: dict[str, Login], users: dict[str, list[User]]) -> None:
+        self.logins, self.users = logins, users
+
+    @property
+    def administered(self) -> list[str]:
+        return sorted(machine for machine, login in self.logins.items() if login.role == "Administrator")
+
+    def managed(self, name: str) -> dict[str, User]:
+        """Where the caller may manage ``name``: the machines it administers that have it."""
+        found = {machine: named(self.users[machine], name) for machine in self.administered}
+        return {machine: user for machine, user in found.items() if user is not None}
+
+    def own(self, name: str) -> dict[str, User]:
+        """The machines where ``name`` is the caller itself."""
+        own = {}
+        for machine, login in self.logins.items():
+            user = named(self.users[machine], name)
+            if login.user == name and user is not None and user.slot == login.slot:
+                own[machine] = user
+        return own
+
+    def account(self, name: str) -> dict[str, User]:
+        """The users ``name`` the caller may see (404 or 403 when none)."""
+        users = {**self.own(name), **self.managed(name)}
+        if not users:
+            raise RedfishError(404, "ResourceNotFound", "ManagerAccount", name) if self.administered else \
+                RedfishError(403, "InsufficientPrivilege")
+        return users
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise RedfishError(400, "PropertyValueTypeError", name, "UserName")
+    if not name or len(name.encode()) > MAX_NAME or not NAME.match(name):
+        raise RedfishError(400, "PropertyValueFormatError", name, "UserName")
+    return name
+
+
+def check_password(password: Any) -> str:
+    if not isinstance(password, str):
+        raise RedfishError(400, "PropertyValueTypeError", HIDDEN, "Password")
+    if not MIN_PASSWORD <= len(password.encode()) <= MAX_PASSWORD or "\0" in password:
+        raise RedfishError(400, "PropertyValueFormatError", HIDDEN, "Password")
+    return password
+
+
+def check_role(role: Any) -> int:
+    if not isinstance(role, str):
+        raise RedfishError(400, "PropertyValueTypeError", role, "RoleId")
+    if role not in ROLE_IDS:
+        raise RedfishError(400, "PropertyValueNotInList", role, "RoleId")
+    return ROLE_IDS[role]
+
+
+def check_enabled(enabled: Any) -> bool:
+    if not isinstance(enabled, bool):
+        raise RedfishError(400, "PropertyValueTypeError", enabled, "Enabled")
+    return enabled
+
+
+def refuse_unknown(body: dict[str, Any], writable: tuple[str, ...]) -> None:
+    for key, value in body.items():
+        if key in writable or (key == "Locked" and value is False):
+            continue
+        known = key in ("Id", "Name", "Description", "UserName", "RoleId", "Enabled", "Locked", "Password",
+                        "AccountTypes", "Links") or key.startswith("@odata.")
+        raise RedfishError(400, "PropertyNotWritable" if known else "PropertyUnknown", key)
+
+
+def register(app: FastAPI, redfish: Redfish) -> None:
+    creating = asyncio.Lock()
+
+    async def request_on(machine: str, operation: str, payload: Any, reply: type) -> Any:
+        try:
+            return await bus.request(redfish.nc, machine, operation, payload, reply)
+        finally:
+            redfish.auth.reads_of(machine).clear()  # this replica's next check sees the change
+
+    async def scope(request: Request) -> Scope:
+        logins = await redfish.auth.login(request.headers, await redfish.machines.list())
+        machines = sorted(logins)
+        lists = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(), UserList)
+                                       for machine in machines))
+        return Scope(logins, {machine: found.users for machine, found in zip(machines, lists, strict=True)})
+
+    def keep_an_administrator(view: Scope, users: dict[str, User], conflict: RedfishError) -> None:
+        for machine, user in users.items():
+            if role_of(user) == "Administrator" and not administrators(view.users[machine], user.slot):
+                raise conflict
+
+    async def clear_slot(machine: str, user: User) -> None:
+        """Free a slot: disabled, no password, no channel access, no name."""
+        await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, enabled=False), User)
+        await request_on(machine, subjects.USERS_PASSWORD, PasswordSet(slot=user.slot, password=None), User)
+        for channel in user.channels:
+            await request_on(machine, subjects.USERS_ACCESS, UserAccessUpdate(
+                slot=user.slot, channel=channel, privilege=NO_ACCESS, ipmi_messaging=False, link_auth=False,
+                callback_only=False, payloads=0, oem_payloads=0), User)
+        await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, name=""), User)
+
+    async def create_on(machine: str, slot: User, name: str, password: str, privilege: int, enabled: bool) -> None:
+        """Make ``name`` in the free ``slot``: named first (the state service refuses a name in use),
+        enabled last, so it never works half made."""
+        try:
+            await request_on(machine, subjects.USERS_SET, UserUpdate(slot=slot.slot, name=name, enabled=False), User)
+        except BusError as exc:
+            if exc.error == "conflict":
+                raise RedfishError(409, "ResourceAlreadyExists", "ManagerAccount", "UserName", name) from None
+            raise
+        try:
+            await request_on(machine, subjects.USERS_PASSWORD, PasswordSet(slot=slot.slot, password=password), User)
+            for channel in slot.channels:
+                if channel != LAN_CHANNEL:
+                    await request_on(machine, subjects.USERS_ACCESS, UserAccessUpdate(
+                        slot=slot.slot, channel=channel, privilege=NO_ACCESS, ipmi_messaging=False,
+                        link_auth=False, callback_only=False, payloads=0, oem_payloads=0), User)
+            await request_on(machine, subjects.USERS_ACCESS, UserAccessUpdate(
+                slot=slot.slot, channel=LAN_CHANNEL, privilege=privilege, ipmi_messaging=True, link_auth=True,
+                callback_only=False, payloads=SOL_PAYLOAD, oem_payloads=0), User)
+            await request_on(machine, subjects.USERS_SET, UserUpdate(slot=slot.slot, enabled=enabled), User)
+        except BaseException:
+            await asyncio.shield(clear_slot(machine, User(slot=slot.slot, channels=slot.channels)))
+            raise
+
+    @app.get(SERVICE_PATH)
+    async def account_service(request: Request) -> Response:
+        await redfish.login(request)
+        return json_response({
+            "@odata.id": SERVICE_PATH, "@odata.type": "#AccountService.v1_18_1.AccountService",
+            "Id": "AccountService", "Name": "Account service",
+            "Description": "The BMC users of every machine (shared with IPMI)", "ServiceEnabled": True,
+            "Status": {"State": "Enabled", "Health": "OK"}, "LocalAccountAuth": "Enabled",
+            "MinPasswordLength": MIN_PASSWORD, "MaxPasswordLength": MAX_PASSWORD,
+            "AccountLockoutThreshold": 0, "AccountLockoutDuration": 0,
+            "Accounts": link(ACCOUNTS_PATH), "Roles": link(ROLES_PATH)})
+
+    @app.get(ACCOUNTS_PATH)
+    async def accounts(request: Request) -> Response:
+        """The named users of the machines the caller administers, and the caller itself."""
+        view = await scope(request)
+        names = {user.name for machine in view.administered for user in view.users[machine]
+                 if user.slot >= FIRST_SLOT and user.name}
+        names.update(login.user for login in view.logins.values())
+        members = sorted(names)
+        return json_response({
+            "@odata.id": ACCOUNTS_PATH, "@odata.type": "#ManagerAccountCollection.ManagerAccountCollection",
+            "Name": "Accounts", "Members@odata.count": len(members),
+            "Members": [link(account_path(name)) for name in members]})
+
+    @app.post(ACCOUNTS_PATH)
+    async def create_account(request: Request) -> Response:
+        """A new account on every machine the caller administers (ConfigureUsers)."""
+        view = await scope(request)
+        if not view.administered:
+            raise RedfishError(403, "InsufficientPrivilege")
+        body = await json_body(request)
+        for required in ("UserName", "Password", "RoleId"):
+            if required not in body:
+                raise RedfishError(400, "CreateFailedMissingReqProperties", required,
+                                   extra=[message("PropertyMissing", required)])
+        refuse_unknown(body, ("UserName", "Password", "RoleId", "Enabled"))
+        name, password = check_name(body["UserName"]), check_password(body["Password"])
+        privilege, enabled = check_role(body["RoleId"]), check_enabled(body.get("Enabled", True))
+        async with creating:
+            view = await scope(request)
+            slots: dict[str, User] = {}
+            for machine in view.administered:
+                if named(view.users[machine], name) is not None:
+                    raise RedfishError(409, "ResourceAlreadyExists", "ManagerAccount", "UserName", name)
+                free = [user for user in view.users[machine] if user.slot >= FIRST_SLOT and not user.name]
+                if not free:
+                    raise RedfishError(409, "CreateLimitReachedForResource")
+                slots[machine] = free[0]
+            made: list[str] = []
+            try:
+                for machine, slot in slots.items():
+                    await create_on(machine, slot, name, password, privilege, enabled)
+                    made.append(machine)
+            except BaseException:
+                for machine in made:
+                    user = named((await bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(),
+                                                    UserList)).users, name)
+                    if user is not None:
+                        await asyncio.shield(clear_slot(machine, user))
+                raise
+            view = await scope(request)
+        return json_response(account_body(name, view.managed(name)), 201, headers={"Location": account_path(name)})
+
+    @app.get(ACCOUNTS_PATH + "/{name}")
+    async def account(request: Request, name: str) -> Response:
+        view = await scope(request)
+        return json_response(account_body(name, view.account(name)), etag=True)
+
+    @app.patch(ACCOUNTS_PATH + "/{name}")
+    async def patch_account(request: Request, name: str) -> Response:
+        """Password, RoleId, Enabled by an Administrator of the user's machines; the user itself
+        may change its own Password (ConfigureSelf)."""
+        view = await scope(request)
+        users = view.account(name)
+        check_if_match(request, account_body(name, users))
+        body = await patch_body(request)
+        refuse_unknown(body, ("Password", "RoleId", "Enabled"))
+        password = check_password(body["Password"]) if "Password" in body else None
+        privilege = check_role(body["RoleId"]) if "RoleId" in body else None
+        enabled = check_enabled(body["Enabled"]) if "Enabled" in body else None
+        managed = view.managed(name)
+        if privilege is not None or enabled is not None:
+            if not managed:
+                raise RedfishError(403, "InsufficientPrivilege")
+            targets = managed
+        else:
+            targets = users
+            for machine in targets:
+                view.logins[machine].require("ConfigureUsers" if machine in managed else "ConfigureSelf")
+        if privilege is not None and privilege != ROLE_IDS["Administrator"]:
+            keep_an_administrator(view, targets, RedfishError(
+                409, "PropertyValueResourceConflict", "RoleId", body["RoleId"], account_path(name)))
+        if enabled is False:
+            keep_an_administrator(view, targets, RedfishError(
+                409, "PropertyValueResourceConflict", "Enabled", "false", account_path(name)))
+        for machine, user in targets.items():
+            if password is not None:
+                await request_on(machine, subjects.USERS_PASSWORD, PasswordSet(slot=user.slot, password=password),
+                                 User)
+            if privilege is not None:
+                await request_on(machine, subjects.USERS_ACCESS,
+                                 UserAccessUpdate(slot=user.slot, channel=LAN_CHANNEL, privilege=privilege), User)
+            if enabled is not None:
+                await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, enabled=enabled), User)
+        try:
+            view = await scope(request)
+            return json_response(account_body(name, view.account(name)))
+        except RedfishError as exc:  # the caller changed itself out of its access
+            if exc.status in (401, 403):
+                return Response(status_code=204)
+            raise
+
+    @app.delete(ACCOUNTS_PATH + "/{name}")
+    async def delete_account(request: Request, name: str) -> Response:
+        """Remove ``name`` from the machines the caller administers (ConfigureUsers)."""
+        view = await scope(request)
+        view.account(name)
+        managed = view.managed(name)
+        if not managed:
+            raise RedfishError(403, "InsufficientPrivilege")
+        keep_an_administrator(view, managed, RedfishError(409, "ResourceCannotBeDeleted"))
+        for machine, user in managed.items():
+            await clear_slot(machine, user)
+        if redfish.auth.sessions is not None:  # its sessions end (a new user in the slot must not inherit them)
+            for record in await redfish.auth.sessions.all():
+                if record.user == name and any(record.machines.get(machine) == user.slot
+                                               for machine, user in managed.items()):
+                    await redfish.auth.sessions.delete(record)
+        return Response(status_code=204)
+
+    @app.get(ROLES_PATH)
+    async def roles(request: Request) -> Response:
+        await redfish.login(request)
+        return json_response({
+            "@odata.id": ROLES_PATH, "@odata.type": "#RoleCollection.RoleCollection", "Name": "Roles",
+            "Members@odata.count": len(ROLE_IDS), "Members": [link(f"{ROLES_PATH}/{role}") for role in ROLE_IDS]})
+
+    @app.get(ROLES_PATH + "/{role}")
+    async def role(request: Request, role: str) -> Response:
+        await redfish.login(request)
+        if role not in ROLE_IDS:
+            raise RedfishError(404, "ResourceNotFound", "Role", role)
+        return json_response(role_body(role))
