@@ -51,7 +51,7 @@ async def test_service_root_and_authentication(redfish: Service):
             assert response.status_code == 200, (path, response.text)
             assert response.headers["OData-Version"] == "4.0"
         root = (await anonymous.get("/redfish/v1/")).json()
-        assert root["ServiceEntryPointUUID"] and root["Systems"] == {"@odata.id": "/redfish/v1/Systems"}
+        assert root["UUID"] and root["Systems"] == {"@odata.id": "/redfish/v1/Systems"}
         response = await anonymous.get("/redfish/v1/Systems")
         assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Basic")
         assert response.json()["error"]["@Message.ExtendedInfo"][0]["MessageId"].endswith(".NoValidSession")

@@ -141,6 +141,8 @@ class User(Message):
     enabled: bool = False
     password_set: bool = False
     channels: dict[int, UserChannelAccess] = {}
+    changes: int = 0
+    """Grows with every change of the slot (a version, for ETags and for sessions to notice it)."""
 
 
 class UserList(Message):

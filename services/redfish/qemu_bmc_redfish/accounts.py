@@ -25,7 +25,7 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import Empty, PasswordSet, User, UserAccessUpdate, UserList, UserUpdate
 
-from .app import Redfish, check_if_match, json_body, json_response, link, patch_body
+from .app import Redfish, check_if_match, etag_of, json_body, json_response, link, patch_body
 from .auth import PRIVILEGES, ROLES, Login, role_of
 from .errors import RedfishError, message
 
@@ -58,9 +58,12 @@ def role_id(user: User) -> str:
 
 def account_body(name: str, users: dict[str, User]) -> dict[str, Any]:
     """The account ``name`` as it is on ``users`` (machine → the user there): when machines
-    differ, the highest role and enabled on any."""
+    differ, the highest role and enabled on any. Its ETag changes with every change of those
+    user slots, a password included."""
     role = max((role_id(user) for user in users.values()), key=ROLE_RANK.__getitem__)
+    version = sorted((machine, user.slot, user.changes) for machine, user in users.items())
     return {"@odata.id": account_path(name), "@odata.type": "#ManagerAccount.v1_14_1.ManagerAccount",
+            "@odata.etag": etag_of({"account": name, "version": version}),
             "Id": name, "Name": f"Account {name}", "Description": f"BMC user on {', '.join(sorted(users))}",
             "UserName": name, "RoleId": role, "Enabled": any(user.enabled for user in users.values()),
             "Locked": False, "Password": None, "AccountTypes": ["Redfish", "IPMI"],
@@ -284,7 +287,14 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     @app.patch(ACCOUNTS_PATH + "/{name}")
     async def patch_account(request: Request, name: str) -> Response:
         """Password, RoleId, Enabled by an Administrator of the user's machines; the user itself
-        may change its own Password (ConfigureSelf)."""
+        may change its own Password (ConfigureSelf). One PATCH of an account at a time here, so
+        that of simultaneous PATCHes with the same If-Match only the first is applied."""
+        async with patching.setdefault(name, asyncio.Lock()):
+            return await patch_account_now(request, name)
+
+    patching: dict[str, asyncio.Lock] = {}
+
+    async def patch_account_now(request: Request, name: str) -> Response:
         view = await scope(request)
         users = view.account(name)
         check_if_match(request, account_body(name, users))

@@ -63,7 +63,7 @@ def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
     content = msgspec.json.encode(body)
     headers = dict(headers or {})
     if etag:
-        headers["ETag"] = etag_of(body)
+        headers["ETag"] = body.get("@odata.etag") or etag_of(body)
     odata_type = body.get("@odata.type")
     if isinstance(odata_type, str):
         schema = odata_type.lstrip("#").rsplit(".", 1)[0]
@@ -99,7 +99,8 @@ async def patch_body(request: Request) -> dict[str, Any]:
 def check_if_match(request: Request, current: dict[str, Any]) -> None:
     """With If-Match, 412 unless one of its ETags is the resource's current one (DSP0266 §9.7.4)."""
     if_match = request.headers.get("if-match")
-    if if_match and if_match.strip() != "*" and etag_of(current) not in (tag.strip() for tag in if_match.split(",")):
+    etag = current.get("@odata.etag") or etag_of(current)
+    if if_match and if_match.strip() != "*" and etag not in (tag.strip() for tag in if_match.split(",")):
         raise RedfishError(412, "PreconditionFailed")
 
 
@@ -161,6 +162,8 @@ class ODataMiddleware:
         if any(pair.split(b"=", 1)[0].startswith(b"$") for pair in scope["query_string"].split(b"&")):
             return await error_response(RedfishError(501, "QueryNotSupported"))(scope, receive, send)
         reading = scope["method"] in ("GET", "HEAD")
+        if scope["method"] == "HEAD":  # the app answers as to GET; the server sends no body for HEAD
+            scope = {**scope, "method": "GET"}
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -22,6 +22,7 @@ from qemu_bmc_shared.messages import LanConfig, LanRef, SolConfig
 from . import __version__
 from .app import Redfish, json_response, link
 from .errors import RedfishError
+from .service_root import service_uuid
 from .virtual_media import action_body, collection_path
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "@odata.id": path, "@odata.type": MANAGER_TYPE,
             "Id": machine, "Name": f"BMC of {machine}", "ManagerType": "BMC", "Model": "qemu-bmc",
             "FirmwareVersion": __version__, "UUID": manager_uuid(machine),
+            "ServiceEntryPointUUID": service_uuid(),  # the service root this manager is reached through
             "DateTime": now.isoformat(timespec="seconds"), "DateTimeLocalOffset": now.isoformat()[-6:],
             "Status": ENABLED, "PowerState": "On",
             "SerialConsole": {"ServiceEnabled": sol_enabled, "MaxConcurrentSessions": 1,

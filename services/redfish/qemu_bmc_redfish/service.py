@@ -13,8 +13,9 @@ from qemu_bmc_shared.config import Config
 from qemu_bmc_shared.ipmi.core import follow_state_changes
 from qemu_bmc_shared.service import argument_parser, run_service
 
-from . import __version__, tls
+from . import __version__, events, tls
 from .app import create_app
+from .http import RedfishHttpProtocol
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "qemu-bmc-redfish"
@@ -29,11 +30,12 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
         cert, key = ((settings.cert_file, settings.key_file) if settings.cert_file and settings.key_file
                      else tls.self_signed(config.runtime_dir / "redfish"))
         certificate = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http="httptools", lifespan="off",
-                                           log_level="warning", access_log=False, server_header=False,
-                                           **certificate))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http=RedfishHttpProtocol,
+                                           lifespan="off", log_level="warning", access_log=False,
+                                           server_header=False, **certificate))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # run_service handles them
     subscription = await follow_state_changes(nc, app.state.redfish.auth.reads)
+    delivery = await events.start_delivery(app)  # push event subscriptions: this replica's share
     service = await bus.serve(nc, name=SERVICE_NAME, version=__version__, description="Redfish", endpoints=[],
                               metadata={"url": f"{'https' if settings.tls else 'http'}://{host}:{port}/redfish/v1"})
     gc.collect()
@@ -46,6 +48,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
         server.should_exit = True
         await serving
         await subscription.unsubscribe()
+        await delivery.stop()
         await service.stop()
 
 

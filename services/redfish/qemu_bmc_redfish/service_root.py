@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import uuid
 
@@ -20,6 +21,7 @@ ROOT_COLLECTIONS = {"Systems": "ComputerSystemCollection", "Managers": "ManagerC
                     "Chassis": "ChassisCollection"}
 
 
+@functools.cache
 def service_uuid() -> str:
     """Stable for the host (replicas behind one name answer alike when they share it)."""
     return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"qemu-bmc.redfish.{socket.getfqdn()}"))
@@ -39,7 +41,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "@odata.id": "/redfish/v1", "@odata.type": "#ServiceRoot.v1_20_0.ServiceRoot",
             "@odata.context": "/redfish/v1/$metadata#ServiceRoot.ServiceRoot",
             "Id": "RootService", "Name": "qemu-bmc Redfish service", "RedfishVersion": "1.20.0",
-            "UUID": root_uuid, "ServiceEntryPointUUID": root_uuid, "Vendor": "qemu-bmc", "Product": "qemu-bmc",
+            "UUID": root_uuid, "Vendor": "qemu-bmc", "Product": "qemu-bmc",
             **{name: link(f"/redfish/v1/{name}") for name in ROOT_COLLECTIONS},
             "SessionService": link("/redfish/v1/SessionService"), "AccountService": link("/redfish/v1/AccountService"),
             "EventService": link("/redfish/v1/EventService"),

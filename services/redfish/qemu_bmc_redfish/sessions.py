@@ -141,7 +141,7 @@ class SessionStore:
         """A new session: its token (given out once, never stored) and its record."""
         kv = await self.bucket()
         while True:
-            token = secrets.token_urlsafe(32)
+            token = secrets.token_hex(32)
             hashed = token_hash(token)
             now = self.clock()
             record = SessionRecord(id=hashed[:16], token_sha256=hashed, user=user, machines=dict(machines),

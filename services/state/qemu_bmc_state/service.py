@@ -70,10 +70,11 @@ class StoredUser(msgspec.Struct):
     password: str | None = None
     """The sealed password (see sealing.py), never the cleartext."""
     channels: dict[int, UserChannelAccess] = {}
+    changes: int = 0
 
     def public(self) -> User:
         return User(slot=self.slot, name=self.name, enabled=self.enabled, password_set=self.password is not None,
-                    channels=self.channels)
+                    channels=self.channels, changes=self.changes)
 
 
 class StoredKg(msgspec.Struct):
@@ -198,7 +199,8 @@ class StateService:
 
     async def _modify_user(self, machine: str, slot: int, change: Callable[[StoredUser], StoredUser]) -> User:
         stored = await self._modify("users", machine, self._user_key(machine, slot), StoredUser,
-                                    lambda: StoredUser(slot=slot), change)
+                                    lambda: StoredUser(slot=slot),
+                                    lambda user: msgspec.structs.replace(change(user), changes=user.changes + 1))
         return stored.public()
 
     async def users_list(self, machine: str, _: Empty) -> UserList:

@@ -1,0 +1,85 @@
+"""DMTF's validators against the Redfish service, offline, authenticated: redfish-service-validator
+(every resource against the DMTF CSDL schemas in ../shared/redfish/csdl, or $REDFISH_CSDL) and
+redfish-protocol-validator (DSP0266 protocol assertions). Zero failures; each warning and what
+was not tested is listed in docs/conformance.md."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, toml_list, write_config
+from guest_images import GuestImages
+from test_redfish import PASSWORD, USER, free_tcp_port
+
+CSDL = Path(os.environ.get("REDFISH_CSDL", REPO.parent / "shared" / "redfish" / "csdl"))
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+async def service(nc, services, short_dir: Path, images: GuestImages) -> tuple[str, dict[str, str]]:
+    assert (CSDL / "ServiceRoot_v1.xml").exists(), f"the DMTF CSDL bundle is not at {CSDL} (set REDFISH_CSDL)"
+    port = free_tcp_port()
+    config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\n'
+                                     f'[vm.n1]\ncmd = {toml_list(images.qemu_args())}\nipmi = "127.0.0.1:6230"\n')
+    await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
+    await services("machine", config, "--stop-vms-on-exit")
+    await services("redfish", config)
+    certificate = short_dir / "rt" / "redfish" / "cert.pem"
+    # requests lets REQUESTS_CA_BUNDLE override a session's verify: the service's own certificate is the CA
+    return f"https://127.0.0.1:{port}", {**os.environ, "REQUESTS_CA_BUNDLE": str(certificate),
+                                         "SSL_CERT_FILE": str(certificate)}
+
+
+async def run(*argv: str, env: dict[str, str], cwd: Path) -> str:
+    process = await asyncio.create_subprocess_exec(*argv, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 600)
+    return output.decode(errors="replace")
+
+
+def documented() -> str:
+    return (REPO / "docs" / "conformance.md").read_text()
+
+
+async def test_service_validator(service: tuple[str, dict[str, str]], short_dir: Path):
+    url, env = service
+    logs = short_dir / "service-validator"
+    output = await run(str(BIN / "rf_service_validator"), "--rhost", url, "--user", USER, "--password", PASSWORD,
+                       "--authtype", "Session", "--schema_directory", str(CSDL), "--logdir", str(logs), env=env,
+                       cwd=short_dir)
+    counts = re.search(r"PASS\s*\|\s*WARN\s*\|\s*FAIL\s*\|\s*NOT TESTED\s*\|\s*\n[+-]+\n\|\s*(\d+)\s*\|\s*(\d+)\s*\|"
+                       r"\s*(\d+)\s*\|\s*(\d+)", output)
+    assert counts, output[-3000:]
+    passed, _, failed, _ = (int(group) for group in counts.groups())
+    debug = "\n".join(path.read_text() for path in logs.rglob("RedfishServiceValidatorDebug*.log"))
+    failures = sorted(set(re.findall(r" - ERROR - (FAIL - .*)", debug)))
+    assert failed == 0 and passed > 300, "\n".join(failures) or output[-3000:]
+    warnings = sorted(set(re.findall(r" - WARN - (/\S+) \(.*?\): ([A-Za-z ]+Warning)", debug)))
+    text = documented()
+    undocumented = [warning for warning in warnings if f"`{warning[0]}`" not in text]
+    assert not undocumented, f"warnings not explained in docs/conformance.md: {undocumented}"
+
+
+async def test_protocol_validator(service: tuple[str, dict[str, str]], short_dir: Path):
+    url, env = service
+    reports = short_dir / "protocol-validator"
+    output = await run(str(BIN / "rf_protocol_validator"), "--rhost", url, "--user", USER, "--password", PASSWORD,
+                       "--ca-bundle", env["REQUESTS_CA_BUNDLE"], "--report-dir", str(reports), "--report-type", "tsv",
+                       env=env, cwd=short_dir)
+    rows = [row for path in reports.glob("*.tsv") for row in csv.DictReader(path.open(), delimiter="\t")]
+    assert rows, output[-3000:]
+    failures = [f"{row['Assertion']} {row['Method']} {row['URI']}: {row['Message']}" for row in rows
+                if row["Result"] == "FAIL"]
+    assert not failures, "\n".join(failures)
+    assert sum(row["Result"] == "PASS" for row in rows) > 300
+    listed = re.findall(r"`([A-Z0-9_]+\*?)`", documented())
+    undocumented = sorted({row["Assertion"] for row in rows if row["Result"] in ("WARN", "NOT_TESTED")
+                           and not any(row["Assertion"] == name or (name.endswith("*")
+                                       and row["Assertion"].startswith(name[:-1])) for name in listed)})
+    assert not undocumented, f"warnings and untested assertions not listed in docs/conformance.md: {undocumented}"
