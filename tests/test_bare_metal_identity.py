@@ -21,7 +21,7 @@ from conftest import bmc_request, serial_log, toml_list, wait_for, write_config
 from qemu_bmc_machine.launcher import SMBIOS_TYPE0_FILE, RuntimeFiles, identity_args, managed_argv
 from qemu_bmc_shared import subjects
 from qemu_bmc_shared.config import VM_DMI_MARKERS, Identity, VmConfig
-from qemu_bmc_shared.messages import PowerRequest, PowerStatus
+from qemu_bmc_shared.messages import Inventory, PowerRequest, PowerStatus
 
 UUID = "6f1c2a3e-8b4d-4e5f-9a0b-1c2d3e4f5a6b"
 DMI_FILES = ("sys_vendor", "product_name", "product_version", "product_serial", "product_uuid", "product_sku",
@@ -242,3 +242,6 @@ cpu_model = "Acme Metal CPU @ 3.00GHz"
     for kind, _, strings in metal_report["smbios"]:
         assert not any(re.search(rb"QEMU|KVM|Bochs|SeaBIOS|pc-q35", s) for s in strings), (kind, strings)
     assert detect_virt(metal_report) == "none"
+    # what the BMC reports (Redfish ComputerSystem, IPMI FRU) is what the guest sees
+    inventory = await bmc_request(nc, "metal", subjects.INVENTORY_GET, None, Inventory)
+    assert (inventory.manufacturer, inventory.model, inventory.bare_metal) == ("Acme, Inc.", "Metal 9000, rev 2", True)

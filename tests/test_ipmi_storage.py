@@ -75,7 +75,7 @@ async def test_fru_inventory_from_the_machine(nc, machine):
     assert fields["Chassis type"] == "Other" and fields["Chassis serial number"] == inventory.uuid
     assert (fields["Board manufacturer"], fields["Board serial number"]) == ("QEMU", inventory.uuid)
     assert (fields["Manufacturer"], fields["Product name"], fields["Hardware Version"]) == (
-        "QEMU", "Standard PC", "qemu-bmc")
+        "QEMU", "QEMU virtual machine", "qemu-bmc")
     assert (fields["Serial Number"], fields["Asset Number"]) == (inventory.uuid, "n1")
 
     assert (await call(nc, STORAGE, 0x10, [1])).completion == 0xCB  # only FRU device 0

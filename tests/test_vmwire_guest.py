@@ -11,6 +11,7 @@ import secrets
 import string
 from pathlib import Path
 
+import httpx
 from conftest import free_udp_port, serial_log, toml_list, wait_for, write_config
 from linux_guest import DONE, READY, LinuxGuest
 from qemu_bmc_shared import bus, subjects
@@ -34,15 +35,19 @@ bmc-config --checkout -S User3; bmc-config --checkout -S Lan_Channel; bmc-config
 """
 
 
-async def start_machine(services, directory: Path, guest: LinuxGuest, script: str) -> tuple[dict, int]:
+async def start_machine(services, directory: Path, guest: LinuxGuest, script: str,
+                        redfish: int | None = None) -> tuple[dict, int]:
     lan, wire = free_udp_port(), free_tcp_port()
     argv = guest.qemu_args(guest.initrd(script, directory))
-    config = write_config(directory, f'[vm.n1]\ncmd = {toml_list(argv)}\nipmi = "127.0.0.1:{lan}"\n'
-                                     f'vmwire = "127.0.0.1:{wire}"\n')
+    config = write_config(directory, (f'[redfish]\nlisten = "127.0.0.1:{redfish}"\n' if redfish else "")
+                          + f'[vm.n1]\ncmd = {toml_list(argv)}\nipmi = "127.0.0.1:{lan}"\n'
+                          f'vmwire = "127.0.0.1:{wire}"\n')
     started = {"state": await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD}),
                "vmwire": await services("vmwire", config)}
     started["machine"] = await services("machine", config, "--stop-vms-on-exit")
     started["ipmi-lan"] = await services("ipmi-lan", config)
+    if redfish:
+        started["redfish"] = await services("redfish", config)
     return started, lan
 
 
@@ -62,7 +67,9 @@ def value(output: str, key: str) -> str | None:
 async def test_maas_commissioning_in_band(nc, nats_server, services, short_dir: Path, linux_guest: LinuxGuest):
     password = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(12))
     pairs = " ".join(f"--key-pair={pair.format(password=password)}" for pair in MAAS_KEYS)
-    started, lan = await start_machine(services, short_dir, linux_guest, COMMISSIONING.format(pairs=pairs))
+    redfish = free_tcp_port()
+    started, lan = await start_machine(services, short_dir, linux_guest, COMMISSIONING.format(pairs=pairs),
+                                       redfish=redfish)
     await bus.request(nc, "n1", subjects.POWER_SET, PowerRequest(action="on"), PowerStatus, timeout=30)
     await wait_for(lambda: DONE in serial_log(short_dir, "n1"), timeout=240, interval=0.5,
                    message="the guest's commissioning script")
@@ -84,13 +91,19 @@ async def test_maas_commissioning_in_band(nc, nats_server, services, short_dir: 
     await wait_for(lambda: _state(nc, "Off"), timeout=30, message="the guest powered off")
     code, output = await ipmitool(lan, "maas", password, "power", "status")
     assert code == 0 and "Chassis Power is off" in output, output
+    async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{redfish}", auth=("maas", password),
+                                 verify=False) as client:  # and over Redfish, as an Administrator
+        response = await client.get("/redfish/v1/Systems/n1")
+        assert response.status_code == 200 and response.json()["PowerState"] == "Off", response.text
+        account = (await client.get("/redfish/v1/AccountService/Accounts/maas")).json()
+        assert account["RoleId"] == "Administrator", account
 
     # nothing is lost: every service and the NATS server restart, and maas still logs in
     for service in reversed(started.values()):
         await service.stop()
     await nats_server.stop()
     await nats_server.start()
-    for name in ("state", "vmwire", "machine", "ipmi-lan"):
+    for name in ("state", "vmwire", "machine", "ipmi-lan", "redfish"):
         await started[name].start(nc, f"qemu-bmc-{name}")
     code, output = await ipmitool(lan, "maas", password, "power", "status")
     assert code == 0 and "Chassis Power is off" in output, output

@@ -108,6 +108,12 @@ class Inventory(Message):
     cpus: int
     macs: list[str]
     firmware: BootMode
+    manufacturer: str = "QEMU"
+    model: str = "QEMU virtual machine"
+    serial: str | None = None
+    """The SMBIOS system strings the guest sees (a bare-metal identity's, when configured);
+    the serial number is the UUID when None."""
+    bare_metal: bool = False
 
 
 class SystemView(Message):

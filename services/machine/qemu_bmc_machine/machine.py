@@ -498,7 +498,7 @@ class Machine:
                 self.vm.uuid or "00000000-0000-0000-0000-000000000000")
             return Inventory(machine=self.name, uuid=uuid, memory_mib=launcher.configured_memory_mib(argv),
                              cpus=launcher.configured_cpus(argv), macs=launcher.configured_macs(argv),
-                             firmware=self.firmware)  # type: ignore[arg-type]
+                             firmware=self.firmware, **self._identity())  # type: ignore[arg-type]
         uuid = (await self._execute("query-uuid"))["UUID"]
         memory = await self._execute("query-memory-size-summary")
         cpus = await self._execute("query-cpus-fast")
@@ -506,4 +506,13 @@ class Machine:
                 for device in self._devices if device.kind == "Pxe"]
         return Inventory(machine=self.name, uuid=uuid,
                          memory_mib=(memory["base-memory"] + memory.get("plugged-memory", 0)) // (1024 * 1024),
-                         cpus=len(cpus), macs=macs, firmware=self.firmware)  # type: ignore[arg-type]
+                         cpus=len(cpus), macs=macs, firmware=self.firmware,  # type: ignore[arg-type]
+                         **self._identity())
+
+    def _identity(self) -> dict[str, object]:
+        """The system strings of a bare-metal identity (what the guest's SMBIOS says)."""
+        identity = self.vm.identity
+        if identity is None:
+            return {}
+        return {"manufacturer": identity.vendor, "model": identity.product, "serial": identity.serial,
+                "bare_metal": True}

@@ -44,8 +44,9 @@ async def computer_system(redfish: Redfish, machine: str) -> dict[str, Any]:
     path = system_path(machine)
     body = {
         "@odata.id": path, "@odata.type": "#ComputerSystem.v1_20_0.ComputerSystem",
-        "Id": machine, "Name": machine, "SystemType": "Virtual", "UUID": inventory.uuid,
-        "Manufacturer": "QEMU", "Model": "QEMU virtual machine", "SerialNumber": inventory.uuid,
+        "Id": machine, "Name": machine, "SystemType": "Physical" if inventory.bare_metal else "Virtual",
+        "UUID": inventory.uuid, "Manufacturer": inventory.manufacturer, "Model": inventory.model,
+        "SerialNumber": inventory.serial or inventory.uuid,
         "PowerState": power.state,
         "Status": {"State": "Enabled", "Health": "OK"},
         "ProcessorSummary": {"Count": inventory.cpus},

@@ -232,12 +232,13 @@ def _field(text: str) -> bytes:
 
 def fru_image(inventory: Inventory) -> bytes:
     """The FRU inventory of the machine: common header, chassis, board and product info areas."""
-    serial = _field(inventory.uuid)
+    serial = _field(inventory.serial or inventory.uuid)
+    maker, model = _field(inventory.manufacturer), _field(inventory.model)
     areas = [
         _fru_area(_field("") + serial, 0x01),  # chassis type 'Other' (SMBIOS), part number, serial
-        _fru_area(_field("QEMU") + _field("qemu-bmc virtual machine") + serial + _field("") + _field(""),
+        _fru_area(maker + model + serial + _field("") + _field(""),
                   0x00, 0, 0, 0),  # language English, manufacturing date unspecified
-        _fru_area(_field("QEMU") + _field("Standard PC") + _field("") + _field("qemu-bmc") + serial
+        _fru_area(maker + model + _field("") + _field("qemu-bmc") + serial
                   + _field(inventory.machine) + _field(""), 0x00),
     ]
     offsets, position = [], 1
