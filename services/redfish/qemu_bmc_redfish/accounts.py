@@ -25,7 +25,7 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import Empty, PasswordSet, User, UserAccessUpdate, UserList, UserUpdate
 
-from .app import Redfish, check_if_match, etag_of, json_body, json_response, link, patch_body
+from .app import Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 from .auth import PRIVILEGES, ROLES, Login, role_of
 from .errors import RedfishError, message
 
@@ -235,10 +235,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
                  if user.slot >= FIRST_SLOT and user.name}
         names.update(login.user for login in view.logins.values())
         members = sorted(names)
-        return json_response({
-            "@odata.id": ACCOUNTS_PATH, "@odata.type": "#ManagerAccountCollection.ManagerAccountCollection",
-            "Name": "Accounts", "Members@odata.count": len(members),
-            "Members": [link(account_path(name)) for name in members]})
+        return json_response(collection(ACCOUNTS_PATH, "ManagerAccountCollection", "Accounts",
+                                        [account_path(name) for name in members]))
 
     @app.post(ACCOUNTS_PATH)
     async def create_account(request: Request) -> Response:
@@ -356,9 +354,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     @app.get(ROLES_PATH)
     async def roles(request: Request) -> Response:
         await redfish.login(request)
-        return json_response({
-            "@odata.id": ROLES_PATH, "@odata.type": "#RoleCollection.RoleCollection", "Name": "Roles",
-            "Members@odata.count": len(ROLE_IDS), "Members": [link(f"{ROLES_PATH}/{role}") for role in ROLE_IDS]})
+        return json_response(collection(ROLES_PATH, "RoleCollection", "Roles",
+                                        [f"{ROLES_PATH}/{role}" for role in ROLE_IDS]))
 
     @app.get(ROLES_PATH + "/{role}")
     async def role(request: Request, role: str) -> Response:

@@ -13,6 +13,9 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI, Request, Response
 from nats.aio.client import Client
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config
 from starlette.exceptions import HTTPException
@@ -102,6 +105,22 @@ def check_if_match(request: Request, current: dict[str, Any]) -> None:
     etag = current.get("@odata.etag") or etag_of(current)
     if if_match and if_match.strip() != "*" and etag not in (tag.strip() for tag in if_match.split(",")):
         raise RedfishError(412, "PreconditionFailed")
+
+
+async def key_value(nc: Client, bucket: str, description: str, ttl: float | None = None) -> KeyValue:
+    """A JetStream key-value bucket of the service (on file, latest value only), made when absent."""
+    js = nc.jetstream()
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, description=description, history=1, ttl=ttl,
+                                                        storage=StorageType.FILE))
+
+
+def collection(path: str, kind: str, name: str, members: list[str]) -> dict[str, Any]:
+    """A resource collection (DSP0266 §9.2) of schema ``kind`` (e.g. ComputerSystemCollection)."""
+    return {"@odata.id": path, "@odata.type": f"#{kind}.{kind}", "Name": name, "Members@odata.count": len(members),
+            "Members": [link(member) for member in members]}
 
 
 def link(path: str) -> dict[str, str]:

@@ -6,17 +6,15 @@ from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerQuery, PowerStatus
 
-from .app import Redfish, json_response, link
+from .app import Redfish, collection, json_response, link
 
 
 def register(app: FastAPI, redfish: Redfish) -> None:
     @app.get("/redfish/v1/Chassis")
     async def chassis_collection(request: Request) -> Response:
         members = await redfish.visible_machines(request)
-        return json_response({
-            "@odata.id": "/redfish/v1/Chassis", "@odata.type": "#ChassisCollection.ChassisCollection",
-            "Name": "Chassis", "Members@odata.count": len(members),
-            "Members": [link(f"/redfish/v1/Chassis/{machine}") for machine in members]})
+        return json_response(collection("/redfish/v1/Chassis", "ChassisCollection", "Chassis",
+                                        [f"/redfish/v1/Chassis/{machine}" for machine in members]))
 
     @app.get("/redfish/v1/Chassis/{machine}")
     async def chassis(request: Request, machine: str) -> Response:

@@ -31,7 +31,7 @@ from nats.aio.subscription import Subscription
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerEvent, PowerQuery, PowerStatus
 
-from .app import Redfish, json_body, json_response, link, patch_body
+from .app import Redfish, collection, json_body, json_response, link, patch_body
 from .auth import PRIVILEGES, Login
 from .errors import RedfishError, not_found
 from .subscriptions import MAX_SUBSCRIPTIONS, SubscriptionRecord, SubscriptionStore
@@ -223,11 +223,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         caller = await logins(request)
         await store.bucket()
         members = [record for record in store.all() if await visible(record, caller)]
-        return json_response({
-            "@odata.id": SUBSCRIPTIONS_PATH,
-            "@odata.type": "#EventDestinationCollection.EventDestinationCollection",
-            "Name": "Event subscriptions", "Members@odata.count": len(members),
-            "Members": [link(subscription_path(record.id)) for record in members]})
+        return json_response(collection(SUBSCRIPTIONS_PATH, "EventDestinationCollection", "Event subscriptions",
+                                        [subscription_path(record.id) for record in members]))
 
     @app.post(SUBSCRIPTIONS_PATH)
     @app.post(f"{SUBSCRIPTIONS_PATH}/Members")  # a POST to the collection's Members property creates too (§9.9)

@@ -20,7 +20,7 @@ from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import LanConfig, LanRef, SolConfig
 
 from . import __version__
-from .app import Redfish, json_response, link
+from .app import Redfish, collection, json_response, link
 from .errors import RedfishError
 from .service_root import service_uuid
 from .virtual_media import action_body, collection_path
@@ -91,10 +91,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     @app.get("/redfish/v1/Managers")
     async def managers(request: Request) -> Response:
         members = await redfish.visible_machines(request)
-        return json_response({
-            "@odata.id": "/redfish/v1/Managers", "@odata.type": "#ManagerCollection.ManagerCollection",
-            "Name": "Managers", "Members@odata.count": len(members),
-            "Members": [link(manager_path(machine)) for machine in members]})
+        return json_response(collection("/redfish/v1/Managers", "ManagerCollection", "Managers",
+                                        [manager_path(machine) for machine in members]))
 
     @app.get("/redfish/v1/Managers/{machine}")
     async def manager(request: Request, machine: str) -> Response:
@@ -141,10 +139,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     async def ethernet_interfaces(request: Request, machine: str) -> Response:
         await redfish.login(request, machine)
         path = f"{manager_path(machine)}/EthernetInterfaces"
-        return json_response({
-            "@odata.id": path, "@odata.type": "#EthernetInterfaceCollection.EthernetInterfaceCollection",
-            "Name": "BMC Ethernet interfaces", "Members@odata.count": 1,
-            "Members": [link(f"{path}/{INTERFACE_ID}")]})
+        return json_response(collection(path, "EthernetInterfaceCollection", "BMC Ethernet interfaces",
+                                        [f"{path}/{INTERFACE_ID}"]))
 
     @app.get("/redfish/v1/Managers/{machine}/EthernetInterfaces/{interface}")
     async def ethernet_interface_of(request: Request, machine: str, interface: str) -> Response:

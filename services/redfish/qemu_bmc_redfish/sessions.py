@@ -40,11 +40,10 @@ from fastapi import FastAPI, Request, Response
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from .app import Redfish, json_body, json_response, link
+from .app import Redfish, collection, json_body, json_response, key_value, link
 from .auth import CHALLENGE, Login
 from .errors import RedfishError, not_found
 
@@ -106,13 +105,7 @@ class SessionStore:
             return self._kv
         async with self._lock:
             if self._kv is None:
-                js = self.nc.jetstream()
-                try:
-                    kv = await js.key_value(BUCKET)
-                except BucketNotFoundError:
-                    kv = await js.create_key_value(KeyValueConfig(
-                        bucket=BUCKET, description="qemu-bmc Redfish sessions", history=1, ttl=MAX_AGE,
-                        storage=StorageType.FILE))
+                kv = await key_value(self.nc, BUCKET, "qemu-bmc Redfish sessions", ttl=MAX_AGE)
                 self._subscription = await self.nc.subscribe(f"$KV.{BUCKET}.s.>", cb=self._changed)
                 self._kv = kv
         return self._kv
@@ -312,10 +305,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         """The caller's own sessions, and those of all whose machines it administers."""
         caller = await logins(request)
         members = [record for record in await store.all() if may_see(record, caller)]
-        return json_response({
-            "@odata.id": SESSIONS_PATH, "@odata.type": "#SessionCollection.SessionCollection",
-            "Name": "Sessions", "Members@odata.count": len(members),
-            "Members": [link(session_path(record.id)) for record in members]})
+        return json_response(collection(SESSIONS_PATH, "SessionCollection", "Sessions",
+                                        [session_path(record.id) for record in members]))
 
     @app.post(SESSIONS_PATH)
     @app.post(f"{SESSIONS_PATH}/Members")  # a POST to the collection's Members property creates too (§9.9)

@@ -25,10 +25,11 @@ import secrets
 
 import msgspec
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from qemu_bmc_shared.messages import PowerEvent
+
+from .app import key_value
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,7 @@ class SubscriptionStore:
             return self._kv
         async with self._lock:
             if self._kv is None:
-                js = self.nc.jetstream()
-                try:
-                    kv = await js.key_value(BUCKET)
-                except BucketNotFoundError:
-                    kv = await js.create_key_value(KeyValueConfig(
-                        bucket=BUCKET, description="qemu-bmc Redfish event subscriptions", history=1,
-                        storage=StorageType.FILE))
+                kv = await key_value(self.nc, BUCKET, "qemu-bmc Redfish event subscriptions")
                 self._watching = asyncio.create_task(self._watch(kv))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)

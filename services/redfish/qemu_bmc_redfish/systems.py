@@ -20,7 +20,7 @@ from qemu_bmc_shared.messages import (
     SystemView,
 )
 
-from .app import Redfish, check_if_match, etag_of, json_body, json_response, link, patch_body
+from .app import Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 from .errors import RedfishError
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     @app.get("/redfish/v1/Systems")
     async def systems(request: Request) -> Response:
         members = await redfish.visible_machines(request)
-        return json_response({
-            "@odata.id": "/redfish/v1/Systems", "@odata.type": "#ComputerSystemCollection.ComputerSystemCollection",
-            "Name": "Computer systems", "Members@odata.count": len(members),
-            "Members": [link(system_path(machine)) for machine in members]})
+        return json_response(collection("/redfish/v1/Systems", "ComputerSystemCollection", "Computer systems",
+                                        [system_path(machine) for machine in members]))
 
     @app.get("/redfish/v1/Systems/{machine}")
     async def system(request: Request, machine: str) -> Response:
@@ -143,10 +141,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         await redfish.login(request, machine)
         inventory = await bus.request(redfish.nc, machine, subjects.INVENTORY_GET, None, Inventory)
         path = f"{system_path(machine)}/EthernetInterfaces"
-        return json_response({
-            "@odata.id": path, "@odata.type": "#EthernetInterfaceCollection.EthernetInterfaceCollection",
-            "Name": "Ethernet interfaces", "Members@odata.count": len(inventory.macs),
-            "Members": [link(f"{path}/{index}") for index in range(len(inventory.macs))]})
+        return json_response(collection(path, "EthernetInterfaceCollection", "Ethernet interfaces",
+                                        [f"{path}/{index}" for index in range(len(inventory.macs))]))
 
     @app.get("/redfish/v1/Systems/{machine}/EthernetInterfaces/{index}")
     async def ethernet_interface(request: Request, machine: str, index: str) -> Response:

@@ -33,11 +33,10 @@ from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import MediaInsert, MediaStatus
 
-from .app import Redfish, check_if_match, etag_of, json_body, json_response, link, patch_body
+from .app import Redfish, check_if_match, collection, etag_of, json_body, json_response, patch_body
 from .errors import BASE_REGISTRY, RedfishError, message
 
 VIRTUAL_MEDIA_TYPE = "#VirtualMedia.v1_6_5.VirtualMedia"
-COLLECTION_TYPE = "#VirtualMediaCollection.VirtualMediaCollection"
 MEDIA_ID = "Cd"
 INSERT = "#VirtualMedia.InsertMedia"
 EJECT = "#VirtualMedia.EjectMedia"
@@ -279,13 +278,12 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         base = f"/redfish/v1/{parent}/{{machine}}/VirtualMedia"
 
         @app.get(base)
-        async def collection(request: Request, machine: str) -> Response:
+        async def media_collection(request: Request, machine: str) -> Response:
             await redfish.login(request, machine)
             status = await media_status(machine)
-            members = [link(f"{collection_path(parent, machine)}/{MEDIA_ID}")] if status else []
-            return json_response({
-                "@odata.id": collection_path(parent, machine), "@odata.type": COLLECTION_TYPE,
-                "Name": "Virtual media", "Members@odata.count": len(members), "Members": members})
+            members = [f"{collection_path(parent, machine)}/{MEDIA_ID}"] if status else []
+            return json_response(collection(collection_path(parent, machine), "VirtualMediaCollection",
+                                            "Virtual media", members))
 
         @app.get(f"{base}/{{media_id}}")
         async def resource(request: Request, machine: str, media_id: str) -> Response:
