@@ -280,7 +280,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     @app.get(ACCOUNTS_PATH + "/{name}")
     async def account(request: Request, name: str) -> Response:
         view = await scope(request)
-        return json_response(account_body(name, view.account(name)), etag=True)
+        return json_response(account_body(name, view.account(name)))
 
     @app.patch(ACCOUNTS_PATH + "/{name}")
     async def patch_account(request: Request, name: str) -> Response:

@@ -60,13 +60,15 @@ class Redfish:
         return sorted(await self.auth.login(request.headers, await self.machines.list()))
 
 
-def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None,
-                  etag: bool = False) -> Response:
-    """A JSON resource, with the Link to the JSON schema that describes it (DSP0266 §8.2)."""
-    content = msgspec.json.encode(body)
+def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON resource with its ``@odata.etag`` and ETag header, and the Link to the JSON schema
+    that describes it (DSP0266 §8.2, §6.5)."""
     headers = dict(headers or {})
-    if etag:
-        headers["ETag"] = body.get("@odata.etag") or etag_of(body)
+    if "@odata.id" in body:
+        if "@odata.etag" not in body:
+            body = {**body, "@odata.etag": etag_of(body)}
+        headers["ETag"] = body["@odata.etag"]
+    content = msgspec.json.encode(body)
     odata_type = body.get("@odata.type")
     if isinstance(odata_type, str):
         schema = odata_type.lstrip("#").rsplit(".", 1)[0]

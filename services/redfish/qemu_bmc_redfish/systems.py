@@ -96,7 +96,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     @app.get("/redfish/v1/Systems/{machine}")
     async def system(request: Request, machine: str) -> Response:
         await redfish.login(request, machine)
-        return json_response(await computer_system(redfish, machine), etag=True)
+        return json_response(await computer_system(redfish, machine))
 
     @app.patch("/redfish/v1/Systems/{machine}")
     async def patch_system(request: Request, machine: str) -> Response:
@@ -112,7 +112,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             firmware = current["Boot"]["BootSourceOverrideMode@Redfish.AllowableValues"][0]
             await bus.request(redfish.nc, machine, subjects.BOOT_SET, boot_update(body["Boot"], firmware),
                               BootOverride)
-        return json_response(await computer_system(redfish, machine), etag=True)
+        return json_response(await computer_system(redfish, machine))
 
     @app.post("/redfish/v1/Systems/{machine}/Actions/ComputerSystem.Reset")
     async def reset(request: Request, machine: str) -> Response:

@@ -289,7 +289,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         async def resource(request: Request, machine: str, media_id: str) -> Response:
             await redfish.login(request, machine)
             path = f"{collection_path(parent, machine)}/{media_id}"
-            return json_response(virtual_media(path, await drive(machine, media_id)), etag=True)
+            return json_response(virtual_media(path, await drive(machine, media_id)))
 
         @app.patch(f"{base}/{{media_id}}")
         async def patch(request: Request, machine: str, media_id: str) -> Response:
@@ -305,7 +305,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
                 await eject(machine)
             elif isinstance(change, str):
                 await insert(machine, change, Parameters(None))
-            return json_response(virtual_media(path, await drive(machine, media_id)), etag=True)
+            return json_response(virtual_media(path, await drive(machine, media_id)))
 
         @app.post(f"{base}/{{media_id}}/Actions/VirtualMedia.InsertMedia")
         async def insert_media(request: Request, machine: str, media_id: str) -> Response:
