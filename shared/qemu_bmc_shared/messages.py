@@ -124,6 +124,36 @@ class SystemView(Message):
     inventory: Inventory
 
 
+class ConsoleOutput(Message):
+    """Bytes the machine wrote to its serial port (``console.out``). ``end`` counts every byte
+    written since the machine service started, up to the end of ``data``: a viewer sees gaps
+    and overlaps with the history (``console.get``) from it."""
+
+    machine: str
+    data: bytes
+    end: int
+
+
+class ConsoleHistory(Message):
+    """The last bytes of the serial console the machine service keeps (a bounded ring), up to
+    ``end`` (see ConsoleOutput), for a viewer that attaches."""
+
+    data: bytes
+    end: int
+
+
+class ConsoleInput(Message):
+    """Bytes to type on the machine's serial port (``console.in``)."""
+
+    data: Annotated[bytes, msgspec.Meta(max_length=4096)]
+
+
+class ConsoleWritten(Message):
+    """How many bytes of a ConsoleInput reached the serial port (0 while no QEMU is connected)."""
+
+    written: int
+
+
 # ---------------------------------------------------------------- state service
 
 class UserChannelAccess(Message):

@@ -24,6 +24,8 @@ MEDIA_INSERT = "media.insert"
 MEDIA_EJECT = "media.eject"
 INVENTORY_GET = "inventory.get"
 SYSTEM_GET = "system.get"
+CONSOLE_GET = "console.get"
+CONSOLE_IN = "console.in"
 
 # State service (one wildcard endpoint each, queue group, for every machine).
 USERS_LIST = "state.users.list"
@@ -51,15 +53,17 @@ SEL_CLEAR = "state.sel.clear"
 EVENT_POWER = "event.power"
 EVENT_BOOT = "event.boot"
 EVENT_MEDIA = "event.media"
+#: The machine's serial console output, as it comes (not an "event." subject: a byte stream).
+CONSOLE_OUT = "console.out"
 # Published by the state service after each change of a machine's state.
 EVENT_STATE = "event.state"
 
 MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, MEDIA_GET, MEDIA_INSERT, MEDIA_EJECT,
-                     INVENTORY_GET, SYSTEM_GET)
+                     INVENTORY_GET, SYSTEM_GET, CONSOLE_GET, CONSOLE_IN)
 STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
                    USERS_CREDENTIALS, CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
                    KG_GET, KG_SET, CHASSIS_GET, CHASSIS_SET, SEL_GET, SEL_ADD, SEL_CLEAR)
-EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA, EVENT_STATE)
+EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA, EVENT_STATE, CONSOLE_OUT)
 
 
 def for_machine(machine: str, operation: str) -> str:

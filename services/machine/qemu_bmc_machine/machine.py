@@ -29,6 +29,7 @@ from qemu_bmc_shared.messages import (
 )
 
 from . import boot, launcher
+from .console import Console
 from .launcher import LaunchError, RuntimeFiles
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Machine:
         self._override = self._load_override()
         self._media_image: str | None = self._load_media_image()
         self._closing = False
+        serial = self.files.serial if vm.mode == "managed" else vm.serial
+        self.console = Console(self.name, serial, publish) if serial else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -85,6 +88,8 @@ class Machine:
             if self._pid:
                 log.info("%s: adopting running QEMU pid %d", self.name, self._pid)
         self._spawn(self._connection_loop())
+        if self.console is not None:
+            self._spawn(self.console.run())
         if self.vm.autostart and self.vm.mode == "managed":
             self._spawn(self._autostart())
 
@@ -271,6 +276,8 @@ class Machine:
             return
         if self.vm.mode == "managed" and not self._pid:
             await self._launch()
+            if self.console is not None:  # QEMU waits (-S): connected before the first byte, nothing lost
+                await self.console.attached(1.0)
         await self._reset_with_boot_order()
         await self._execute("cont")
 

@@ -9,9 +9,12 @@ import logging
 import msgspec
 from nats.aio.client import Client
 from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config
 from qemu_bmc_shared.messages import (
     BootOverrideUpdate,
+    ConsoleInput,
+    ConsoleWritten,
     Empty,
     MediaInsert,
     PowerQuery,
@@ -21,6 +24,7 @@ from qemu_bmc_shared.messages import (
 from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
+from .console import Console
 from .machine import Machine
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,17 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
     async def inventory_get(_: str, __: Empty) -> msgspec.Struct:
         return await machine.inventory()
 
+    def console() -> Console:
+        if machine.console is None:
+            raise BusError("not_found", f"machine {machine.name} has no serial console (attach mode: set serial)")
+        return machine.console
+
+    async def console_get(_: str, __: Empty) -> msgspec.Struct:
+        return console().history()
+
+    async def console_in(_: str, request: ConsoleInput) -> msgspec.Struct:
+        return ConsoleWritten(written=await console().write(request.data))
+
     async def system_get(_: str, __: Empty) -> msgspec.Struct:
         return SystemView(power=machine.status(), boot=machine.boot_override(), inventory=await machine.inventory())
 
@@ -67,6 +82,8 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         (subjects.MEDIA_INSERT, MediaInsert, media_insert),
         (subjects.MEDIA_EJECT, Empty, media_eject),
         (subjects.INVENTORY_GET, Empty, inventory_get),
+        (subjects.CONSOLE_GET, Empty, console_get),
+        (subjects.CONSOLE_IN, ConsoleInput, console_in),
     ]
     return [bus.Endpoint(name=f"{machine.name}-{operation.replace('.', '-')}",
                          subject=subjects.for_machine(machine.name, operation),
