@@ -11,6 +11,7 @@ DEBIAN_PACKAGES=(
   nasm xorriso mtools                    # the tiny boot images the tests build
   docker-compose                         # validates compose.yaml offline
   wrk                                    # the HTTP load generator of bench/redfish.py
+  chromium                               # the browser tests/test_web_console.py drives (Playwright)
 )
 if ! python3 -m venv --help >/dev/null 2>&1; then
   DEBIAN_PACKAGES+=(python3-venv python3-pip)

@@ -130,12 +130,12 @@ def link(path: str) -> dict[str, str]:
 
 
 def create_app(nc: Client, config: Config) -> FastAPI:
-    from . import accounts, chassis, events, managers, service_root, sessions, systems, virtual_media
+    from . import accounts, chassis, console, events, managers, service_root, sessions, systems, virtual_media
 
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
     redfish = Redfish(nc, config)
     app.state.redfish = redfish
-    for module in (service_root, systems, managers, chassis, virtual_media, sessions, accounts, events):
+    for module in (service_root, systems, managers, chassis, virtual_media, sessions, accounts, events, console):
         module.register(app, redfish)
 
     @app.exception_handler(RedfishError)

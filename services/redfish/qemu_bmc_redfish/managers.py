@@ -110,8 +110,10 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "ServiceEntryPointUUID": service_uuid(),  # the service root this manager is reached through
             "DateTime": now.isoformat(timespec="seconds"), "DateTimeLocalOffset": now.isoformat()[-6:],
             "Status": ENABLED, "PowerState": "On",
-            "SerialConsole": {"ServiceEnabled": sol_enabled, "MaxConcurrentSessions": 1,
-                              "ConnectTypesSupported": ["IPMI"]},
+            # IPMI SOL when enabled, and always the web console (/console/<machine>, console.py): the
+            # schema has no WebSocket connect type, "Oem" stands for it
+            "SerialConsole": {"ServiceEnabled": True,
+                              "ConnectTypesSupported": ["IPMI", "Oem"] if sol_enabled else ["Oem"]},
             "EthernetInterfaces": link(f"{path}/EthernetInterfaces"),
             "NetworkProtocol": link(f"{path}/NetworkProtocol"),
             "VirtualMedia": link(collection_path("Managers", machine)),
