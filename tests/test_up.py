@@ -23,7 +23,9 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           env={**os.environ, **(env or {})})
 
 
-def processes_with(needle: str) -> list[int]:
+def processes_with(needle: str, also: str = "") -> list[int]:
+    """The live processes whose command line has ``needle`` (and ``also``: tests running beside
+    this one have services of their own)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -32,7 +34,7 @@ def processes_with(needle: str) -> list[int]:
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if needle in cmdline and state != "Z":
+            if needle in cmdline and also in cmdline and state != "Z":
                 found.append(int(entry.name))
     return found
 
@@ -80,10 +82,10 @@ async def test_up_runs_and_stops_the_whole_tree(short_dir: Path, images: GuestIm
         assert missing.returncode == 1 and json.loads(missing.stdout)["error"] == "unknown_machine"
 
         # a service that dies is restarted, and adopts the running VM
-        machine_pids = processes_with("qemu_bmc_machine")
+        machine_pids = processes_with("qemu_bmc_machine", str(config))
         assert len(machine_pids) == 1
         os.kill(machine_pids[0], signal.SIGKILL)
-        await wait_for(lambda: processes_with("qemu_bmc_machine") not in ([], machine_pids), timeout=15,
+        await wait_for(lambda: processes_with("qemu_bmc_machine", str(config)) not in ([], machine_pids), timeout=15,
                        message="machine service restarted")
         await wait_for(lambda: json.loads(cli("power", "status", "n1", "--json", *c).stdout or "{}").get("pid")
                        == on["pid"], timeout=20, message="the running VM adopted")
@@ -91,7 +93,7 @@ async def test_up_runs_and_stops_the_whole_tree(short_dir: Path, images: GuestIm
         up.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(up.wait(), 60)
     assert code == 0, (short_dir / "up.log").read_text()
-    assert processes_with("qemu_bmc_machine") == [] and processes_with("qemu_bmc_state") == []
+    assert processes_with("qemu_bmc_machine", str(config)) == [] and processes_with("qemu_bmc_state", str(config)) == []
     assert not any(pid in processes_with(str(runtime / "nats")) for pid in nats_pids)
     assert processes_with(str(runtime / "vm" / "n1" / "qmp.sock")) == [], "the managed VM was stopped"
     assert not (runtime / "nats.url").exists()

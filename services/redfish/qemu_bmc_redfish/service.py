@@ -36,20 +36,26 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # run_service handles them
     subscription = await follow_state_changes(nc, app.state.redfish.auth.reads)
     delivery = await events.start_delivery(app)  # push event subscriptions: this replica's share
-    service = await bus.serve(nc, name=SERVICE_NAME, version=__version__, description="Redfish", endpoints=[],
-                              metadata={"url": f"{'https' if settings.tls else 'http'}://{host}:{port}/redfish/v1"})
     gc.collect()
     gc.freeze()  # what exists now lives as long as the service: keep it out of the collector's scans
     serving = asyncio.create_task(server.serve())
-    log.info("Redfish on %s://%s:%d/redfish/v1", "https" if settings.tls else "http", host, port)
+    while not server.started and not serving.done():  # noqa: ASYNC110  (listening before saying so on the bus)
+        await asyncio.sleep(0.01)
+    service = None
     try:
-        await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            service = await bus.serve(
+                nc, name=SERVICE_NAME, version=__version__, description="Redfish", endpoints=[],
+                metadata={"url": f"{'https' if settings.tls else 'http'}://{host}:{port}/redfish/v1"})
+            log.info("Redfish on %s://%s:%d/redfish/v1", "https" if settings.tls else "http", host, port)
+            await asyncio.wait([serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     finally:
         server.should_exit = True
         await serving
         await subscription.unsubscribe()
         await delivery.stop()
-        await service.stop()
+        if service is not None:
+            await service.stop()
 
 
 def main() -> None:
