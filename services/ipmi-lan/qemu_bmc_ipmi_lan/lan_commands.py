@@ -8,10 +8,14 @@ import secrets
 import struct
 from typing import TYPE_CHECKING
 
+from qemu_bmc_shared import subjects
 from qemu_bmc_shared.ipmi import Completion, Context, IpmiError, NetFn, Privilege, Registry
-from qemu_bmc_shared.ipmi.core import LAN_CHANNEL, expect_length
+from qemu_bmc_shared.ipmi.core import LAN_CHANNEL, expect_length, lan_channel
+from qemu_bmc_shared.ipmi.transport import SOL_PARAMS
+from qemu_bmc_shared.messages import Empty, SolConfig, User, UserChannelAccess, UserRef
 
 from . import framing
+from .sol import MAX_PAYLOAD, SolSession, SolTiming
 
 if TYPE_CHECKING:
     from .server import LanServer
@@ -114,6 +118,8 @@ async def close_session(context: Context, data: bytes) -> bytes:
     if target is not own and own.privilege < Privilege.ADMINISTRATOR:
         raise IpmiError(Completion.INSUFFICIENT_PRIVILEGE)
     server.sessions.close(target.bmc_id)
+    if server.sol is not None and server.sol.session is target:
+        await server.sol.stop(tell_console=False)
     return b""
 
 
@@ -165,3 +171,124 @@ async def cold_reset(context: Context, data: bytes) -> bytes:
 async def warm_reset(context: Context, data: bytes) -> bytes:
     """Warm Reset (§20.3): as Cold Reset, for a BMC that is only software."""
     return await _reset_sessions(context)
+
+
+# ---------------------------------------------------------------------- payloads (§24) and SOL (§26)
+
+PAYLOAD_IPMI, PAYLOAD_SOL = framing.PAYLOAD_IPMI, framing.PAYLOAD_SOL
+SOL_INSTANCE = 1
+# Activate Payload completion codes (§24.1)
+PAYLOAD_ALREADY_ACTIVE = 0x80
+PAYLOAD_DISABLED = 0x81
+PAYLOAD_CANNOT_ENCRYPT = 0x83
+PAYLOAD_MUST_ENCRYPT = 0x84
+#: Deactivate Payload: already deactivated (§24.2)
+PAYLOAD_NOT_ACTIVE = 0x80
+#: SOL payload access bit of Set/Get User Payload Access (§24.6)
+SOL_ACCESS_BIT = 1 << PAYLOAD_SOL
+
+
+async def sol_params(context: Context) -> dict[int, bytes]:
+    """SOL parameters 1-4 as stored, defaults where unset."""
+    stored = (await context.call(subjects.SOL_GET, Empty(), SolConfig)).params
+    values = {}
+    for number in (1, 2, 3, 4):
+        param, value = SOL_PARAMS[number], stored.get(number)
+        values[number] = value if value is not None and len(value) == param.size else param.initial(context)
+    return values
+
+
+def _sol_instance(data: bytes) -> None:
+    if data[0] & 0x3F != PAYLOAD_SOL:
+        raise IpmiError(Completion.INVALID_FIELD, "only the SOL payload can be activated")
+    if data[1] & 0x0F != SOL_INSTANCE:
+        raise IpmiError(Completion.INVALID_FIELD, "SOL has one instance")
+
+
+@command(NetFn.APP, 0x48, Privilege.USER)
+async def activate_payload(context: Context, data: bytes) -> bytes:
+    """Activate Payload (§24.1): SOL instance 1, one per machine, for a user with SOL payload
+    access at the SOL privilege level (parameter 2) or above, while SOL is enabled (parameter 1)."""
+    expect_length(data, 6, 6)
+    _sol_instance(data)
+    server, session = server_of(context), session_of(context)
+    if not session.v2 or session.keys is None:
+        raise IpmiError(Completion.INVALID_COMMAND, "payloads need an RMCP+ session")
+    params = await sol_params(context)
+    if not params[1][0] & 0x01:
+        raise IpmiError(PAYLOAD_DISABLED, "SOL is disabled")
+    if session.privilege < params[2][0] & 0x0F:
+        raise IpmiError(Completion.INSUFFICIENT_PRIVILEGE, "SOL needs a higher privilege level")
+    user = await context.call(subjects.USERS_GET, UserRef(slot=session.user_slot or 1), User)
+    if not user.channels.get(LAN_CHANNEL, UserChannelAccess()).payloads & SOL_ACCESS_BIT:
+        raise IpmiError(Completion.INSUFFICIENT_PRIVILEGE, "the user has no SOL payload access")
+    if server.sol is not None and not server.sol.alive():  # its session has expired
+        await server.sol.stop(tell_console=False)
+    if server.sol is not None:
+        raise IpmiError(PAYLOAD_ALREADY_ACTIVE, "SOL is already active")
+    encrypting = session.keys.confidentiality != 0
+    if data[2] & 0x80 and not encrypting:
+        raise IpmiError(PAYLOAD_CANNOT_ENCRYPT, "the session has no confidentiality algorithm")
+    sol = SolSession(server, session, session.address, SolTiming.from_params(params[3], params[4]))
+    server.sol = sol
+    await sol.start()
+    port = int(server.extra.get("lan_port", 623))  # type: ignore[call-overload]
+    return (bytes(4) + struct.pack("<HHHH", MAX_PAYLOAD, MAX_PAYLOAD, port, 0xFFFF))
+
+
+@command(NetFn.APP, 0x49, Privilege.USER)
+async def deactivate_payload(context: Context, data: bytes) -> bytes:
+    """Deactivate Payload (§24.2), from this or another session."""
+    expect_length(data, 6, 6)
+    _sol_instance(data)
+    server = server_of(context)
+    session_of(context)
+    if server.sol is None or not server.sol.alive():
+        if server.sol is not None:
+            await server.sol.stop(tell_console=False)
+        raise IpmiError(PAYLOAD_NOT_ACTIVE, "SOL is not active")
+    await server.sol.stop()
+    return b""
+
+
+@command(NetFn.APP, 0x4A, Privilege.USER)
+async def get_payload_activation_status(context: Context, data: bytes) -> bytes:
+    """Get Payload Activation Status (§24.4): instance capacity, then one bit per instance."""
+    expect_length(data, 1, 1)
+    payload_type = data[0] & 0x3F
+    if payload_type == PAYLOAD_SOL:
+        sol = server_of(context).sol
+        return bytes([1, 0x01 if sol is not None and sol.alive() else 0x00, 0])
+    if payload_type == PAYLOAD_IPMI:
+        return bytes([1, 0x01, 0])
+    raise IpmiError(Completion.INVALID_FIELD, "payload type not supported")
+
+
+@command(NetFn.APP, 0x4B, Privilege.USER)
+async def get_payload_instance_info(context: Context, data: bytes) -> bytes:
+    """Get Payload Instance Info (§24.5): the session the instance is active on; for SOL, the
+    serial port it is on (1)."""
+    expect_length(data, 2, 2)
+    _sol_instance(data)
+    sol = server_of(context).sol
+    if sol is None or not sol.alive():
+        return bytes(12)
+    return struct.pack("<I", sol.session.bmc_id) + bytes([1]) + bytes(7)
+
+
+@command(NetFn.APP, 0x4E, Privilege.USER)
+async def get_channel_payload_support(context: Context, data: bytes) -> bytes:
+    """Get Channel Payload Support (§24.8): IPMI and SOL; the RMCP+ session setup payloads."""
+    expect_length(data, 1, 1)
+    lan_channel(context, data[0])
+    return bytes([1 << PAYLOAD_IPMI | 1 << PAYLOAD_SOL, 0, 0x3F, 0, 0, 0, 0, 0])
+
+
+@command(NetFn.APP, 0x4F, Privilege.USER)
+async def get_channel_payload_version(context: Context, data: bytes) -> bytes:
+    """Get Channel Payload Version (§24.9): format version 1.0 of IPMI and SOL."""
+    expect_length(data, 2, 2)
+    lan_channel(context, data[0])
+    if data[1] not in (PAYLOAD_IPMI, PAYLOAD_SOL):
+        raise IpmiError(0x80, "payload type not available on this channel")
+    return b"\x10"

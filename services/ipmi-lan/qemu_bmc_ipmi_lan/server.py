@@ -26,6 +26,7 @@ from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, Cre
 from . import crypto, framing
 from .framing import FrameError
 from .sessions import LoginGuard, Session, SessionTable
+from .sol import SolSession
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class LanServer(asyncio.DatagramProtocol):
         self.cipher_suites = {suite: CIPHER_SUITES[suite] for suite in self.extra["cipher_suites"]}  # type: ignore
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: set[asyncio.Task[None]] = set()
+        self.sol: SolSession | None = None
+        """The active Serial over LAN payload instance (one per machine), see sol.py."""
 
     # ------------------------------------------------------------------ datagrams
 
@@ -238,10 +241,19 @@ class LanServer(asyncio.DatagramProtocol):
         if payload is None or not session.inbound.accept(packet.sequence):
             return
         session.last_activity = time.monotonic()
+        if packet.payload_type == framing.PAYLOAD_SOL:
+            if self.sol is not None and self.sol.session is session:
+                await self.sol.received(payload, address)
+            return
         if packet.payload_type != framing.PAYLOAD_IPMI:
-            return  # SOL and other payloads: a later issue
+            return
         response = await self.run(session, framing.parse_lan_message(payload))
         self.send_v20(session, framing.PAYLOAD_IPMI, response, address)
+
+    async def close(self) -> None:
+        """The service stops: end SOL."""
+        if self.sol is not None:
+            await self.sol.stop()
 
     def send_v20(self, session: Session, payload_type: int, payload: bytes, address: tuple[str, int]) -> None:
         keys = session.keys

@@ -23,6 +23,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     registry = ipmi.load().extended(lan_registry)
     loop = asyncio.get_running_loop()
     transports = []
+    servers: list[LanServer] = []
     listening = {}
     reads: dict[str, StateReads] = {}
     subscription = await follow_state_changes(nc, reads)
@@ -32,6 +33,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
         transport, server = await loop.create_datagram_endpoint(
             lambda vm=vm: LanServer(vm.name, nc, registry, config.ipmi), local_addr=vm.ipmi)
         transports.append(transport)
+        servers.append(server)
         reads[vm.name] = server.state
         listening[vm.name] = f"{vm.ipmi[0]}:{vm.ipmi[1]}"
         log.info("%s: IPMI over LAN on udp %s:%d", vm.name, *vm.ipmi)
@@ -44,6 +46,8 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     finally:
         await subscription.unsubscribe()
         await service.stop()
+        for server in servers:
+            await server.close()
         for transport in transports:
             transport.close()
 
