@@ -136,6 +136,7 @@ def test_qemu_takes_the_options_and_hides_the_hypervisor_bit_of_the_operators_cp
 # -- from inside a real guest --------------------------------------------------------------------
 
 GUEST_SCRIPT = r"""
+echo 1 > /proc/sys/kernel/printk  # no kernel message in the middle of the report's long lines
 for name in {files}; do
   echo "GUEST-DMI $name=$(cat /sys/class/dmi/id/$name 2>/dev/null)"
 done
