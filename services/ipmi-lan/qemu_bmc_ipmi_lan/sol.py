@@ -196,7 +196,7 @@ class SolSession:
             return
         self.address = address
         sequence, acked, accepted, operation = payload[0] & 0x0F, payload[1] & 0x0F, payload[2], payload[3]
-        data = payload[4:]
+        data = payload[4:4 + MAX_DATA]  # at most the payload size Activate Payload announced; the rest is not accepted
         if acked and self.in_flight is not None and acked == self.in_flight[0]:
             self.ack_count, self.ack_nack = accepted, bool(operation & OP_NACK)
             self.acked.set()
