@@ -80,7 +80,7 @@ def describe(config: Config, nats_address: str, log_dir: Path) -> str:
     lines = [f"qemu-bmc is up.  NATS: {nats_address} (URL with its token in {config.runtime_dir / NATS_URL_FILE})",
              f"  logs: {log_dir}"]
     for vm in config.vms.values():
-        where = f"QMP {vm.runtime_dir / 'qmp.sock'}, serial {vm.runtime_dir / 'serial.sock'}" \
+        where = f"QMP {vm.runtime_dir / 'qmp.sock'}, serial {vm.runtime_dir / 'serial.log'}" \
             if vm.mode == "managed" else f"QMP {vm.qmp}" + (f", serial {vm.serial}" if vm.serial else "")
         lines.append(f"  machine {vm.name} ({vm.mode}): {where}")
         if vm.ipmi:

@@ -1,6 +1,6 @@
-"""A machine's serial console on the bus: the machine service keeps the serial port's socket
-(the chardev socket the launcher gives QEMU, or ``serial`` in attach mode) connected across power
-cycles and QEMU restarts, publishes what the machine writes (``console.out``), writes what
+"""A machine's serial console on the bus: the machine service keeps the serial port (the pipes the
+launcher gives QEMU, or the chardev socket ``serial`` in attach mode) open across power cycles
+and QEMU restarts, publishes what the machine writes (``console.out``), writes what
 front-ends type (``console.in``) and keeps the last bytes for viewers that attach
 (``console.get``)."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,14 +26,20 @@ RETRY_INTERVAL = 1.0
 
 
 class Console:
-    def __init__(self, machine: str, path: Path,
-                 publish: Callable[[str, str, msgspec.Struct], Awaitable[None]]) -> None:
+    """``path``: the managed launcher's pipes (``path.out``, ``path.in``), or, with ``socket``, an
+    attached QEMU's serial chardev socket. ``live`` says whether a QEMU is there to type on."""
+
+    def __init__(self, machine: str, path: Path, publish: Callable[[str, str, msgspec.Struct], Awaitable[None]],
+                 socket: bool = False, live: Callable[[], bool] = lambda: True) -> None:
         self.machine = machine
         self.path = path
         self.publish = publish
+        self.socket = socket
+        self.live = live
         self.ring = bytearray()
         self.end = 0
         self.writer: asyncio.StreamWriter | None = None
+        self.input_fd: int | None = None
         self.connected = asyncio.Event()
         self.wake = asyncio.Event()
 
@@ -41,6 +48,13 @@ class Console:
 
     async def write(self, data: bytes) -> int:
         """Type ``data`` on the serial port; 0 bytes while no machine is there to take them."""
+        if not self.live():
+            return 0
+        if self.input_fd is not None:
+            try:
+                return os.write(self.input_fd, data)
+            except BlockingIOError:
+                return 0
         writer = self.writer
         if writer is None:
             return 0
@@ -57,7 +71,38 @@ class Console:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.connected.wait(), timeout)
 
+    async def received(self, data: bytes) -> None:
+        self.ring += data
+        del self.ring[:-RING_SIZE]
+        self.end += len(data)
+        await self.publish(self.machine, subjects.CONSOLE_OUT, ConsoleOutput(machine=self.machine, data=data,
+                                                                            end=self.end))
+
     async def run(self) -> None:
+        if self.socket:
+            await self._follow_socket()
+        else:
+            await self._follow_pipes()
+
+    async def _follow_pipes(self) -> None:
+        """Both pipes held open read-write for good: they never end, whichever QEMU (if any) is
+        at their other end, and QEMU's output waits in the pipe (64 KiB) while this reads late."""
+        output = os.open(self.path.with_suffix(".out"), os.O_RDWR | os.O_NONBLOCK)
+        self.input_fd = os.open(self.path.with_suffix(".in"), os.O_RDWR | os.O_NONBLOCK)
+        reader = asyncio.StreamReader(limit=RING_SIZE)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                    os.fdopen(output, "rb", buffering=0))
+        self.connected.set()
+        try:
+            while data := await reader.read(4096):
+                await self.received(data)
+        finally:
+            transport.close()
+            os.close(self.input_fd)
+            self.input_fd = None
+
+    async def _follow_socket(self) -> None:
         """Stay connected to the serial socket whenever it is there."""
         while True:
             try:
@@ -71,11 +116,7 @@ class Console:
             self.connected.set()
             try:
                 while data := await reader.read(4096):
-                    self.ring += data
-                    del self.ring[:-RING_SIZE]
-                    self.end += len(data)
-                    await self.publish(self.machine, subjects.CONSOLE_OUT,
-                                       ConsoleOutput(machine=self.machine, data=data, end=self.end))
+                    await self.received(data)
             except (ConnectionError, OSError):
                 pass
             finally:

@@ -6,7 +6,8 @@ QEMU's own output. The launcher adds, before the operator's arguments:
 * ``-qmp`` on ``qmp.sock``, ``-pidfile qemu.pid``, ``-no-shutdown`` (a guest power-off leaves
   QEMU in run state ``shutdown``, reported Off) and ``-S`` (the machine service applies the boot
   override, resets and continues);
-* a serial chardev socket ``serial.sock`` as the first serial port, logged to ``serial.log``;
+* a serial chardev on the pipes ``serial.in`` and ``serial.out`` as the first serial port, logged
+  to ``serial.log`` (the machine service's console reads and writes them);
 * an AHCI controller with an empty CD drive ``qbmc-cd0`` for virtual media;
 * ``-uuid`` (from the config, else one generated once and kept) unless the command has one;
 * with a ``vmwire`` address, the ipmi-bmc-extern BMC and its KCS interface (see vmwire_args);
@@ -46,7 +47,8 @@ class RuntimeFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.qmp = directory / "qmp.sock"
-        self.serial = directory / "serial.sock"
+        self.serial = directory / "serial"
+        """The serial port's pipes: ``serial.out`` (what the machine writes) and ``serial.in``."""
         self.serial_log = directory / "serial.log"
         self.pid = directory / "qemu.pid"
         self.qemu_log = directory / "qemu.log"
@@ -56,7 +58,11 @@ class RuntimeFiles:
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        longest = max(len(str(self.qmp)), len(str(self.serial)))
+        for pipe in (self.serial.with_suffix(".in"), self.serial.with_suffix(".out")):
+            if not pipe.is_fifo():
+                pipe.unlink(missing_ok=True)
+                os.mkfifo(pipe, 0o600)
+        longest = len(str(self.qmp))
         if longest > UNIX_PATH_MAX:
             raise LaunchError(f"runtime directory {self.directory} is too long for a unix socket path "
                               f"({longest} > {UNIX_PATH_MAX} bytes): set a shorter runtime_dir")
@@ -81,7 +87,9 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles) -> list[str]:
         "-pidfile", str(files.pid),
         "-no-shutdown",
         "-S",
-        "-chardev", f"socket,id={SERIAL_CHARDEV},path={files.serial},server=on,wait=off,"
+        # pipes, not a socket: a pipe holds 64 KiB, so a console reader that is briefly late never
+        # makes the UART drop bytes (a unix socket fills after a few hundred one-byte writes)
+        "-chardev", f"pipe,id={SERIAL_CHARDEV},path={files.serial},"
                     f"logfile={files.serial_log},logappend=on",
         "-serial", f"chardev:{SERIAL_CHARDEV}",
         "-device", "ich9-ahci,id=qbmc-ahci",

@@ -76,8 +76,11 @@ class Machine:
         self._override = self._load_override()
         self._media_image: str | None = self._load_media_image()
         self._closing = False
-        serial = self.files.serial if vm.mode == "managed" else vm.serial
-        self.console = Console(self.name, serial, publish) if serial else None
+        if vm.mode == "managed":
+            self.console: Console | None = Console(self.name, self.files.serial, publish,
+                                                   live=lambda: self._pid is not None)
+        else:
+            self.console = Console(self.name, vm.serial, publish, socket=True) if vm.serial else None
 
     # ------------------------------------------------------------------ lifecycle
 
