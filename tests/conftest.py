@@ -130,6 +130,12 @@ def free_udp_port() -> int:
         return probe.getsockname()[1]
 
 
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def write_config(directory: Path, text: str) -> Path:
     path = directory / "qemu-bmc.toml"
     path.write_text(f'runtime_dir = "{directory / "rt"}"\n' + text)

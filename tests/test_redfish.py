@@ -3,23 +3,17 @@ systems, boot override with ETags, resets with their real effect, the MAAS flow,
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import serial_log, toml_list, wait_for, write_config
+from conftest import free_tcp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import BootOverride, PasswordSet, PowerStatus, User, UserAccessUpdate, UserUpdate
 
 USER, PASSWORD = "admin", "s3cret-Pass"
 
-
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Service:

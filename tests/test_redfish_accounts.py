@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
-from conftest import free_udp_port, no_exception_logged, toml_list, wait_for, write_config
+from conftest import free_tcp_port, free_udp_port, no_exception_logged, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from qemu_bmc_redfish import sessions as session_store
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PasswordSet, User, UserAccessUpdate, UserList, UserUpdate
-from test_redfish import PASSWORD, USER, free_tcp_port
+from test_redfish import PASSWORD, USER
 
 SESSIONS = "/redfish/v1/SessionService/Sessions"
 ACCOUNTS = "/redfish/v1/AccountService/Accounts"

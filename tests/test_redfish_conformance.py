@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, toml_list, write_config
+from conftest import REPO, free_tcp_port, toml_list, write_config
 from guest_images import GuestImages
-from test_redfish import PASSWORD, USER, free_tcp_port
+from test_redfish import PASSWORD, USER
 
 CSDL = Path(os.environ.get("REDFISH_CSDL", REPO.parent / "shared" / "redfish" / "csdl"))
 BIN = Path(sys.executable).parent

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import httpx
-from conftest import wait_for, write_config
+from conftest import free_tcp_port, wait_for, write_config
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PasswordSet, User, UserAccessUpdate, UserUpdate
-from test_redfish import PASSWORD, USER, Service, free_tcp_port, redfish  # noqa: F401  (the fixture)
+from test_redfish import PASSWORD, USER, Service, redfish  # noqa: F401  (the fixture)
 
 RESET = "/redfish/v1/Systems/n1/Actions/ComputerSystem.Reset"
 SUBSCRIPTIONS = "/redfish/v1/EventService/Subscriptions"

@@ -12,12 +12,11 @@ import socket
 import termios
 from pathlib import Path
 
-from conftest import toml_list, wait_for, write_config
+from conftest import free_tcp_port, toml_list, wait_for, write_config
 from linux_guest import LinuxGuest
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import ConsoleHistory, PowerRequest, PowerStatus
-from test_vmwire import free_tcp_port
 from test_vmwire_guest import PASSWORD, USER
 
 SHELL_READY = "SOL-GUEST-SHELL"

@@ -5,11 +5,10 @@ real QEMU and a real guest are in test_vmwire_guest.py."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import free_tcp_port, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qemu_bmc_shared import bus, ipmi, subjects
@@ -19,11 +18,6 @@ from qemu_bmc_vmwire.server import VmWireEndpoint
 
 VERSION_AND_CAPABILITIES = bytes([0xFF, 0x01, 0xA1, 0x08, 0x3F, 0xA1])  # what QEMU sends on connect
 
-
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def request(message_id: int, netfn: int, cmd: int, data: bytes = b"") -> bytes:

@@ -12,11 +12,10 @@ import string
 from pathlib import Path
 
 import httpx
-from conftest import free_udp_port, serial_log, toml_list, wait_for, write_config
+from conftest import free_tcp_port, free_udp_port, serial_log, toml_list, wait_for, write_config
 from linux_guest import DONE, READY, LinuxGuest
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerRequest, PowerStatus
-from test_vmwire import free_tcp_port
 
 USER, PASSWORD = "admin", "s3cret-Pass"
 MAAS_KEYS = ("User3:Username=maas", "User3:Password={password}", "User3:Enable_User=Yes",

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import toml_list, wait_for, write_config
+from conftest import free_tcp_port, toml_list, wait_for, write_config
 from linux_guest import LinuxGuest
 from playwright import async_api as playwright_api
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import ConsoleHistory, PowerRequest, PowerStatus
-from test_redfish import free_tcp_port
 from websockets.asyncio import client as websockets_client
 
 USER, PASSWORD = "admin", "s3cret-Pass"

@@ -25,7 +25,7 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import Empty, PasswordSet, User, UserAccessUpdate, UserList, UserUpdate
 
-from .app import Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
+from .app import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 from .auth import PRIVILEGES, ROLES, Login, role_of
 from .errors import RedfishError, message
 
@@ -222,7 +222,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "@odata.id": SERVICE_PATH, "@odata.type": "#AccountService.v1_18_1.AccountService",
             "Id": "AccountService", "Name": "Account service",
             "Description": "The BMC users of every machine (shared with IPMI)", "ServiceEnabled": True,
-            "Status": {"State": "Enabled", "Health": "OK"}, "LocalAccountAuth": "Enabled",
+            "Status": ENABLED, "LocalAccountAuth": "Enabled",
             "MinPasswordLength": MIN_PASSWORD, "MaxPasswordLength": MAX_PASSWORD,
             "AccountLockoutThreshold": 0, "AccountLockoutDuration": 0,
             "Accounts": link(ACCOUNTS_PATH), "Roles": link(ROLES_PATH)})

@@ -27,6 +27,8 @@ from .errors import RedfishError, not_found
 from .machines import Machines
 
 JSON_TYPE = "application/json; charset=utf-8"
+ENABLED = {"State": "Enabled", "Health": "OK"}
+"""The Status of a resource that is there and working."""
 BUS_STATUS = {"unknown_machine": 404, "not_found": 404, "bad_request": 400, "conflict": 409, "invalid_state": 409,
               "timeout": 504, "unavailable": 503}
 

@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerQuery, PowerStatus
 
-from .app import Redfish, collection, json_response, link
+from .app import ENABLED, Redfish, collection, json_response, link
 
 
 def register(app: FastAPI, redfish: Redfish) -> None:
@@ -23,6 +23,6 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         return json_response({
             "@odata.id": f"/redfish/v1/Chassis/{machine}", "@odata.type": "#Chassis.v1_25_0.Chassis",
             "Id": machine, "Name": f"Chassis of {machine}", "ChassisType": "Other", "PowerState": power.state,
-            "Status": {"State": "Enabled", "Health": "OK"},
+            "Status": ENABLED,
             "Links": {"ComputerSystems": [link(f"/redfish/v1/Systems/{machine}")],
                       "ManagedBy": [link(f"/redfish/v1/Managers/{machine}")]}})

@@ -31,7 +31,7 @@ from nats.aio.subscription import Subscription
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerEvent, PowerQuery, PowerStatus
 
-from .app import Redfish, collection, json_body, json_response, link, patch_body
+from .app import ENABLED, Redfish, collection, json_body, json_response, link, patch_body
 from .auth import PRIVILEGES, Login
 from .errors import RedfishError, not_found
 from .subscriptions import MAX_SUBSCRIPTIONS, SubscriptionRecord, SubscriptionStore
@@ -105,7 +105,7 @@ def subscription_body(record: SubscriptionRecord) -> dict[str, Any]:
         "RegistryPrefixes": list(record.registry_prefixes), "ResourceTypes": list(record.resource_types),
         "HttpHeaders": [], "VerifyCertificate": False, "DeliveryRetryPolicy": "RetryForever",
         "OriginResources": [link(f"/redfish/v1/Systems/{machine}") for machine in record.machines],
-        "Status": {"State": "Enabled", "Health": "OK"}}
+        "Status": ENABLED}
 
 
 def _string_list(body: dict[str, Any], name: str, allowed: tuple[str, ...]) -> list[str]:
@@ -213,7 +213,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         return json_response({
             "@odata.id": SERVICE_PATH, "@odata.type": "#EventService.v1_10_0.EventService",
             "Id": "EventService", "Name": "Event service", "ServiceEnabled": True,
-            "Status": {"State": "Enabled", "Health": "OK"}, "ServerSentEventUri": SSE_PATH,
+            "Status": ENABLED, "ServerSentEventUri": SSE_PATH,
             "EventFormatTypes": ["Event"], "RegistryPrefixes": list(REGISTRY_PREFIXES),
             "ResourceTypes": list(RESOURCE_TYPES), "DeliveryRetryAttempts": RETRIES,
             "DeliveryRetryIntervalSeconds": int(RETRY_INTERVAL), "Subscriptions": link(SUBSCRIPTIONS_PATH)})

@@ -20,7 +20,7 @@ from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import LanConfig, LanRef, SolConfig
 
 from . import __version__
-from .app import Redfish, collection, json_response, link
+from .app import ENABLED, Redfish, collection, json_response, link
 from .errors import RedfishError
 from .service_root import service_uuid
 from .virtual_media import action_body, collection_path
@@ -38,7 +38,6 @@ INTERFACE_ID = str(LAN_CHANNEL)
 LAN_IP, LAN_IP_SOURCE, LAN_MAC, LAN_NETMASK, LAN_GATEWAY = 3, 4, 5, 6, 12
 #: SOL configuration parameter 1, SOL Enable (IPMI v2.0 §26.3).
 SOL_ENABLE = 1
-ENABLED = {"State": "Enabled", "Health": "OK"}
 
 
 def manager_path(machine: str) -> str:

@@ -43,7 +43,7 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from .app import Redfish, collection, json_body, json_response, key_value, link
+from .app import ENABLED, Redfish, collection, json_body, json_response, key_value, link
 from .auth import CHALLENGE, Login
 from .errors import RedfishError, not_found
 
@@ -297,7 +297,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         return json_response({
             "@odata.id": SERVICE_PATH, "@odata.type": "#SessionService.v1_2_0.SessionService",
             "Id": "SessionService", "Name": "Session service", "ServiceEnabled": True,
-            "SessionTimeout": store.timeout, "Status": {"State": "Enabled", "Health": "OK"},
+            "SessionTimeout": store.timeout, "Status": ENABLED,
             "Sessions": link(SESSIONS_PATH)})
 
     @app.get(SESSIONS_PATH)

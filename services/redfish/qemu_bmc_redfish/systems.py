@@ -20,7 +20,7 @@ from qemu_bmc_shared.messages import (
     SystemView,
 )
 
-from .app import Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
+from .app import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 from .errors import RedfishError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ async def computer_system(redfish: Redfish, machine: str) -> dict[str, Any]:
         "UUID": inventory.uuid, "Manufacturer": inventory.manufacturer, "Model": inventory.model,
         "SerialNumber": inventory.serial or inventory.uuid,
         "PowerState": power.state,
-        "Status": {"State": "Enabled", "Health": "OK"},
+        "Status": ENABLED,
         "ProcessorSummary": {"Count": inventory.cpus},
         "MemorySummary": {"TotalSystemMemoryGiB": round(inventory.memory_mib / 1024, 3)},
         "Boot": {
@@ -154,7 +154,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         return json_response({
             "@odata.id": f"{system_path(machine)}/EthernetInterfaces/{index}",
             "@odata.type": "#EthernetInterface.v1_12_0.EthernetInterface", "Id": index, "Name": f"NIC {index}",
-            "MACAddress": mac, "PermanentMACAddress": mac, "Status": {"State": "Enabled", "Health": "OK"}})
+            "MACAddress": mac, "PermanentMACAddress": mac, "Status": ENABLED})
 
 
 async def graceful_restart(redfish: Redfish, machine: str) -> None:

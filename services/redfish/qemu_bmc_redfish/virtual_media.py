@@ -33,7 +33,7 @@ from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import MediaInsert, MediaStatus
 
-from .app import Redfish, check_if_match, collection, etag_of, json_body, json_response, patch_body
+from .app import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, patch_body
 from .errors import BASE_REGISTRY, RedfishError, message
 
 VIRTUAL_MEDIA_TYPE = "#VirtualMedia.v1_6_5.VirtualMedia"
@@ -140,7 +140,7 @@ def virtual_media(path: str, status: MediaStatus) -> dict[str, Any]:
         "ConnectedVia": "URI" if status.inserted else "NotConnected",
         "TransferProtocolType": PROTOCOLS.get(parts.scheme) if parts else None,
         "TransferMethod": "Stream" if status.inserted else None,
-        "Status": {"State": "Enabled", "Health": "OK"},
+        "Status": ENABLED,
         "Actions": {
             INSERT: {"target": f"{path}/Actions/VirtualMedia.InsertMedia",
                      "TransferProtocolType@Redfish.AllowableValues": list(PROTOCOLS.values()),
