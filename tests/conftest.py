@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis  # noqa: F401  (imported now: its pytest plugin importing it late, at the summary, trips a CPython 3.11.7 compiler bug)
 import msgspec
 import pytest
 from guest_images import GuestImages

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
+import nats.errors
 from nats.aio.client import Client
 
 MACHINE_SERVICE = "qemu-bmc-machine"
@@ -13,11 +15,17 @@ MACHINE_SERVICE = "qemu-bmc-machine"
 
 class Machines:
     """Machine names, asked of every machine service; answered from the last answer while a
-    newer one is asked for in the background once it is ``max_age`` seconds old."""
+    newer one is asked for in the background once it is ``max_age`` seconds old.
 
-    def __init__(self, nc: Client, max_age: float = 2.0) -> None:
-        self.nc, self.max_age = nc, max_age
+    A machine stays listed until no answer has named it for ``forget_after`` seconds: a machine
+    service that is slow to answer one round (a loaded host) does not make its machines vanish
+    from the Systems collection, nor their sessions lose their access, for a moment."""
+
+    def __init__(self, nc: Client, max_age: float = 2.0, forget_after: float = 6.0) -> None:
+        self.nc, self.max_age, self.forget_after = nc, max_age, forget_after
         self.names: list[str] | None = None
+        self.seen: dict[str, float] = {}
+        """Machine name → when an answer last named it (time.monotonic())."""
         self.at = 0.0
         self.refreshing: asyncio.Task[None] | None = None
 
@@ -32,8 +40,12 @@ class Machines:
         return self.names
 
     async def _refresh(self) -> None:
-        self.names = await self._discover()
-        self.at = time.monotonic()
+        found = await self._discover()
+        now = time.monotonic()
+        self.seen.update(dict.fromkeys(found, now))
+        self.seen = {name: at for name, at in self.seen.items() if now - at < self.forget_after}
+        self.names = sorted(self.seen)
+        self.at = now
 
     async def _discover(self, first: float = 0.5, quiet: float = 0.02) -> list[str]:
         inbox = self.nc.new_inbox()
@@ -54,5 +66,6 @@ class Machines:
                     continue
                 names.update(name for name in listed.split(",") if name)
         finally:
-            await subscription.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # the connection closed meanwhile
+                await subscription.unsubscribe()
         return sorted(names)
