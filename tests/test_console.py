@@ -64,3 +64,41 @@ async def test_console_output_input_and_power_cycle(nc, services, short_dir: Pat
     await typed(b"echo AGAIN-$((7*6))\n", b"AGAIN-42")
     assert ends == sorted(ends)
     await subscription.unsubscribe()
+
+
+async def test_attach_mode_console_socket(nc, services, short_dir: Path, linux_guest: LinuxGuest):
+    """Attach mode: the operator's QEMU has its serial port on a chardev socket named by ``serial``;
+    the console follows it, and finds it again when that QEMU is replaced."""
+    qmp, serial = short_dir / "a-qmp.sock", short_dir / "a-serial.sock"
+    argv = linux_guest.qemu_args(linux_guest.initrd(SHELL, short_dir))
+
+    async def start_qemu() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            "qemu-system-x86_64", *argv, "-qmp", f"unix:{qmp},server=on,wait=off",
+            "-chardev", f"socket,id=com1,path={serial},server=on,wait=off", "-serial", "chardev:com1",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    received = bytearray()
+
+    async def output(message) -> None:  # type: ignore[no-untyped-def]
+        received.extend(msgspec.json.decode(message.data, type=ConsoleOutput).data)
+
+    await nc.subscribe(subjects.for_machine("a1", subjects.CONSOLE_OUT), cb=output)
+    qemu = await start_qemu()
+    try:
+        config = write_config(short_dir, f'[vm.a1]\nqmp = "{qmp}"\nserial = "{serial}"\n')
+        await services("machine", config)
+        for run in range(2):
+            await wait_for(lambda: b"GUEST-IPMI" in received, timeout=60, message="the guest on the console")
+            await asyncio.sleep(1)  # the shell is up
+            command, answer = f"echo ATTACHED-$(({run}+42))\n".encode(), f"ATTACHED-{run + 42}".encode()
+            written = await bus.request(nc, "a1", subjects.CONSOLE_IN, ConsoleInput(data=command), ConsoleWritten)
+            assert written.written == len(command)
+            await wait_for(lambda answer=answer: answer in received, timeout=20, message="the echo")
+            qemu.kill()  # the operator replaces its QEMU: the console connects to the new one
+            await qemu.wait()
+            received.clear()
+            qemu = await start_qemu()
+    finally:
+        qemu.kill()
+        await qemu.wait()

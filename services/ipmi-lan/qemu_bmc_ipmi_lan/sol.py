@@ -5,6 +5,12 @@ Packets (§26.2, tables 26-2/26-3): sequence number (1-15, 0 for an ack-only pac
 or nacked sequence number, the accepted character count, an operation (console → BMC) or status
 (BMC → console) byte, then characters. The BMC keeps one packet in flight: it is retransmitted
 every retry interval, at most retry count times, until the console acks it.
+
+A partial packet (fewer characters than the send threshold) goes out when the character
+accumulate interval has passed since its first character, or as soon as the serial line has been
+quiet for ``QUIET`` seconds, as a UART's receive FIFO hands over its characters after a few
+character times without one: a keystroke's echo is not held back 60 ms (the default interval),
+and a burst of output still fills whole packets.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ MAX_PAYLOAD = 252
 MAX_DATA = MAX_PAYLOAD - 4
 #: Serial output kept for a console that does not keep up; older bytes are dropped.
 MAX_BUFFERED = 64 * 1024
+#: Seconds without a new character after which a partial packet is sent before its interval.
+QUIET = 0.001
 
 # console → BMC operation bits
 OP_NACK = 0x40
@@ -69,7 +77,7 @@ class SolSession:
     def __init__(self, server: LanServer, session: Session, address: tuple[str, int], timing: SolTiming) -> None:
         self.server, self.session, self.address, self.timing = server, session, address, timing
         self.buffer = bytearray()
-        self.first_buffered = 0.0
+        self.first_buffered = self.last_buffered = 0.0
         self.end = -1  # console position of the last byte buffered
         self.sequence = 0
         self.in_flight: tuple[int, int] | None = None  # (sequence, length) awaiting its ack
@@ -131,8 +139,9 @@ class SolSession:
         self.end = max(self.end, output.end)
         if not data:
             return
+        self.last_buffered = time.monotonic()
         if not self.buffer:
-            self.first_buffered = time.monotonic()
+            self.first_buffered = self.last_buffered
         self.buffer += data
         if len(self.buffer) > MAX_BUFFERED:
             del self.buffer[:len(self.buffer) - MAX_BUFFERED]
@@ -151,7 +160,8 @@ class SolSession:
                     except TimeoutError:
                         pass
                     continue
-                wait = self.first_buffered + self.timing.accumulate - time.monotonic()
+                wait = min(self.first_buffered + self.timing.accumulate,
+                           self.last_buffered + QUIET) - time.monotonic()
                 if len(self.buffer) < min(self.timing.threshold, MAX_DATA) and wait > 0:
                     self.wake.clear()
                     try:

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from qemu_bmc_shared.messages import ConsoleHistory, ConsoleOutput
 log = logging.getLogger(__name__)
 
 RING_SIZE = 64 * 1024
+CHUNK = 16 * 1024
+#: Seconds a burst of output is gathered into one console.out message (see ``Console._pump``).
+GATHER = 0.002
 #: How long to wait between connection attempts while there is no serial socket (a launch wakes
 #: the console at once).
 RETRY_INTERVAL = 1.0
@@ -38,7 +43,7 @@ class Console:
         self.live = live
         self.ring = bytearray()
         self.end = 0
-        self.writer: asyncio.StreamWriter | None = None
+        self.connection: socket.socket | None = None
         self.input_fd: int | None = None
         self.connected = asyncio.Event()
         self.wake = asyncio.Event()
@@ -55,13 +60,12 @@ class Console:
                 return os.write(self.input_fd, data)
             except BlockingIOError:
                 return 0
-        writer = self.writer
-        if writer is None:
+        connection = self.connection
+        if connection is None:
             return 0
         try:
-            writer.write(data)
-            await writer.drain()
-        except (ConnectionError, OSError):
+            await asyncio.get_running_loop().sock_sendall(connection, data)
+        except OSError:
             return 0
         return len(data)
 
@@ -78,6 +82,39 @@ class Console:
         await self.publish(self.machine, subjects.CONSOLE_OUT, ConsoleOutput(machine=self.machine, data=data,
                                                                             end=self.end))
 
+    async def _pump(self, fd: int, read: Callable[[int], bytes]) -> None:
+        """What the machine writes on ``fd`` (``read``: ``os.read`` or ``socket.recv`` on it,
+        non-blocking) to the bus, until its end. QEMU's UART writes a byte at a time: output that
+        follows a quiet spell (a keystroke's echo) goes out at once, while a burst gathers in the
+        pipe or socket and goes out every ``GATHER`` seconds, one message and one wake-up for
+        hundreds of bytes, not one per byte."""
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        published = 0.0
+        while True:
+            loop.add_reader(fd, readable.set)
+            try:
+                await readable.wait()
+            finally:
+                loop.remove_reader(fd)
+            readable.clear()
+            wait = published + GATHER - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            data, ended = bytearray(), False
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while len(data) < CHUNK:
+                    chunk = read(CHUNK - len(data))
+                    ended = not chunk
+                    if ended:
+                        break
+                    data += chunk
+            if data:
+                await self.received(bytes(data))
+                published = time.monotonic()
+            if ended:
+                return
+
     async def run(self) -> None:
         if self.socket:
             await self._follow_socket()
@@ -89,39 +126,35 @@ class Console:
         at their other end, and QEMU's output waits in the pipe (64 KiB) while this reads late."""
         output = os.open(self.path.with_suffix(".out"), os.O_RDWR | os.O_NONBLOCK)
         self.input_fd = os.open(self.path.with_suffix(".in"), os.O_RDWR | os.O_NONBLOCK)
-        reader = asyncio.StreamReader(limit=RING_SIZE)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                                    os.fdopen(output, "rb", buffering=0))
         self.connected.set()
         try:
-            while data := await reader.read(4096):
-                await self.received(data)
+            await self._pump(output, lambda size: os.read(output, size))
         finally:
-            transport.close()
+            os.close(output)
             os.close(self.input_fd)
             self.input_fd = None
 
     async def _follow_socket(self) -> None:
         """Stay connected to the serial socket whenever it is there."""
+        loop = asyncio.get_running_loop()
         while True:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.setblocking(False)
             try:
-                reader, writer = await asyncio.open_unix_connection(str(self.path))
+                await loop.sock_connect(connection, str(self.path))
             except OSError:
+                connection.close()
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), RETRY_INTERVAL)
                 continue
-            self.writer = writer
+            self.connection = connection
             self.connected.set()
             try:
-                while data := await reader.read(4096):
-                    await self.received(data)
-            except (ConnectionError, OSError):
+                await self._pump(connection.fileno(), connection.recv)
+            except OSError:
                 pass
             finally:
-                self.writer = None
+                self.connection = None
                 self.connected.clear()
-                writer.close()
-                with contextlib.suppress(ConnectionError, OSError):
-                    await writer.wait_closed()
+                connection.close()
