@@ -80,7 +80,9 @@ async def start_peers(work: Path) -> tuple[dict[str, int], list[subprocess.Popen
                       f'ipmi = "127.0.0.1:{ports["qemu-bmc"]}"\n')
     for module in ("qemu_bmc_state", "qemu_bmc_machine", "qemu_bmc_ipmi_lan"):
         processes.append(subprocess.Popen([sys.executable, "-m", module, "--nats", nats.url, "--config", str(config),
-                                           "--log-level", "WARNING"], env={"IPMI_PASS": PASSWORD, "PATH": "/usr/bin"}))
+                                           "--log-level", "WARNING",
+                                           *(["--stop-vms-on-exit"] if module == "qemu_bmc_machine" else [])],
+                                          env={"IPMI_PASS": PASSWORD, "PATH": "/usr/bin"}))
     (work / "lan.conf").write_text(f"""name "bench"
 set_working_mc 0x20
   startlan 1

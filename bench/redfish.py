@@ -109,7 +109,8 @@ async def main(arguments: argparse.Namespace) -> None:
     environment = {**os.environ, "IPMI_PASS": PASSWORD}
     command = [sys.executable, "-m"]
     processes = [subprocess.Popen([*command, module, "--nats", nats.url, "--config", str(path), "--log-level",
-                                   "WARNING"], env=environment)
+                                   "WARNING", *(["--stop-vms-on-exit"] if module == "qemu_bmc_machine" else [])],
+                                  env=environment)
                  for module, path in (("qemu_bmc_state", https), ("qemu_bmc_machine", https),
                                       ("qemu_bmc_redfish", https), ("qemu_bmc_redfish", http))]
     emulator = Path(sys.executable).parent / "sushy-emulator"

@@ -240,7 +240,8 @@ class Peers:
         for module in ("qemu_bmc_state", "qemu_bmc_machine", "qemu_bmc_ipmi_lan", "qemu_bmc_redfish"):
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", module, "--nats", self.nats.url, "--config", str(config), "--log-level",
-                 "WARNING"], env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD, "PATH": "/usr/bin:/bin"}))
+                 "WARNING", *(["--stop-vms-on-exit"] if module == "qemu_bmc_machine" else [])],
+                env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD, "PATH": "/usr/bin:/bin"}))
         serial = free_port()
         (self.work / "lan.conf").write_text(f"""name "bench"
 set_working_mc 0x20
