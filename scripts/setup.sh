@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
   docker-compose                         # validates compose.yaml offline
   wrk                                    # the HTTP load generator of bench/redfish.py
   chromium                               # the browser tests/test_web_console.py drives (Playwright)
+  openssh-server                         # a local sshd standing in for a VM's (tests/test_vm_manager.py)
 )
 if ! python3 -m venv --help >/dev/null 2>&1; then
   DEBIAN_PACKAGES+=(python3-venv python3-pip)

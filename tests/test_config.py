@@ -92,6 +92,17 @@ media_device = "cd0"
      "hypervisor bit"),
     ("[vm.a]\ncmd = ['-cpu', 'host,+hypervisor,migratable=on']\nbare_metal_identity = true\n", "vm.a.cmd[1]",
      "hypervisor bit"),
+    ("[vm.a]\ncmd = []\n[vm.a.ssh]\nUser = 'root'\n", "vm.a.ssh.port", "missing"),
+    ("[vm.a]\ncmd = []\n[vm.a.ssh]\nport = 0\n", "vm.a.ssh.port", "port number"),
+    ("[vm.a]\ncmd = []\n[vm.a.ssh]\nport = 2222\nvm_port = '22'\n", "vm.a.ssh.vm_port", "port number"),
+    ("[vm.a]\ncmd = []\n[vm.a.ssh]\nport = 2222\nHost = 'x'\n", "vm.a.ssh.Host", "not an ssh_config option"),
+    ("[ssh]\nPort = 22\n", "ssh.Port", "not an ssh_config option"),
+    ("[ssh]\nIdentityFile = [1]\n", "ssh.IdentityFile", "list of ssh option values"),
+    ("[ssh]\nUser = {name = 'x'}\n", "ssh.User", "must be a string"),
+    ("[vm.a]\ncmd = []\nipmi = '0.0.0.0:623'\n[vm.b]\ncmd = []\nipmi = '10.0.0.2:623'\n", "vm.b.ipmi",
+     "UDP port 623 is already taken by vm.a.ipmi"),
+    ("[vm.a]\ncmd = []\nvmwire = '127.0.0.1:8443'\n", "vm.a.vmwire", "TCP port 8443 is already taken by "
+     "redfish.listen"),
     ("[qemu]\nbinary = 'x'\n", "qemu.binary", "unknown key"),
     ("[state]\ndefault_user = 'a-very-long-user-name'\n", "state.default_user", "16 bytes"),
     ("vm = 3\n", "vm", "must be a table"),
@@ -103,6 +114,33 @@ def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, where: str,
         load(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and f"{where}:" in message and problem in message, message
+
+
+def test_ssh_options_ports_and_templates(tmp_path: Path):
+    path = config_file(tmp_path, """
+[ssh]
+User = "root"
+ServerAliveInterval = 300
+ForwardAgent = false
+[vm.a]
+cmd = ["-nic", "user,hostfwd=tcp:127.0.0.1:{{.vm.ssh.port}}-:{{.vm.ssh.vm_port}}"]
+ipmi = "10.0.0.1:623"
+[vm.a.ssh]
+port = 2201
+vm_port = 2022
+serveraliveinterval = 60
+IdentityFile = ["~/.ssh/a", "~/.ssh/b"]
+[vm.b]
+cmd = []
+ipmi = "10.0.0.2:623"
+""")
+    vms = load(path).vms
+    assert vms["a"].argv[-1] == "user,hostfwd=tcp:127.0.0.1:2201-:2022"
+    ssh = vms["a"].ssh
+    assert ssh is not None and (ssh.port, ssh.vm_port) == (2201, 2022)
+    assert ssh.options == {"User": "root", "ForwardAgent": False, "serveraliveinterval": 60,
+                           "IdentityFile": ["~/.ssh/a", "~/.ssh/b"]}  # the VM's own win, whatever their case
+    assert vms["b"].ssh is None  # one address per machine on one port: no clash
 
 
 def test_bare_metal_identity(tmp_path: Path):

@@ -14,7 +14,7 @@ import msgspec
 from nats.aio.client import Client
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
-from qemu_bmc_shared.config import ConfigError, load
+from qemu_bmc_shared.config import ConfigError, find_config, load
 from qemu_bmc_shared.messages import (
     BootOverride,
     BootOverrideUpdate,
@@ -25,7 +25,7 @@ from qemu_bmc_shared.messages import (
 )
 from qemu_bmc_shared.service import nats_url, run, setup_logging
 
-from . import __version__
+from . import __version__, vm
 from .up import up
 
 BOOT_TARGETS = {"none": "None", "pxe": "Pxe", "hdd": "Hdd", "disk": "Hdd", "cd": "Cd", "cdrom": "Cd",
@@ -34,7 +34,8 @@ BOOT_TARGETS = {"none": "None", "pxe": "Pxe", "hdd": "Hdd", "disk": "Hdd", "cd":
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", default=os.environ.get("QEMU_BMC_CONFIG"), help="TOML config file")
+    common.add_argument("--config", "-c", default=os.environ.get("QEMU_BMC_CONFIG"),
+                        help="TOML config file (default: ./qemu-bmc.toml, else ~/.config/qemu-bmc/config.toml)")
     common.add_argument("--nats", default=os.environ.get("NATS_URL"), help="NATS URL")
     common.add_argument("--json", action="store_true", help="print the reply as JSON")
 
@@ -68,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     media.add_argument("machine")
     media.add_argument("image", nargs="?", help="local path or http(s) URL (insert)")
     media.add_argument("--writable", action="store_true", help="insert without write protection")
+
+    vm.add_parser(commands, common)
     return top
 
 
@@ -158,7 +161,10 @@ async def client_command(args: argparse.Namespace, url: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
-        config = load(args.config)
+        path = find_config(args.config)
+        if path is None and args.command == "vm":
+            raise ConfigError("no config: give -c FILE, or write ./qemu-bmc.toml or ~/.config/qemu-bmc/config.toml")
+        config = load(path)
     except ConfigError as exc:
         print(f"qemu-bmc: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -175,7 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     outcome: list[int] = []
 
     async def run_client(_: asyncio.Event) -> None:
-        outcome.append(await client_command(args, nats_url(args.nats, config)))
+        if args.command == "vm":
+            outcome.append(await vm.vm_command(args, config, nats_url(args.nats, config)))
+        else:
+            outcome.append(await client_command(args, nats_url(args.nats, config)))
 
     runner: Callable[[asyncio.Event], Awaitable[None]] = run_client
     try:

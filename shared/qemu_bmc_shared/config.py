@@ -14,9 +14,13 @@
     default_user = "admin"              # or IPMI_USER; the password comes from IPMI_PASS
     [redfish]
     listen = "0.0.0.0:8443"             # HTTPS; tls = false for HTTP; cert_file/key_file, or self-signed
+    [ssh]                               # ssh_config options for every VM (`qemu-bmc vm ssh/put/get`)
+    User = "root"
+    StrictHostKeyChecking = "no"
     [vm.node1]                          # managed: the service launches QEMU
     vars = { mem = "512" }
-    cmd = ["-machine", "q35", "-m", "{{.mem}}", "-drive", "file={{.images}}/{{.name}}.qcow2"]
+    cmd = ["-machine", "q35", "-m", "{{.mem}}", "-drive", "file={{.images}}/{{.name}}.qcow2",
+           "-nic", "user,hostfwd=tcp:127.0.0.1:{{.vm.ssh.port}}-:{{.vm.ssh.vm_port}}"]
     ipmi = "127.0.0.1:6230"
     vmwire = "127.0.0.1:9002"
     bare_metal_identity = true          # SMBIOS strings below, no VM markers (managed mode only)
@@ -27,8 +31,12 @@
     qmp = "/run/node2/qmp.sock"
     serial = "/run/node2/serial.sock"
     media_device = "cd0"
+    [vm.node1.ssh]                      # the VM's sshd: port on the host (mandatory), vm_port in the
+    port = 2201                         # guest (22), and ssh_config options over the global ones
+    IdentityFile = "~/.ssh/lab"
 
-Every error names the file, the key and what is wrong.
+Every error names the file, the key and what is wrong. Two VMs (or a VM and the Redfish
+listener) asking for the same host port are refused, naming both.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from typing import Any, Literal
 
 from .subjects import valid_machine_name
 
-TEMPLATE = re.compile(r"\{\{\s*\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+TEMPLATE = re.compile(r"\{\{\s*\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\}\}")
 DEFAULT_QEMU = "qemu-system-x86_64"
 DEMO_CMD = ["-machine", "q35", "-accel", "tcg", "-m", "128", "-display", "none"]
 
@@ -89,6 +97,23 @@ IDENTITY_KEYS = set(Identity.__dataclass_fields__)
 _DETECTED_KEYS = {"vendor", "product", "version", "board_vendor", "bios_vendor", "board_product", "chassis_vendor"}
 
 
+SshValue = str | int | bool | list[str]
+SSH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+#: ssh_config keywords a VM's generated block sets itself, or that would end it.
+SSH_RESERVED = {"host", "match", "port", "include"}
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    """``[vm.NAME.ssh]``: the VM's sshd, reached on ``port`` of the host (a QEMU ``hostfwd``
+    usually) and ``vm_port`` in the guest; ``options`` are ssh_config options, the global
+    ``[ssh]`` ones with the VM's own over them."""
+
+    port: int
+    vm_port: int = 22
+    options: dict[str, SshValue] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class VmConfig:
     name: str
@@ -106,6 +131,7 @@ class VmConfig:
     uuid: str | None = None
     autostart: bool = False
     """Power the machine on when the machine service starts and finds it off."""
+    ssh: SshConfig | None = None
     identity: Identity | None = None
     """Managed mode, ``bare_metal_identity = true``: the SMBIOS strings the guest sees instead of QEMU's,
     with the VM markers hidden (see the launcher's ``identity_args``)."""
@@ -250,7 +276,7 @@ def default_runtime_dir(config_path: Path | None) -> Path:
 def parse(data: dict[str, Any], path: Path | None) -> Config:
     file = str(path) if path else "<demo config>"
     base = path.parent if path else Path.cwd()
-    top = _Reader(file, "", data, {"runtime_dir", "nats", "qemu", "vars", "state", "redfish", "ipmi", "vm"})
+    top = _Reader(file, "", data, {"runtime_dir", "nats", "qemu", "vars", "state", "redfish", "ipmi", "ssh", "vm"})
     runtime_value = top.str("runtime_dir")
     runtime_dir = (_resolve(base, runtime_value) if runtime_value else default_runtime_dir(path)).absolute()
 
@@ -258,6 +284,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
     qemu = _Reader(file, "qemu", top.table_of("qemu"), {"bin"})
     qemu_bin = qemu.str("bin", DEFAULT_QEMU)
     global_vars = _vars_of(top, "vars")
+    global_ssh = _ssh_options(_Reader(file, "ssh", top.table_of("ssh"), set(top.table_of("ssh"))), set())
 
     state = _Reader(file, "state", top.table_of("state"), {"key_file", "default_user"})
     key_file = state.str("key_file")
@@ -286,8 +313,10 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
         if not valid_machine_name(name):
             raise top.error(f"vm.{name}", "a machine name is 1-63 letters, digits, '-' or '_', starting with a "
                             "letter or digit")
-        vms[name] = _parse_vm(file, base, name, table, runtime_dir, qemu_bin, global_vars)
+        vms[name] = _parse_vm(file, base, name, table, runtime_dir, qemu_bin, global_vars, global_ssh)
 
+    redfish_listen = redfish.address("listen") or RedfishConfig.listen
+    _refuse_port_clashes(file, vms, redfish_listen)
     return Config(
         path=path,
         runtime_dir=runtime_dir,
@@ -298,7 +327,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
             default_user=default_user,
             default_password=default_password,
         ),
-        redfish=RedfishConfig(listen=redfish.address("listen") or RedfishConfig.listen,
+        redfish=RedfishConfig(listen=redfish_listen,
                               tls=redfish.bool("tls", True),
                               cert_file=_resolve(base, cert_file) if cert_file else None,
                               key_file=_resolve(base, key_file) if key_file else None,
@@ -322,14 +351,52 @@ def _parse_ipmi(reader: _Reader) -> IpmiConfig:
     return IpmiConfig(**values)
 
 
+def _ssh_options(reader: _Reader, own: set[str]) -> dict[str, SshValue]:
+    """The ssh_config options of a ``[ssh]`` or ``[vm.NAME.ssh]`` table (``own``: its other keys)."""
+    options: dict[str, SshValue] = {}
+    for key, value in reader.table.items():
+        if key in own:
+            continue
+        if not SSH_OPTION.match(key) or key.lower() in SSH_RESERVED:
+            raise reader.error(key, "not an ssh_config option qemu-bmc passes on (port and vm_port are set in "
+                               "[vm.NAME.ssh]; Host, Match and Include are not allowed)")
+        if isinstance(value, list):
+            if not all(isinstance(item, str) and item for item in value):
+                raise reader.error(key, "a list of ssh option values must hold non-empty strings")
+        elif not isinstance(value, str | int | bool) or value == "":
+            raise reader.error(key, f"must be a string, a number, true/false or a list of strings, not {value!r}")
+        options[key] = value
+    return options
+
+
+def _parse_ssh(vm: _Reader, global_ssh: dict[str, SshValue]) -> SshConfig | None:
+    if "ssh" not in vm.table:
+        return None
+    reader = _Reader(vm.file, f"{vm.prefix}.ssh", vm.table_of("ssh"), set(vm.table_of("ssh")))
+    ports = {}
+    for key in ("port", "vm_port"):
+        value = reader.table.get(key, 22 if key == "vm_port" else None)
+        if value is None:
+            raise reader.error(key, "missing: the host port the VM's sshd is forwarded to")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+            raise reader.error(key, f"must be a port number (1-65535), not {value!r}")
+        ports[key] = value
+    own = _ssh_options(reader, {"port", "vm_port"})
+    merged = {key: value for key, value in global_ssh.items() if key.lower() not in {k.lower() for k in own}}
+    return SshConfig(port=ports["port"], vm_port=ports["vm_port"], options={**merged, **own})
+
+
 def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_dir: Path, qemu_bin: str,
-              global_vars: dict[str, str]) -> VmConfig:
+              global_vars: dict[str, str], global_ssh: dict[str, SshValue]) -> VmConfig:
     vm = _Reader(file, f"vm.{name}", table,
                  {"cmd", "vars", "bin", "qmp", "serial", "media_device", "ipmi", "vmwire", "uuid", "autostart",
-                  "bare_metal_identity", "identity"})
+                  "bare_metal_identity", "identity", "ssh"})
     vm_runtime = runtime_dir / "vm" / name
+    ssh = _parse_ssh(vm, global_ssh)
     variables = {**global_vars, **_vars_of(vm, "vars"), "name": name, "runtime_dir": str(vm_runtime),
                  "config_dir": str(base)}
+    if ssh is not None:
+        variables |= {"vm.ssh.port": str(ssh.port), "vm.ssh.vm_port": str(ssh.vm_port)}
     cmd, qmp = vm.str_list("cmd"), vm.str("qmp")
     if (cmd is None) == (qmp is None):
         raise vm.error("cmd", "give exactly one of cmd (managed: qemu-bmc launches QEMU) "
@@ -339,7 +406,7 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
         raise vm.error("uuid", f"not a UUID: {uuid!r}")
     common: dict[str, Any] = dict(name=name, runtime_dir=vm_runtime, ipmi=vm.address("ipmi"),
                                   vmwire=vm.address("vmwire"), uuid=uuid, media_device=vm.str("media_device"),
-                                  autostart=vm.bool("autostart"))
+                                  autostart=vm.bool("autostart"), ssh=ssh)
     if cmd is not None:
         if vm.str("serial") is not None:
             raise vm.error("serial", "only for attach mode: the managed launcher makes its own serial socket")
@@ -356,6 +423,28 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     serial = vm.str("serial")
     return VmConfig(mode="attach", qmp=_resolve(base, _substitute(qmp or "", variables, vm, "qmp")),
                     serial=_resolve(base, serial) if serial else None, **common)
+
+
+WILDCARD_HOSTS = {"", "0.0.0.0", "::", "*"}
+
+
+def _refuse_port_clashes(file: str, vms: dict[str, VmConfig], redfish_listen: tuple[str, int]) -> None:
+    """Two listeners on the same port and protocol, on the same address or where one of them takes
+    every address: the second one would fail at start, so the config is refused, naming both."""
+    listeners: list[tuple[str, str, int, str]] = [("tcp", redfish_listen[0], redfish_listen[1], "redfish.listen")]
+    for name, vm in vms.items():
+        if vm.ssh is not None:  # a QEMU hostfwd without an address takes every address
+            listeners.append(("tcp", "", vm.ssh.port, f"vm.{name}.ssh.port"))
+        if vm.ipmi is not None:
+            listeners.append(("udp", vm.ipmi[0], vm.ipmi[1], f"vm.{name}.ipmi"))
+        if vm.vmwire is not None:
+            listeners.append(("tcp", vm.vmwire[0], vm.vmwire[1], f"vm.{name}.vmwire"))
+    seen: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for protocol, host, port, key in listeners:
+        for other_host, other_key in seen.get((protocol, port), []):
+            if host == other_host or host in WILDCARD_HOSTS or other_host in WILDCARD_HOSTS:
+                raise ConfigError(f"{file}: {key}: {protocol.upper()} port {port} is already taken by {other_key}")
+        seen.setdefault((protocol, port), []).append((host, key))
 
 
 _SMBIOS_DATE = re.compile(r"(0[1-9]|1[0-2])/(0[1-9]|[12][0-9]|3[01])/[0-9]{4}")
@@ -388,6 +477,18 @@ def _parse_identity(vm: _Reader, argv: list[str]) -> Identity:
     if "bios_date" in values and not _SMBIOS_DATE.fullmatch(values["bios_date"]):
         raise reader.error("bios_date", f"must be MM/DD/YYYY (the SMBIOS format), not {values['bios_date']!r}")
     return Identity(**values)
+
+
+def find_config(explicit: str | Path | None) -> Path | None:
+    """The config file: ``explicit`` (``-c``, or QEMU_BMC_CONFIG), else ``./qemu-bmc.toml``, else
+    ``~/.config/qemu-bmc/config.toml`` (``$XDG_CONFIG_HOME`` when set); None when there is none."""
+    if explicit:
+        return Path(explicit)
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    for candidate in (Path("qemu-bmc.toml"), config_home / "qemu-bmc" / "config.toml"):
+        if candidate.is_file():
+            return candidate.absolute()
+    return None
 
 
 def load(path: str | Path | None) -> Config:

@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import struct
+import subprocess
 import uuid as uuid_module
 from pathlib import Path
 
@@ -238,17 +239,30 @@ def running_pid(files: RuntimeFiles) -> int | None:
     return None
 
 
-async def launch(vm: VmConfig, files: RuntimeFiles) -> asyncio.subprocess.Process:
-    """Start QEMU paused (``-S``); the caller connects to QMP and continues it."""
+def _launch_argv(vm: VmConfig, files: RuntimeFiles) -> list[str]:
     files.prepare()
     for stale in (files.pid, files.qmp):
         stale.unlink(missing_ok=True)
     argv = managed_argv(vm, files)
     log.info("%s: launching %s", vm.name, " ".join(argv))
+    return argv
+
+
+async def launch(vm: VmConfig, files: RuntimeFiles) -> asyncio.subprocess.Process:
+    """Start QEMU paused (``-S``); the caller connects to QMP and continues it."""
+    argv = _launch_argv(vm, files)
     with files.qemu_log.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
     return process
+
+
+def launch_detached(vm: VmConfig, files: RuntimeFiles) -> subprocess.Popen[bytes]:
+    """The same, for a caller that exits and leaves QEMU running (the VM manager): asyncio would
+    kill a child it started when its transport is closed."""
+    argv = _launch_argv(vm, files)
+    with files.qemu_log.open("ab") as output:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
 
 
 def launch_failure(files: RuntimeFiles, returncode: int | None) -> LaunchError:
