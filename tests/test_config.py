@@ -103,6 +103,11 @@ media_device = "cd0"
      "UDP port 623 is already taken by vm.a.ipmi"),
     ("[vm.a]\ncmd = []\nvmwire = '127.0.0.1:8443'\n", "vm.a.vmwire", "TCP port 8443 is already taken by "
      "redfish.listen"),
+    ("[ipmi]\nrange = '6230-6240'\n", "ipmi.range", "host:first-last"),
+    ("[ipmi]\nrange = '127.0.0.1:6240-6230'\n", "ipmi.range", "host:first-last"),
+    ("[ipmi]\nrange = '10.0.0.9-10.0.0.1:623'\n", "ipmi.range", "first_ip-last_ip:port"),
+    ("[ipmi]\nrange = '127.0.0.1:6230-6230'\n[vm.a]\ncmd = []\n[vm.b]\ncmd = []\n", "ipmi.range",
+     "too few addresses for the 2 machines"),
     ("[qemu]\nbinary = 'x'\n", "qemu.binary", "unknown key"),
     ("[state]\ndefault_user = 'a-very-long-user-name'\n", "state.default_user", "16 bytes"),
     ("vm = 3\n", "vm", "must be a table"),
@@ -141,6 +146,18 @@ ipmi = "10.0.0.2:623"
     assert ssh.options == {"User": "root", "ForwardAgent": False, "serveraliveinterval": 60,
                            "IdentityFile": ["~/.ssh/a", "~/.ssh/b"]}  # the VM's own win, whatever their case
     assert vms["b"].ssh is None  # one address per machine on one port: no clash
+
+
+@pytest.mark.parametrize(("range_", "expected"), [
+    ("127.0.0.1:6230-6239", [("127.0.0.1", 6230), ("127.0.0.1", 6232), ("127.0.0.1", 6233)]),
+    ("10.0.0.1-10.0.0.9:623", [("10.0.0.1", 623), ("10.0.0.2", 623), ("10.0.0.3", 623)]),
+])
+def test_ipmi_addresses_from_a_range(tmp_path: Path, range_: str, expected: list[tuple[str, int]]):
+    path = config_file(tmp_path, f'[ipmi]\nrange = "{range_}"\n[vm.c]\ncmd = []\n[vm.b]\ncmd = []\n'
+                                 '[vm.x]\ncmd = []\nipmi = "127.0.0.1:6231"\n[vm.a]\ncmd = []\n')
+    vms = load(path).vms
+    assert [vms[name].ipmi for name in ("c", "b", "a")] == expected  # config order; taken addresses skipped
+    assert vms["x"].ipmi == ("127.0.0.1", 6231)
 
 
 def test_bare_metal_identity(tmp_path: Path):

@@ -8,7 +8,7 @@ import asyncio
 
 from nats.aio.client import Client
 from nats.micro import ServiceConfig, add_service
-from qemu_bmc_redfish.machines import MACHINE_SERVICE, Machines
+from qemu_bmc_shared.discovery import MACHINE_SERVICE, Machines
 
 
 async def announce(nc: Client, *names: str):

@@ -11,10 +11,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from nats.aio.client import Client
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import ConfigError, find_config, load
+from qemu_bmc_shared.discovery import service_infos
 from qemu_bmc_shared.messages import (
     BootOverride,
     BootOverrideUpdate,
@@ -88,29 +88,12 @@ def show(reply: msgspec.Struct | Any, as_json: bool) -> None:
         print(reply)
 
 
-async def discover_services(nc: Client, wait: float = 0.5) -> list[dict[str, Any]]:
-    """Every nats.micro service instance that answers ``$SRV.INFO`` within ``wait`` seconds."""
-    inbox = nc.new_inbox()
-    replies: list[dict[str, Any]] = []
-    subscription = await nc.subscribe(inbox)
-    await nc.publish("$SRV.INFO", b"", reply=inbox)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while (left := deadline - loop.time()) > 0:
-        try:
-            message = await subscription.next_msg(timeout=left)
-        except Exception:
-            break
-        replies.append(json.loads(message.data))
-    await subscription.unsubscribe()
-    return sorted(replies, key=lambda info: (info.get("name", ""), info.get("id", "")))
-
-
 async def client_command(args: argparse.Namespace, url: str) -> int:
     nc = await bus.connect(url, "qemu-bmc-cli")
     try:
         if args.command == "services":
-            infos = await discover_services(nc)
+            infos = sorted(await service_infos(nc, first=0.5, quiet=0.2),
+                           key=lambda info: (info.get("name", ""), info.get("id", "")))
             if args.json:
                 print(json.dumps(infos, indent=2))
             for info in [] if args.json else infos:

@@ -21,13 +21,17 @@ def binary() -> str:
 
 class NatsServer:
     """``nats-server -js`` on a loopback port (a free one the first time), data under ``directory``;
-    clients must present ``token`` when one is given."""
+    clients must present ``token`` when one is given. With ``cluster_port``, a node of the
+    cluster ``cluster`` that routes to ``routes`` (``nats://host:port`` of the other nodes)."""
 
-    def __init__(self, directory: Path, port: int = -1, host: str = "127.0.0.1", token: str | None = None) -> None:
+    def __init__(self, directory: Path, port: int = -1, host: str = "127.0.0.1", token: str | None = None,
+                 cluster_port: int | None = None, routes: list[str] | None = None, name: str | None = None,
+                 cluster: str = "qemu-bmc") -> None:
         self.directory = directory
         self.host = host
         self.port = port
         self.token = token
+        self.cluster_port, self.routes, self.name, self.cluster = cluster_port, routes or [], name, cluster
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -47,6 +51,12 @@ class NatsServer:
             old.unlink()
         arguments = ["-a", self.host, "-p", str(self.port), "--ports_file_dir", str(ports_dir),
                      "-js", "-sd", str(self.directory / "jetstream")]
+        if self.name:
+            arguments += ["-n", self.name]
+        if self.cluster_port is not None:
+            arguments += ["--cluster_name", self.cluster, "--cluster", f"nats://{self.host}:{self.cluster_port}"]
+            if self.routes:
+                arguments += ["--routes", ",".join(self.routes)]
         if self.token:
             # In a config file (0600), not on the command line, which every local user can read.
             config = self.directory / "auth.conf"

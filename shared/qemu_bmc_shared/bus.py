@@ -7,6 +7,8 @@ Every reply is a msgspec JSON body. An error reply carries the nats.micro error 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -16,6 +18,9 @@ import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service
@@ -167,3 +172,37 @@ async def serve(
 async def publish(nc: Client, machine: str, event: str, message: msgspec.Struct) -> None:
     """Publish an event on ``bmc.<machine>.<event>``."""
     await nc.publish(subjects.for_machine(machine, event), encode(message))
+
+
+def cluster_size(nc: Client) -> int:
+    """How many NATS servers the connection knows of (the cluster's nodes, told by the server)."""
+    return max(1, len({(url.hostname, url.port) for url in nc.servers}))
+
+
+async def key_value(nc: Client, bucket: str, description: str, *, history: int = 1, ttl: float | None = None,
+                    timeout: float = 30.0) -> KeyValue:
+    """A JetStream key-value bucket on file, made when absent: with 3 replicas when the NATS
+    cluster has three nodes or more (so it survives the loss of one), and raised to 3 when the
+    cluster has grown since. Retried while a new cluster still elects its JetStream leaders."""
+    js = nc.jetstream()
+    replicas = 3 if cluster_size(nc) >= 3 else 1
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            try:
+                kv = await js.key_value(bucket)
+            except BucketNotFoundError:
+                return await js.create_key_value(KeyValueConfig(
+                    bucket=bucket, description=description, history=history, ttl=ttl, storage=StorageType.FILE,
+                    replicas=replicas))
+            stream = await js.stream_info(f"KV_{bucket}")
+            if stream.config.num_replicas is not None and stream.config.num_replicas < replicas:
+                await js.update_stream(dataclasses.replace(stream.config, num_replicas=replicas))
+                log.info("bucket %s: %d replicas now that the cluster has %d nodes", bucket, replicas,
+                         cluster_size(nc))
+            return kv
+        except (nats.errors.TimeoutError, ServiceUnavailableError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.info("bucket %s: JetStream not ready (%s), trying again", bucket, type(exc).__name__)
+            await asyncio.sleep(0.5)

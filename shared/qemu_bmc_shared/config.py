@@ -41,6 +41,8 @@ listener) asking for the same host port are refused, naming both.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import itertools
 import os
 import re
@@ -303,7 +305,8 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
     session_timeout = redfish.table.get("session_timeout", RedfishConfig.session_timeout)
     if isinstance(session_timeout, bool) or not isinstance(session_timeout, int) or not 30 <= session_timeout <= 86400:
         raise redfish.error("session_timeout", f"must be seconds from 30 to 86400, not {session_timeout!r}")
-    ipmi = _parse_ipmi(_Reader(file, "ipmi", top.table_of("ipmi"), set(IpmiConfig.__dataclass_fields__)))
+    ipmi_reader = _Reader(file, "ipmi", top.table_of("ipmi"), {*IpmiConfig.__dataclass_fields__, "range"})
+    ipmi = _parse_ipmi(ipmi_reader)
 
     vms: dict[str, VmConfig] = {}
     vm_tables = top.table_of("vm")
@@ -315,6 +318,8 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
                             "letter or digit")
         vms[name] = _parse_vm(file, base, name, table, runtime_dir, qemu_bin, global_vars, global_ssh)
 
+    if "range" in ipmi_reader.table:
+        vms = _allocate_ipmi(ipmi_reader, vms)
     redfish_listen = redfish.address("listen") or RedfishConfig.listen
     _refuse_port_clashes(file, vms, redfish_listen)
     return Config(
@@ -334,6 +339,44 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
                               session_timeout=session_timeout),
         ipmi=ipmi,
     )
+
+
+def ipmi_range(reader: _Reader) -> list[tuple[str, int]]:
+    """``[ipmi] range``: ``"HOST:FIRST-LAST"`` (ports on one address) or
+    ``"FIRST_IP-LAST_IP:PORT"`` (one port on consecutive IPv4 addresses)."""
+    text = reader.str("range") or ""
+    problem = f'must be "host:first-last" or "first_ip-last_ip:port", not {text!r}'
+    head, _, tail = text.rpartition(":")
+    try:
+        if "-" in tail:
+            first, last = (int(part) for part in tail.split("-", 1))
+            if not head or not 0 < first <= last < 65536:
+                raise ValueError
+            return [(head.strip("[]"), port) for port in range(first, last + 1)]
+        low, high = (ipaddress.IPv4Address(part) for part in head.split("-", 1))
+        port = int(tail)
+        if not low <= high or not 0 < port < 65536:
+            raise ValueError
+    except ValueError:
+        raise reader.error("range", problem) from None
+    return [(str(ipaddress.IPv4Address(number)), port) for number in range(int(low), int(high) + 1)]
+
+
+def _allocate_ipmi(reader: _Reader, vms: dict[str, VmConfig]) -> dict[str, VmConfig]:
+    """Each VM without an ``ipmi`` address gets the next free one of the range, in config order
+    (adding a VM at the end moves no other)."""
+    taken = {vm.ipmi for vm in vms.values() if vm.ipmi}
+    free = iter(address for address in ipmi_range(reader) if address not in taken)
+    allocated = {}
+    for name, vm in vms.items():
+        if vm.ipmi is None:
+            address = next(free, None)
+            if address is None:
+                wanting = sum(1 for vm in vms.values() if vm.ipmi is None)
+                raise reader.error("range", f"too few addresses for the {wanting} machines without an ipmi address")
+            vm = dataclasses.replace(vm, ipmi=address)
+        allocated[name] = vm
+    return allocated
 
 
 def _parse_ipmi(reader: _Reader) -> IpmiConfig:

@@ -1,14 +1,30 @@
-"""The IPMI over LAN service: one UDP endpoint per machine that has an ``ipmi`` address."""
+"""The IPMI over LAN service: one UDP endpoint per machine that has an ``ipmi`` address.
+
+Several replicas can run with the same config: each machine's address is served by one of them
+(IPMI sessions live in the replica that serves the address). A replica binds the addresses of
+its share of the machines (``--shard K/N``: the machines whose name hashes to K of N; all of them
+without ``--shard``) and keeps trying those another replica holds; the other machines' addresses
+it takes over when they have been free for ``TAKEOVER`` seconds, that is when the replica that
+served them has stopped, and gives them back when a replica of their shard is on the bus again.
+Users, passwords and every other setting are the state service's, so
+nothing is lost when a replica goes. Which replica serves which machine is announced on the bus
+(service metadata ``ipmi.<machine>``)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import functools
 import logging
+import zlib
 
 from nats.aio.client import Client
+from nats.micro.service import Service
 from qemu_bmc_shared import bus, ipmi
-from qemu_bmc_shared.config import Config
-from qemu_bmc_shared.ipmi.core import StateReads, follow_state_changes
+from qemu_bmc_shared.config import Config, VmConfig
+from qemu_bmc_shared.discovery import metadata, service_infos
+from qemu_bmc_shared.ipmi.core import Registry, StateReads, follow_state_changes
 from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
@@ -17,40 +33,137 @@ from .server import LanServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "qemu-bmc-ipmi-lan"
+RETRY = 1.0
+"""Seconds between attempts to bind an address another replica holds."""
+TAKEOVER = 3.0
+"""Seconds another shard's address must have been free before this replica serves it."""
 
 
-async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
-    registry = ipmi.load().extended(lan_registry)
-    loop = asyncio.get_running_loop()
-    transports = []
-    servers: list[LanServer] = []
-    listening = {}
-    reads: dict[str, StateReads] = {}
-    subscription = await follow_state_changes(nc, reads)
-    for vm in config.vms.values():
-        if vm.ipmi is None:
-            continue
-        transport, server = await loop.create_datagram_endpoint(
-            lambda vm=vm: LanServer(vm.name, nc, registry, config.ipmi), local_addr=vm.ipmi)
-        transports.append(transport)
-        servers.append(server)
-        reads[vm.name] = server.state
-        listening[vm.name] = f"{vm.ipmi[0]}:{vm.ipmi[1]}"
-        log.info("%s: IPMI over LAN on udp %s:%d", vm.name, *vm.ipmi)
-    service = await bus.serve(nc, name=SERVICE_NAME, version=__version__,
-                              description="IPMI over LAN (RMCP, RMCP+) for each machine", endpoints=[],
-                              metadata={"machines": ",".join(sorted(listening)),
-                                        **{f"ipmi.{name}": address for name, address in listening.items()}})
+def shard_of(machine: str, shards: int) -> int:
+    """The shard (1-based) a machine belongs to: a stable hash of its name."""
+    return zlib.crc32(machine.encode()) % shards + 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    number, _, count = text.partition("/")
     try:
-        await stop.wait()
-    finally:
-        await subscription.unsubscribe()
-        await service.stop()
-        for server in servers:
+        shard, shards = int(number), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard K/N, not {text!r}") from None
+    if not 1 <= shard <= shards:
+        raise argparse.ArgumentTypeError(f"--shard K/N with 1 <= K <= N, not {text!r}")
+    return shard, shards
+
+
+class Endpoints:
+    """The UDP endpoints this replica serves, and the announcement of them on the bus."""
+
+    def __init__(self, nc: Client, config: Config, shard: tuple[int, int]) -> None:
+        self.nc, self.config, self.shard = nc, config, shard
+        self.registry: Registry = ipmi.load().extended(lan_registry)
+        self.serving: dict[str, tuple[asyncio.DatagramTransport, LanServer]] = {}
+        self.reads: dict[str, StateReads] = {}
+        self.free_since: dict[str, float] = {}
+        self.service: Service | None = None
+
+    def own(self, vm: VmConfig) -> bool:
+        return shard_of(vm.name, self.shard[1]) == self.shard[0]
+
+    async def bind_what_is_free(self) -> bool:
+        """Serve every address this replica should and can; True when that changed anything."""
+        loop = asyncio.get_running_loop()
+        changed = False
+        for vm in self.config.vms.values():
+            if vm.ipmi is None or vm.name in self.serving:
+                continue
+            if not self.own(vm) and loop.time() - self.free_since.setdefault(vm.name, loop.time()) < TAKEOVER:
+                if not await self._free(vm):
+                    self.free_since[vm.name] = loop.time()
+                continue
+            try:
+                transport, server = await loop.create_datagram_endpoint(
+                    lambda vm=vm: LanServer(vm.name, self.nc, self.registry, self.config.ipmi), local_addr=vm.ipmi)
+            except OSError as exc:
+                log.debug("%s: %s:%d is taken (%s): another replica serves it", vm.name, *vm.ipmi, exc)
+                self.free_since[vm.name] = loop.time()
+                continue
+            self.serving[vm.name] = (transport, server)
+            self.reads[vm.name] = server.state
+            self.free_since.pop(vm.name, None)
+            changed = True
+            log.info("%s: IPMI over LAN on udp %s:%d%s", vm.name, *vm.ipmi,
+                     "" if self.own(vm) else " (taken over from another replica)")
+        return changed
+
+    async def give_back(self) -> bool:
+        """Stop serving the taken-over addresses whose own replica is back; True if any."""
+        taken_over = [name for name in self.serving if not self.own(self.config.vms[name])]
+        if not taken_over:
+            return False
+        shards = set()
+        for info in await service_infos(self.nc, SERVICE_NAME):
+            with contextlib.suppress(argparse.ArgumentTypeError):
+                shards.add(parse_shard(metadata(info).get("shard", "")))
+        returned = [name for name in taken_over if any(shard_of(name, count) == number for number, count in shards)]
+        for name in returned:
+            transport, server = self.serving.pop(name)
+            self.reads.pop(name, None)
+            self.free_since[name] = asyncio.get_running_loop().time()  # not to be taken again at once
             await server.close()
-        for transport in transports:
+            transport.close()
+            log.info("%s: IPMI over LAN given back to the replica of its shard", name)
+        return bool(returned)
+
+    @staticmethod
+    async def _free(vm: VmConfig) -> bool:
+        """The address can be bound now (nobody serves it); tried and released at once."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=vm.ipmi)
+        except OSError:
+            return False
+        transport.close()
+        return True
+
+    async def announce(self) -> None:
+        """(Re)register on the bus with the machines served now and their addresses."""
+        if self.service is not None:
+            await self.service.stop()
+        listening = {name: f"{transport.get_extra_info('sockname')[0]}:{transport.get_extra_info('sockname')[1]}"
+                     for name, (transport, _) in sorted(self.serving.items())}
+        self.service = await bus.serve(
+            self.nc, name=SERVICE_NAME, version=__version__, description="IPMI over LAN (RMCP, RMCP+) for each machine",
+            endpoints=[], metadata={"machines": ",".join(listening), "shard": "/".join(map(str, self.shard)),
+                                    **{f"ipmi.{name}": address for name, address in listening.items()}})
+
+    async def close(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+        for transport, server in self.serving.values():
+            await server.close()
             transport.close()
 
 
+async def serve(nc: Client, config: Config, stop: asyncio.Event, shard: tuple[int, int] = (1, 1)) -> None:
+    endpoints = Endpoints(nc, config, shard)
+    subscription = await follow_state_changes(nc, endpoints.reads)
+    await endpoints.bind_what_is_free()
+    await endpoints.announce()
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), RETRY)
+            except TimeoutError:
+                if await endpoints.give_back() | await endpoints.bind_what_is_free():
+                    await endpoints.announce()
+    finally:
+        await subscription.unsubscribe()
+        await endpoints.close()
+
+
 def main() -> None:
-    run_service(SERVICE_NAME, argument_parser("qemu-bmc IPMI over LAN service").parse_args(), serve)
+    parser = argument_parser("qemu-bmc IPMI over LAN service")
+    parser.add_argument("--shard", type=parse_shard, default=(1, 1), metavar="K/N",
+                        help="serve the K-th of N shares of the machines (replicas), and stand by for the others")
+    args = parser.parse_args()
+    run_service(SERVICE_NAME, args, functools.partial(serve, shard=args.shard))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 
 import msgspec
 from nats.aio.client import Client
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config
+from qemu_bmc_shared.discovery import announced_machines, metadata, service_infos
 from qemu_bmc_shared.messages import (
     BootOverrideUpdate,
     ConsoleInput,
@@ -96,6 +98,11 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event, stop_vms: bool 
         if not nc.is_closed:
             await bus.publish(nc, machine, event, message)
 
+    for info in await service_infos(nc, SERVICE_NAME):
+        taken = sorted(set(announced_machines(info)) & set(config.vms))
+        if taken:
+            raise SystemExit(f"{SERVICE_NAME}: {', '.join(taken)} already served by the machine service "
+                             f"{info.get('id')} on {metadata(info).get('host', '?')}: one owner per machine")
     machines = [Machine(vm, publish) for vm in config.vms.values()]
     for machine in machines:
         await machine.start()
@@ -103,7 +110,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event, stop_vms: bool 
         nc, name=SERVICE_NAME, version=__version__,
         description="QEMU machines: power, boot override, virtual media, inventory over QMP",
         endpoints=[endpoint for machine in machines for endpoint in endpoints(machine)],
-        metadata={"machines": ",".join(machine.name for machine in machines)})
+        metadata={"machines": ",".join(machine.name for machine in machines), "host": socket.gethostname()})
     log.info("serving %d machine(s): %s", len(machines), ", ".join(m.name for m in machines))
     try:
         await stop.wait()

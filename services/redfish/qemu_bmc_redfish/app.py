@@ -13,18 +13,15 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI, Request, Response
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError
-from nats.js.kv import KeyValue
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config
+from qemu_bmc_shared.discovery import Machines
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import ROLE_PRIVILEGES, Authenticator, Login
 from .errors import RedfishError, not_found
-from .machines import Machines
 
 JSON_TYPE = "application/json; charset=utf-8"
 ENABLED = {"State": "Enabled", "Health": "OK"}
@@ -109,16 +106,6 @@ def check_if_match(request: Request, current: dict[str, Any]) -> None:
     etag = current.get("@odata.etag") or etag_of(current)
     if if_match and if_match.strip() != "*" and etag not in (tag.strip() for tag in if_match.split(",")):
         raise RedfishError(412, "PreconditionFailed")
-
-
-async def key_value(nc: Client, bucket: str, description: str, ttl: float | None = None) -> KeyValue:
-    """A JetStream key-value bucket of the service (on file, latest value only), made when absent."""
-    js = nc.jetstream()
-    try:
-        return await js.key_value(bucket)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, description=description, history=1, ttl=ttl,
-                                                        storage=StorageType.FILE))
 
 
 def collection(path: str, kind: str, name: str, members: list[str]) -> dict[str, Any]:

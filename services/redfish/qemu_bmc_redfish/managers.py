@@ -97,9 +97,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     async def manager(request: Request, machine: str) -> Response:
         await redfish.login(request, machine)
         sol = await bus.request(redfish.nc, machine, subjects.SOL_GET, None, SolConfig)
-        vm = redfish.config.vms.get(machine)
         sol_enable = sol.params.get(SOL_ENABLE, b"")
-        sol_enabled = bool(vm and vm.ipmi and sol_enable and sol_enable[0] & 1)  # SOL is IPMI over LAN
+        sol_enabled = bool(machine in redfish.machines.ipmi and sol_enable and sol_enable[0] & 1)  # SOL is IPMI LAN
         path = manager_path(machine)
         now = datetime.now().astimezone()
         return json_response({
@@ -152,16 +151,17 @@ def register(app: FastAPI, redfish: Redfish) -> None:
 
     @app.get("/redfish/v1/Managers/{machine}/NetworkProtocol")
     async def network_protocol(request: Request, machine: str) -> Response:
-        """HTTP or HTTPS as the Redfish service listens; IPMI when the machine has an ipmi address."""
+        """HTTP or HTTPS as the Redfish service listens; IPMI when an IPMI over LAN service on the
+        bus serves the machine."""
         await redfish.login(request, machine)
         settings = redfish.config.redfish
         port = settings.listen[1]
-        vm = redfish.config.vms.get(machine)
-        ipmi = vm.ipmi if vm else None
+        address = redfish.machines.ipmi.get(machine)
+        ipmi_port = int(address.rpartition(":")[2]) if address else None
         return json_response({
             "@odata.id": f"{manager_path(machine)}/NetworkProtocol", "@odata.type": NETWORK_PROTOCOL_TYPE,
             "Id": "NetworkProtocol", "Name": f"Network protocols of the BMC of {machine}", "Status": ENABLED,
             "HTTP": {"ProtocolEnabled": not settings.tls, "Port": None if settings.tls else port},
             "HTTPS": {"ProtocolEnabled": settings.tls, "Port": port if settings.tls else None},
-            "IPMI": {"ProtocolEnabled": ipmi is not None, "Port": ipmi[1] if ipmi else None}})
+            "IPMI": {"ProtocolEnabled": ipmi_port is not None, "Port": ipmi_port}})
 

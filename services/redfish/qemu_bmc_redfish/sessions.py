@@ -42,8 +42,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from qemu_bmc_shared.bus import key_value
 
-from .app import ENABLED, Redfish, collection, json_body, json_response, key_value, link
+from .app import ENABLED, Redfish, collection, json_body, json_response, link
 from .auth import CHALLENGE, Login
 from .errors import RedfishError, not_found
 

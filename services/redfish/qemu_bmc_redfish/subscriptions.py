@@ -27,9 +27,8 @@ import msgspec
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from qemu_bmc_shared.bus import key_value
 from qemu_bmc_shared.messages import PowerEvent
-
-from .app import key_value
 
 log = logging.getLogger(__name__)
 

@@ -89,7 +89,7 @@ class SelFeed:
             except (ValueError, msgspec.DecodeError) as exc:
                 log.warning("SEL feed: ignoring a bad event on %s: %s", message.subject, exc)
                 return
-            if machine not in self.state.config.vms:
+            if not await self.state.known(machine):
                 return
             try:
                 await handler(machine, event)

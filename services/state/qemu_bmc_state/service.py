@@ -8,8 +8,8 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
-from typing import Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET
@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config, VmConfig
+from qemu_bmc_shared.discovery import Machines
 from qemu_bmc_shared.messages import (
     ChannelAccess,
     ChannelAccessUpdate,
@@ -104,16 +105,16 @@ def default_mac(machine: str) -> bytes:
     return bytes([0x02]) + hashlib.sha256(f"qemu-bmc:{machine}".encode()).digest()[:5]
 
 
-def default_lan(vm: VmConfig) -> LanConfig:
+def default_lan(machine: str, vm: VmConfig | None) -> LanConfig:
     """LAN parameters (IPMI v2.0 §23.2) seeded at first start: 3 IP, 4 source, 5 MAC, 6 mask, 12 gateway."""
     address = ipaddress.IPv4Address("0.0.0.0")
-    if vm.ipmi:
+    if vm and vm.ipmi:
         try:
             address = ipaddress.IPv4Address(vm.ipmi[0])
         except ValueError:
             pass
     return LanConfig(channel=LAN_CHANNEL, params={
-        3: address.packed, 4: b"\x01", 5: default_mac(vm.name), 6: bytes([255, 255, 255, 0]), 12: bytes(4)})
+        3: address.packed, 4: b"\x01", 5: default_mac(machine), 6: bytes([255, 255, 255, 0]), 12: bytes(4)})
 
 
 def default_sol() -> SolConfig:
@@ -129,6 +130,8 @@ class StateService:
         self.box = box
         self.config = config
         self.nc = nc
+        self.machines = Machines(nc) if nc is not None else None
+        self.seeded: set[str] = set()
 
     async def _modify(self, area: Area, machine: str, key: str, kind: type[S], default: Callable[[], S],
                       change: Callable[[S], S]) -> S:
@@ -142,10 +145,23 @@ class StateService:
 
     # ------------------------------------------------------------------ keys and defaults
 
-    def _machine(self, machine: str) -> str:
-        if machine not in self.config.vms:
-            raise BusError("unknown_machine", f"no machine {machine!r} in the state service's config")
-        return machine
+    async def known(self, machine: str) -> bool:
+        """A machine of this service's config, or one a machine service announces on the bus
+        (seeded with the defaults the first time it is seen)."""
+        if machine in self.seeded:
+            return True
+        if machine not in self.config.vms and (self.machines is None or not await self.machines.known(machine)):
+            return False
+        await self.seed(machine)
+        return True
+
+    def _serving_known_machines(self, handler: Callable[[str, Any], Awaitable[Any]]) -> bus.Handler:
+        async def serve(machine: str, request: Any) -> Any:
+            if not await self.known(machine):
+                raise BusError("unknown_machine", f"no machine {machine!r} in the state service's config or on the bus")
+            return await handler(machine, request)
+
+        return serve
 
     @staticmethod
     def _user_key(machine: str, slot: int) -> str:
@@ -155,9 +171,9 @@ class StateService:
     def _channel_key(machine: str, channel: int, volatile: bool) -> str:
         return f"{machine}.channel.{channel}.{'volatile' if volatile else 'nonvolatile'}"
 
-    async def seed(self, vm: VmConfig) -> None:
+    async def seed(self, machine: str) -> None:
         """Write the first-start defaults; create-only, so existing state is never replaced."""
-        machine, state = vm.name, self.config.state
+        state = self.config.state
         admin = StoredUser(slot=2, name=state.default_user, enabled=True,
                            password=self.box.seal(_password_bytes(state.default_password), self._user_key(machine, 2)),
                            channels={LAN_CHANNEL: UserChannelAccess(privilege=ADMINISTRATOR, ipmi_messaging=True,
@@ -165,7 +181,7 @@ class StateService:
         seeded = [
             await self.store.create(self._user_key(machine, 1), StoredUser(slot=1)),
             await self.store.create(self._user_key(machine, 2), admin),
-            await self.store.create(f"{machine}.lan.{LAN_CHANNEL}", default_lan(vm)),
+            await self.store.create(f"{machine}.lan.{LAN_CHANNEL}", default_lan(machine, self.config.vms.get(machine))),
             await self.store.create(f"{machine}.sol", default_sol()),
         ]
         for volatile in (True, False):
@@ -173,6 +189,7 @@ class StateService:
                                                   ChannelAccess(channel=LAN_CHANNEL, volatile=volatile)))
         if any(seeded):
             log.info("%s: seeded BMC defaults (user %r in slot 2)", machine, state.default_user)
+        self.seeded.add(machine)
 
     # ------------------------------------------------------------------ users
 
@@ -204,13 +221,13 @@ class StateService:
         return stored.public()
 
     async def users_list(self, machine: str, _: Empty) -> UserList:
-        return UserList(users=[user.public() for user in await self._all_users(self._machine(machine))])
+        return UserList(users=[user.public() for user in await self._all_users(machine)])
 
     async def users_get(self, machine: str, request: UserRef) -> User:
-        return (await self._user(self._machine(machine), request.slot)).public()
+        return (await self._user(machine, request.slot)).public()
 
     async def users_set(self, machine: str, request: UserUpdate) -> User:
-        machine = self._machine(machine)
+        machine = machine
         changes = _changes(request, ("slot",))
         if isinstance(name := changes.get("name"), str) and name:
             _ascii_name(name)
@@ -228,10 +245,10 @@ class StateService:
             access = msgspec.structs.replace(user.channels.get(request.channel, UserChannelAccess()), **changes)
             return msgspec.structs.replace(user, channels={**user.channels, request.channel: access})
 
-        return await self._modify_user(self._machine(machine), request.slot, change)
+        return await self._modify_user(machine, request.slot, change)
 
     async def users_password(self, machine: str, request: PasswordSet) -> User:
-        machine = self._machine(machine)
+        machine = machine
         sealed = None
         if request.password is not None:
             sealed = self.box.seal(_password_bytes(request.password), self._user_key(machine, request.slot))
@@ -239,7 +256,7 @@ class StateService:
                                        lambda user: msgspec.structs.replace(user, password=sealed))
 
     async def users_check(self, machine: str, request: PasswordCheck) -> PasswordCheckResult:
-        machine = self._machine(machine)
+        machine = machine
         user = await self._find(machine, request.slot, request.name)
         stored = self._password(machine, user) if user else None
         if user is None or stored is None:
@@ -248,7 +265,7 @@ class StateService:
         return PasswordCheckResult(ok=ok, user=user.public() if ok else None)
 
     async def users_credentials(self, machine: str, request: CredentialsRequest) -> Credentials:
-        machine = self._machine(machine)
+        machine = machine
         user = await self._find(machine, request.slot, request.name)
         if user is None:
             raise BusError("not_found", f"no user named {request.name!r}")
@@ -259,36 +276,36 @@ class StateService:
     # ------------------------------------------------------------------ channel, LAN, SOL, K_G
 
     async def channel_get(self, machine: str, request: ChannelRef) -> ChannelAccess:
-        key = self._channel_key(self._machine(machine), request.channel, request.volatile)
+        key = self._channel_key(machine, request.channel, request.volatile)
         return await self.store.get(key, ChannelAccess,
                                     lambda: ChannelAccess(channel=request.channel, volatile=request.volatile))
 
     async def channel_set(self, machine: str, request: ChannelAccessUpdate) -> ChannelAccess:
-        key = self._channel_key(self._machine(machine), request.channel, request.volatile)
+        key = self._channel_key(machine, request.channel, request.volatile)
         changes = _changes(request, ("channel", "volatile"))
         return await self._modify("channel", machine, key, ChannelAccess,
                                        lambda: ChannelAccess(channel=request.channel, volatile=request.volatile),
                                        lambda access: msgspec.structs.replace(access, **changes))
 
     async def lan_get(self, machine: str, request: LanRef) -> LanConfig:
-        key = f"{self._machine(machine)}.lan.{request.channel}"
+        key = f"{machine}.lan.{request.channel}"
         return await self.store.get(key, LanConfig, lambda: LanConfig(channel=request.channel, params={}))
 
     async def lan_set(self, machine: str, request: LanParamSet) -> LanConfig:
-        key = f"{self._machine(machine)}.lan.{request.channel}"
+        key = f"{machine}.lan.{request.channel}"
         return await self._modify(
             "lan", machine, key, LanConfig, lambda: LanConfig(channel=request.channel, params={}),
             lambda lan: LanConfig(channel=lan.channel, params={**lan.params, request.param: request.data}))
 
     async def sol_get(self, machine: str, _: Empty) -> SolConfig:
-        return await self.store.get(f"{self._machine(machine)}.sol", SolConfig, default_sol)
+        return await self.store.get(f"{machine}.sol", SolConfig, default_sol)
 
     async def sol_set(self, machine: str, request: SolParamSet) -> SolConfig:
-        return await self._modify("sol", machine, f"{self._machine(machine)}.sol", SolConfig, default_sol,
+        return await self._modify("sol", machine, f"{machine}.sol", SolConfig, default_sol,
                                        lambda sol: SolConfig(params={**sol.params, request.param: request.data}))
 
     async def kg_get(self, machine: str, _: Empty) -> KgKey:
-        machine = self._machine(machine)
+        machine = machine
         stored = await self.store.get(f"{machine}.kg", StoredKg, StoredKg)
         if stored.sealed is None:
             return KgKey(key=None)
@@ -298,13 +315,13 @@ class StateService:
             raise BusError("internal", str(exc)) from None
 
     async def kg_set(self, machine: str, request: KgKey) -> KgKey:
-        machine = self._machine(machine)
+        machine = machine
         sealed = self.box.seal(request.key, f"{machine}.kg") if request.key is not None else None
         await self._modify("kg", machine, f"{machine}.kg", StoredKg, StoredKg, lambda _: StoredKg(sealed=sealed))
         return request
 
     async def chassis_get(self, machine: str, _: Empty) -> ChassisConfig:
-        return await self.store.get(f"{self._machine(machine)}.chassis", ChassisConfig, ChassisConfig)
+        return await self.store.get(f"{machine}.chassis", ChassisConfig, ChassisConfig)
 
     async def chassis_set(self, machine: str, request: ChassisUpdate) -> ChassisConfig:
         def change(config: ChassisConfig) -> ChassisConfig:
@@ -312,13 +329,13 @@ class StateService:
             return ChassisConfig(boot_params={**config.boot_params, **request.boot_params},
                                  restore_policy=policy)  # type: ignore[arg-type]
 
-        return await self._modify("chassis", machine, f"{self._machine(machine)}.chassis", ChassisConfig,
+        return await self._modify("chassis", machine, f"{machine}.chassis", ChassisConfig,
                                   ChassisConfig, change)
 
     # ------------------------------------------------------------------ system event log
 
     async def sel_get(self, machine: str, _: Empty) -> SelLog:
-        return await self.store.get(f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]))
+        return await self.store.get(f"{machine}.sel", SelLog, lambda: SelLog(entries=[]))
 
     async def sel_add(self, machine: str, request: SelAdd) -> SelEntry:
         """Append a record; when the log is full the oldest records go (a ring, as many BMCs keep)."""
@@ -336,13 +353,13 @@ class StateService:
             entries = [*log.entries, entry][-log.capacity:]
             return msgspec.structs.replace(log, entries=entries, last_add=now)
 
-        await self._modify("sel", machine, f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]),
+        await self._modify("sel", machine, f"{machine}.sel", SelLog, lambda: SelLog(entries=[]),
                            change)
         return added[0]
 
     async def sel_clear(self, machine: str, _: Empty) -> SelLog:
         now = int(time.time())
-        return await self._modify("sel", machine, f"{self._machine(machine)}.sel", SelLog, lambda: SelLog(entries=[]),
+        return await self._modify("sel", machine, f"{machine}.sel", SelLog, lambda: SelLog(entries=[]),
                                        lambda log: msgspec.structs.replace(log, entries=[], last_erase=now))
 
     def endpoints(self) -> list[bus.Endpoint]:
@@ -369,7 +386,7 @@ class StateService:
             (subjects.SEL_CLEAR, Empty, self.sel_clear),
         ]
         return [bus.Endpoint(name=operation.replace(".", "-"), subject=subjects.any_machine(operation),
-                             request_type=request_type, handler=handler)
+                             request_type=request_type, handler=self._serving_known_machines(handler))
                 for operation, request_type, handler in table]
 
 
@@ -381,8 +398,8 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     store = Store(await open_bucket(nc))
     await store.start()
     state = StateService(store, box, config, nc)
-    for vm in config.vms.values():
-        await state.seed(vm)
+    for machine in config.vms:
+        await state.seed(machine)
     service = await bus.serve(nc, name=SERVICE_NAME, version=__version__,
                               description="BMC state: users, channel access, LAN and SOL parameters, K_G",
                               endpoints=state.endpoints(),

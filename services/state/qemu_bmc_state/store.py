@@ -19,10 +19,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.bus import BusError, key_value
 
 log = logging.getLogger(__name__)
 BUCKET = "qemu_bmc_state"
@@ -31,14 +30,8 @@ MAX_ATTEMPTS = 32
 S = TypeVar("S", bound=msgspec.Struct)
 
 
-async def open_bucket(nc, replicas: int = 1) -> KeyValue:  # type: ignore[no-untyped-def]
-    js = nc.jetstream()
-    try:
-        return await js.key_value(BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(
-            bucket=BUCKET, description="qemu-bmc BMC state", history=5, storage=StorageType.FILE,
-            replicas=replicas))
+async def open_bucket(nc) -> KeyValue:  # type: ignore[no-untyped-def]
+    return await key_value(nc, BUCKET, "qemu-bmc BMC state", history=5)
 
 
 class Store:
