@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import socket
 from pathlib import Path
@@ -16,11 +17,20 @@ from cryptography.x509.oid import NameOID
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """``cert.pem`` and ``key.pem`` in ``directory``, made once (ECDSA P-256, ten years, for the
-    host's name, localhost and 127.0.0.1); the key is readable by its owner only."""
+    host's name, localhost and 127.0.0.1); the key is readable by its owner only. Replicas
+    sharing the directory and starting together make one pair (a lock file orders them)."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     if cert.exists() and key.exists():
         return cert, key
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with (directory / "tls.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cert.exists() and key.exists()):
+            _make(cert, key)
+    return cert, key
+
+
+def _make(cert: Path, key: Path) -> None:
     private = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, socket.gethostname()[:64] or "qemu-bmc"),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "qemu-bmc")])
@@ -44,4 +54,3 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
     cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return cert, key
