@@ -233,7 +233,7 @@ async def test_virtual_media_refusals_and_privileges(bmc: Bmc, files: FileServer
         assert not (await bmc.media()).inserted
 
 
-async def test_manager_network_and_reset(bmc: Bmc):
+async def test_manager_network_and_reset(bmc: Bmc, services, short_dir: Path):
     async with bmc.client() as client:
         manager = (await client.get(MANAGER)).json()
         assert manager["@odata.type"] == "#Manager.v1_24_0.Manager" and manager["Model"] == "qemu-bmc"
@@ -274,7 +274,14 @@ async def test_manager_network_and_reset(bmc: Bmc):
         assert protocols["@odata.type"] == "#ManagerNetworkProtocol.v1_12_0.ManagerNetworkProtocol"
         assert protocols["HTTPS"] == {"ProtocolEnabled": True, "Port": bmc.port}
         assert protocols["HTTP"] == {"ProtocolEnabled": False, "Port": None}
-        assert protocols["IPMI"] == {"ProtocolEnabled": True, "Port": bmc.ipmi_port}
+        assert protocols["IPMI"] == {"ProtocolEnabled": False, "Port": None}  # no IPMI over LAN service yet
+        await services("ipmi-lan", short_dir / "qemu-bmc.toml")
+
+        async def ipmi_protocol() -> bool:
+            protocols = (await client.get(f"{MANAGER}/NetworkProtocol")).json()
+            return protocols["IPMI"] == {"ProtocolEnabled": True, "Port": bmc.ipmi_port}
+
+        await wait_for(ipmi_protocol, timeout=10, message="the IPMI over LAN service's port, learnt from the bus")
 
         # a manager reset is the BMC's, not the VM's
         response = await client.post(f"{SYSTEM}/Actions/ComputerSystem.Reset", json={"ResetType": "On"})
