@@ -6,7 +6,8 @@ over QMP; their IPMI over LAN addresses come from an ``[ipmi] range``.
 For each size, with fresh services and a fresh nats-server:
 
 - visible: seconds from starting the machine service until Redfish's Systems collection lists
-  every machine (polled every 50 ms);
+  every machine (polled every 50 ms); connected: until the machine service has a QMP connection
+  to every QEMU (its power status says so); the measurements below start then;
 - GET /redfish/v1/Systems: p50/p99 over 200 requests, with HTTP Basic (checked on every machine,
   from the Redfish service's cache of the state service's answers) and with a session token;
 - power status of every machine over IPMI (an RMCP+ session, Get Chassis Status, close) by 16
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +38,11 @@ import httpx
 import uvloop
 from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_ipmi_lan.client import RmcpPlusClient
+from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared.messages import PowerStatus
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ports import free_tcp_port, free_udp_ports
 
 USER, PASSWORD = "admin", "password"
 SERVICES = ("qemu_bmc_state", "qemu_bmc_machine", "qemu_bmc_ipmi_lan", "qemu_bmc_redfish")
@@ -45,34 +50,11 @@ QEMU = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "64", "-
         "-nodefaults", "-no-shutdown"]
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def free_udp_range(count: int) -> int:
-    """The first of ``count`` consecutive free UDP ports."""
-    base = 20000
-    while True:
-        probes = []
-        try:
-            for port in range(base, base + count):
-                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                probes.append(probe)
-                probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            base += count
-        finally:
-            for probe in probes:
-                probe.close()
-
-
 @dataclass
 class SizeResult:
     size: int
     visible_s: float = 0.0
+    connected_s: float = 0.0
     systems_basic_ms: tuple[float, float] = (0.0, 0.0)
     systems_token_ms: tuple[float, float] = (0.0, 0.0)
     ipmi_wall_s: float = 0.0
@@ -155,7 +137,7 @@ async def run_size(work: Path, sockets: list[Path], size: int) -> SizeResult:
     directory = work / f"n{size}"
     nats = NatsServer(directory / "nats")
     await nats.start()
-    https, base = free_port(), free_udp_range(size)
+    https, base = free_tcp_port(), free_udp_ports(size, below=60000)
     config = directory / "fleet.toml"
     config.write_text(f'runtime_dir = "{directory / "rt"}"\n[redfish]\nlisten = "127.0.0.1:{https}"\n'
                       f'[ipmi]\nrange = "127.0.0.1:{base}-{base + size - 1}"\nmax_sessions = 64\n'
@@ -187,6 +169,18 @@ async def run_size(work: Path, sockets: list[Path], size: int) -> SizeResult:
                     raise RuntimeError("the machines did not all appear in Redfish")
                 await asyncio.sleep(0.05)
             result.visible_s = time.perf_counter() - started
+            nc = await bus.connect(nats.url, "bench")
+            try:
+                names = [f"f{index:03d}" for index in range(size)]
+                while True:
+                    statuses = await asyncio.gather(*(bus.request(nc, name, subjects.POWER_GET, None, PowerStatus)
+                                                      for name in names))
+                    if all(status.run_state != "disconnected" for status in statuses):
+                        break
+                    await asyncio.sleep(0.05)
+                result.connected_s = time.perf_counter() - started
+            finally:
+                await nc.close()
 
             basic, token_ms = [], []
             for _ in range(200):
@@ -239,12 +233,14 @@ async def main(arguments: argparse.Namespace) -> None:
         for process in qemus:
             process.wait()
     print(f"\n{sizes[-1]} paused QEMU machines (attach mode), {qemu_rss / sizes[-1]:.1f} MiB each, not counted\n")
-    print("| machines | visible in Redfish s | GET Systems Basic p50/p99 ms | token p50/p99 ms | IPMI power status "
-          "of all, 16 clients s | per machine p50/p99 ms | failed | services RSS MiB | per machine MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| machines | visible in Redfish s | connected s | GET Systems Basic p50/p99 ms | token p50/p99 ms "
+          "| IPMI power status of all, 16 clients s | per machine p50/p99 ms | failed | services RSS MiB "
+          "| per machine MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         basic, token, ipmi = result.systems_basic_ms, result.systems_token_ms, result.ipmi_ms
-        print(f"| {result.size} | {result.visible_s:.2f} | {basic[0]:.1f} / {basic[1]:.1f} | {token[0]:.1f} / "
+        print(f"| {result.size} | {result.visible_s:.2f} | {result.connected_s:.2f} | {basic[0]:.1f} / "
+              f"{basic[1]:.1f} | {token[0]:.1f} / "
               f"{token[1]:.1f} | {result.ipmi_wall_s:.2f} | {ipmi[0]:.1f} / {ipmi[1]:.1f} | {result.ipmi_failed} | "
               f"{result.services_mib:.0f} | {result.services_mib / result.size:.2f} |")
     for result in results:
@@ -274,6 +270,7 @@ def plot(path: str, results: list[SizeResult]) -> None:
     memory.set_xlabel("machines")
     memory.legend()
     times.plot(sizes, [result.visible_s for result in results], marker="o", label="all visible in Redfish")
+    times.plot(sizes, [result.connected_s for result in results], marker="o", label="all connected over QMP")
     times.plot(sizes, [result.ipmi_wall_s for result in results], marker="o", label="IPMI power status of all")
     times.set_title("seconds")
     times.set_xlabel("machines")

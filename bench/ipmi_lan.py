@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,9 @@ import uvloop
 from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_ipmi_lan.client import IpmiClientError, RmcpPlusClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ports import free_udp_port
+
 USER, PASSWORD = "admin", "password"
 PYGHMI_BMC = """
 import sys
@@ -37,12 +39,6 @@ class Bench(bmc.Bmc):
         return "off"
 Bench({"admin": "password"}, port=int(sys.argv[1]), address="127.0.0.1").listen()
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -71,7 +67,7 @@ async def wait_ready(port: int, timeout: float = 30.0) -> None:
 
 
 async def start_peers(work: Path) -> tuple[dict[str, int], list[subprocess.Popen], NatsServer]:
-    ports = {name: free_port() for name in ("qemu-bmc", "ipmi_sim", "pyghmi Bmc")}
+    ports = {name: free_udp_port() for name in ("qemu-bmc", "ipmi_sim", "pyghmi Bmc")}
     processes = []
     nats = NatsServer(work / "nats")
     await nats.start()

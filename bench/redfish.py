@@ -16,7 +16,6 @@ import asyncio
 import base64
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,12 @@ from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerStatus
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ports import free_tcp_port
+
 USER, PASSWORD = "admin", "password"
 AUTHORIZATION = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def config(work: Path, name: str, port: int, tls: bool) -> Path:
@@ -103,7 +99,7 @@ async def main(arguments: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="qb-bench-", dir="/tmp"))
     nats = NatsServer(work / "nats")
     await nats.start()
-    ports = {"qemu-bmc HTTPS": free_port(), "qemu-bmc HTTP": free_port(), "sushy-emulator HTTP": free_port()}
+    ports = {name: free_tcp_port() for name in ("qemu-bmc HTTPS", "qemu-bmc HTTP", "sushy-emulator HTTP")}
     https, http = config(work, "https", ports["qemu-bmc HTTPS"], True), config(work, "http", ports["qemu-bmc HTTP"],
                                                                                False)
     environment = {**os.environ, "IPMI_PASS": PASSWORD}

@@ -30,7 +30,6 @@ import fcntl
 import json
 import os
 import random
-import socket
 import ssl
 import statistics
 import subprocess
@@ -48,16 +47,11 @@ from websockets.asyncio import client as websockets_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from linux_guest import LinuxGuest, default_cache
+from ports import free_tcp_port, free_udp_port
 
 USER, PASSWORD = "admin", "password"
 SHELL = "echo BENCH-SHELL\nexec setsid sh -c 'exec sh -i <>/dev/ttyS0 >&0 2>&1'\n"
 PROMPT = b"# "
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -225,8 +219,8 @@ class Peers:
     def __init__(self, work: Path, guest: LinuxGuest) -> None:
         self.work, self.guest = work, guest
         self.processes: list[subprocess.Popen] = []
-        self.sol_ports = {"qemu-bmc": free_port(socket.SOCK_DGRAM), "ipmi_sim": free_port(socket.SOCK_DGRAM)}
-        self.https = free_port()
+        self.sol_ports = {"qemu-bmc": free_udp_port(), "ipmi_sim": free_udp_port()}
+        self.https = free_tcp_port()
         self.nats = NatsServer(work / "nats")
 
     async def start(self) -> None:
@@ -242,7 +236,7 @@ class Peers:
                 [sys.executable, "-m", module, "--nats", self.nats.url, "--config", str(config), "--log-level",
                  "WARNING", *(["--stop-vms-on-exit"] if module == "qemu_bmc_machine" else [])],
                 env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD, "PATH": "/usr/bin:/bin"}))
-        serial = free_port()
+        serial = free_tcp_port()
         (self.work / "lan.conf").write_text(f"""name "bench"
 set_working_mc 0x20
   startlan 1

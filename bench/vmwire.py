@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from qemu_bmc.natsserver import NatsServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from linux_guest import LinuxGuest, default_cache
+from ports import free_tcp_port
 
 #: The whole checkout (its size depends on the BMC: ipmi_sim has more users), and the LAN, channel and
 #: SOL sections, which both BMCs fill alike: the like-for-like figure.
@@ -48,26 +48,20 @@ LINES: dict[tuple[int, str], int] = {}
 """The lines of bmc-config's output per BMC port and kind: how much there was to check out."""
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def start_peers(work: Path) -> tuple[dict[str, int], list[subprocess.Popen], NatsServer]:
-    ports = {"qemu-bmc": free_port(), "ipmi_sim": free_port()}
+    ports = {"qemu-bmc": free_tcp_port(), "ipmi_sim": free_tcp_port()}
     nats = NatsServer(work / "nats")
     await nats.start()
     config = work / "bench.toml"
     config.write_text(f'runtime_dir = "{work / "rt"}"\n[vm.b1]\ncmd = ["-m", "64"]\n'
-                      f'ipmi = "127.0.0.1:{free_port()}"\nvmwire = "127.0.0.1:{ports["qemu-bmc"]}"\n')
+                      f'ipmi = "127.0.0.1:{free_tcp_port()}"\nvmwire = "127.0.0.1:{ports["qemu-bmc"]}"\n')
     processes = [subprocess.Popen([sys.executable, "-m", module, "--nats", nats.url, "--config", str(config),
                                    "--log-level", "WARNING"], env={"IPMI_PASS": "password", "PATH": "/usr/bin"})
                  for module in ("qemu_bmc_state", "qemu_bmc_vmwire")]
     (work / "lan.conf").write_text(f"""name "bench"
 set_working_mc 0x20
   startlan 1
-    addr 127.0.0.1 {free_port()}
+    addr 127.0.0.1 {free_tcp_port()}
     priv_limit admin
     allowed_auths_admin md5
     guid a123456789abcdefa123456789abcdef

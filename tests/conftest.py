@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import msgspec
 import pytest
 from guest_images import GuestImages
 from nats.aio.client import Client
+from ports import free_tcp_port, free_udp_port, free_udp_ports  # noqa: F401 (for the tests)
 from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import BootEvent, MediaStatus, PowerEvent
@@ -123,18 +123,6 @@ async def services(nats_server: NatsServer, nc: Client, short_dir: Path) -> Asyn
     yield start
     for service in reversed(started):
         await service.stop()
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_config(directory: Path, text: str) -> Path:

@@ -6,15 +6,13 @@ the machines and take over each other's; killing a NATS node loses no state."""
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import ServiceProcess, free_tcp_port, toml_list, wait_for, write_config
+from conftest import ServiceProcess, free_tcp_port, free_udp_ports, toml_list, wait_for, write_config
 from nats.aio.client import Client
 from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_ipmi_lan.service import shard_of
@@ -73,24 +71,6 @@ async def test_machines_appear_and_disappear(nc: Client, services: Any, short_di
 
 async def _equal(listed: Any, expected: list[str]) -> bool:
     return await listed == expected
-
-
-def free_udp_ports(count: int) -> int:
-    """The first of ``count`` consecutive free UDP ports below 32768."""
-    while True:
-        base = random.randrange(20000, 32768 - count)
-        probes = []
-        try:
-            for port in range(base, base + count):
-                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                probes.append(probe)
-                probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
 
 
 async def ipmitool(port: int, *args: str, user: str = USER, password: str = PASSWORD) -> tuple[int, str]:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import serial_log, toml_list, wait_for, write_config
+from conftest import free_tcp_port, free_udp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from http_server import FileServer
 from qemu_bmc_shared import bus, subjects
@@ -33,12 +32,6 @@ from qemu_bmc_shared.messages import (
 USER, PASSWORD = "admin", "s3cret-Pass"
 MANAGER, SYSTEM = "/redfish/v1/Managers/n1", "/redfish/v1/Systems/n1"
 INSERT, EJECT = "Actions/VirtualMedia.InsertMedia", "Actions/VirtualMedia.EjectMedia"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Bmc:
@@ -66,7 +59,7 @@ class Bmc:
 
 @pytest.fixture
 async def bmc(nc, services, short_dir: Path, images: GuestImages) -> Bmc:
-    port, ipmi_port = free_port(), free_port(socket.SOCK_DGRAM)
+    port, ipmi_port = free_tcp_port(), free_udp_port()
     config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\n'
                                      f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=False))}\n'
                                      f'ipmi = "127.0.0.1:{ipmi_port}"\n')

@@ -7,12 +7,10 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import random
-import socket
 import termios
 from pathlib import Path
 
-from conftest import free_tcp_port, toml_list, wait_for, write_config
+from conftest import free_tcp_port, free_udp_ports, toml_list, wait_for, write_config
 from linux_guest import LinuxGuest
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
@@ -106,21 +104,9 @@ async def console_text(nc) -> str:
     return history.data.decode(errors="replace")
 
 
-def low_udp_port() -> int:
-    """A free UDP port below 32768: FreeIPMI 1.6's ipmiconsole refuses ``host:port`` with a larger port."""
-    while True:
-        port = random.randrange(20000, 32768)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
 async def boot_shell(nc, services, directory: Path, guest: LinuxGuest) -> int:
     """The guest running, with its shell on the serial port; the IPMI over LAN port."""
-    lan, wire = low_udp_port(), free_tcp_port()
+    lan, wire = free_udp_ports(), free_tcp_port()
     argv = guest.qemu_args(guest.initrd(SHELL, directory))
     config = write_config(directory, f'[vm.n1]\ncmd = {toml_list(argv)}\nipmi = "127.0.0.1:{lan}"\n'
                                      f'vmwire = "127.0.0.1:{wire}"\n')
