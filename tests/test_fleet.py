@@ -29,9 +29,10 @@ def machines_config(directory: Path, names: list[str], extra: str = "", each: st
     return write_config(directory, extra + "".join(f"[vm.{name}]\ncmd = {toml_list(BARE)}\n{each}" for name in names))
 
 
-async def systems(url: str) -> list[str] | None:
+async def systems(url: str, token: str | None = None) -> list[str] | None:
     """The Systems collection's members (None: no login; credentials are checked on the machines)."""
-    async with httpx.AsyncClient(base_url=url, verify=False, auth=(USER, PASSWORD)) as client:
+    async with httpx.AsyncClient(base_url=url, verify=False, auth=None if token else (USER, PASSWORD),
+                                 headers={"X-Auth-Token": token} if token else None) as client:
         response = await client.get("/redfish/v1/Systems")
         if response.status_code != 200:
             return None
@@ -39,11 +40,13 @@ async def systems(url: str) -> list[str] | None:
 
 
 async def test_machines_appear_and_disappear(nc: Client, services: Any, short_dir: Path):
-    port = free_tcp_port()
+    port, other_port = free_tcp_port(), free_tcp_port()
     central = machines_config(short_dir / "central", [], f'[redfish]\nlisten = "127.0.0.1:{port}"\n')
+    other = machines_config(short_dir / "replica", [], f'[redfish]\nlisten = "127.0.0.1:{other_port}"\n')
     await services("state", central, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
-    await services("redfish", central)
-    url = f"https://127.0.0.1:{port}"
+    first_replica = await services("redfish", central)
+    await services("redfish", other)
+    url, other_url = f"https://127.0.0.1:{port}", f"https://127.0.0.1:{other_port}"
     assert await systems(url) is None  # no machine yet: no machine to log in on
 
     # a machine service on "host A", then one on "host B": their machines appear within seconds,
@@ -64,9 +67,16 @@ async def test_machines_appear_and_disappear(nc: Client, services: Any, short_di
     output, _ = await asyncio.wait_for(duplicate.communicate(), 30)
     assert duplicate.returncode != 0 and b"a1 already served by the machine service" in output, output
 
+    # a Redfish replica dies: the other one serves the session it made
+    async with httpx.AsyncClient(base_url=url, verify=False) as client:
+        login = await client.post("/redfish/v1/SessionService/Sessions", json={"UserName": USER, "Password": PASSWORD})
+        assert login.status_code == 201, login.text
+    await first_replica.stop(signal.SIGKILL)
+    assert await systems(other_url, login.headers["X-Auth-Token"]) == ["a1", "a2", "b1"]
+
     # host B's machine service stops: b1 goes, the others stay
     await host_b.stop()
-    await wait_for(lambda: _equal(systems(url), ["a1", "a2"]), timeout=15, message="b1 gone from Redfish")
+    await wait_for(lambda: _equal(systems(other_url), ["a1", "a2"]), timeout=15, message="b1 gone from Redfish")
 
 
 async def _equal(listed: Any, expected: list[str]) -> bool:

@@ -212,3 +212,34 @@ async def test_ssh_put_get_with_generated_config(sshd: Any, short_dir: Path, tmp
     assert result["exit_code"] == 0 and back.read_bytes() == local.read_bytes()
     code, out, err = await qemu_bmc(config, "get", "s", str(tmp_path / "nothing-here"), str(back))
     assert code != 0 and "nothing-here" in err
+
+
+async def test_progress_on_a_terminal_and_none_with_json(short_dir: Path, stop_at_end: list[Path]):
+    config = write_config(short_dir, "".join(f"[vm.p{index}]\ncmd = {toml_list(BARE)}\n" for index in range(3)))
+    stop_at_end.append(config)
+
+    async def on_a_terminal(*args: str) -> str:
+        master, slave = os.openpty()
+        process = await asyncio.create_subprocess_exec(*QEMU_BMC, "vm", *args, "-c", str(config), stdin=slave,
+                                                       stdout=slave, stderr=slave)
+        os.close(slave)
+        output = bytearray()
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                chunk = await loop.run_in_executor(None, os.read, master, 65536)
+            except OSError:  # the other side closed: the command ended
+                break
+            if not chunk:
+                break
+            output += chunk
+        await process.wait()
+        os.close(master)
+        assert process.returncode == 0, output
+        return output.decode(errors="replace")
+
+    shown = await on_a_terminal("start", "--all")
+    assert "starting p0, p1, p2" in shown and "3/3" in shown, shown  # rich's progress bar
+    assert all(f"p{index}: running (pid " in shown for index in range(3)), shown
+    quiet = await on_a_terminal("stop", "--all", "--timeout", "0", "--json")
+    assert "stopping" not in quiet and [vm["how"] for vm in json.loads(quiet)] == ["forced"] * 3, quiet
