@@ -156,8 +156,8 @@ async def test_three_node_cluster_survives_a_node(short_dir: Path):
         ipmi_port, https = free_udp_ports(1), free_tcp_port()
         path = machines_config(short_dir / "cluster", ["n1"], f'[redfish]\nlisten = "127.0.0.1:{https}"\n',
                                f'ipmi = "127.0.0.1:{ipmi_port}"\n')
-        # the services spread over the nodes: the state service on the node that will die
-        for module, node in (("qemu_bmc_state", 0), ("qemu_bmc_machine", 1), ("qemu_bmc_ipmi_lan", 2),
+        # the services spread over the nodes: the state and machine services on the node that will die
+        for module, node in (("qemu_bmc_state", 0), ("qemu_bmc_machine", 0), ("qemu_bmc_ipmi_lan", 1),
                              ("qemu_bmc_redfish", 2)):
             process = ServiceProcess(module, path, nodes[node].url, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD},
                                      log=short_dir / f"{module}.log")
@@ -170,17 +170,18 @@ async def test_three_node_cluster_survives_a_node(short_dir: Path):
             assert code == 0, (args, out)
 
         assert nodes[0].process is not None
-        nodes[0].process.kill()  # the state service's node
+        nodes[0].process.kill()  # the state and machine services' node
         await nodes[0].process.wait()
 
         async def works(*args: str, user: str = USER, password: str = PASSWORD) -> bool:
             return (await ipmitool(ipmi_port, *args, user=user, password=password))[0] == 0
 
-        # the state service reconnects to another node and its bucket has kept everything:
-        # a write after the loss, and logins with users made before and after it
+        # the state and machine services reconnect to other nodes and the bucket has kept everything:
+        # a write after the loss, logins with users made before and after it, the machine's power
         await wait_for(lambda: works("user", "set", "password", "3", "After-Pass2"), timeout=60, interval=1,
                        message="a write to the state after the node's loss")
-        assert await works("power", "status", user="survivor", password="After-Pass2")
+        code, out = await ipmitool(ipmi_port, "power", "status", user="survivor", password="After-Pass2")
+        assert code == 0 and "Chassis Power is off" in out, out  # answered by the machine service
         assert not await works("power", "status", user="survivor", password="Survive-Pass1")
         async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{https}", verify=False,
                                      auth=("survivor", "After-Pass2")) as client:
