@@ -92,7 +92,7 @@ async def client_command(args: argparse.Namespace, url: str) -> int:
     nc = await bus.connect(url, "qemu-bmc-cli")
     try:
         if args.command == "services":
-            infos = sorted(await service_infos(nc, first=0.5, quiet=0.2),
+            infos = sorted(await service_infos(nc, first=0.5, quiet=0.2, verb="INFO"),
                            key=lambda info: (info.get("name", ""), info.get("id", "")))
             if args.json:
                 print(json.dumps(infos, indent=2))

@@ -1,4 +1,4 @@
-"""What the services on the bus announce of themselves (nats.micro ``$SRV.INFO`` metadata): the
+"""What the services on the bus announce of themselves (nats.micro service metadata): the
 machines each machine service owns, and the address each machine's IPMI over LAN endpoint
 listens on. Front-ends and the state service learn the machines here, not from a static list,
 so a machine service started on any host brings its machines with it."""
@@ -18,15 +18,17 @@ MACHINE_SERVICE = "qemu-bmc-machine"
 IPMI_LAN_SERVICE = "qemu-bmc-ipmi-lan"
 
 
-async def service_infos(nc: Client, service: str | None = None, first: float = 0.5,
-                        quiet: float = 0.02) -> list[dict[str, Any]]:
-    """The INFO of every instance of ``service`` (None: of every service) that answers: the
-    first answer within ``first`` seconds, the others until none has come for ``quiet``."""
+async def service_infos(nc: Client, service: str | None = None, first: float = 0.5, quiet: float = 0.02,
+                        verb: str = "PING") -> list[dict[str, Any]]:
+    """What every instance of ``service`` (None: of every service) answers to ``$SRV.<verb>``:
+    the first answer within ``first`` seconds, the others until none has come for ``quiet``.
+    PING answers carry the metadata and little else; INFO answers also list every endpoint
+    (about a kilobyte per machine of a machine service)."""
     inbox = nc.new_inbox()
     subscription = await nc.subscribe(inbox)
     infos: list[dict[str, Any]] = []
     try:
-        await nc.publish(f"$SRV.INFO.{service}" if service else "$SRV.INFO", b"", reply=inbox)
+        await nc.publish(f"$SRV.{verb}.{service}" if service else f"$SRV.{verb}", b"", reply=inbox)
         timeout = first
         while True:
             try:
