@@ -243,3 +243,10 @@ async def test_progress_on_a_terminal_and_none_with_json(short_dir: Path, stop_a
     assert all(f"p{index}: running (pid " in shown for index in range(3)), shown
     quiet = await on_a_terminal("stop", "--all", "--timeout", "0", "--json")
     assert "stopping" not in quiet and [vm["how"] for vm in json.loads(quiet)] == ["forced"] * 3, quiet
+
+
+async def test_a_qemu_that_does_not_start_is_reported(short_dir: Path):
+    config = write_config(short_dir, '[vm.broken]\ncmd = ["-machine", "no-such-board"]\n')
+    code, out, err = await qemu_bmc(config, "start", "broken")
+    assert code == 1 and "broken: QEMU exited: qemu-system-x86_64: unsupported machine type" in err, (out, err)
+    assert (await vm_json(config, "status", "broken"))["state"] == "stopped"

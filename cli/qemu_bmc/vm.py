@@ -211,7 +211,7 @@ async def qmp_connect(vm: VmConfig, pid: int, timeout: float) -> QMPClient:
             return client
         except Exception as exc:
             if not launcher.pid_alive(pid):
-                raise VmError(str(launcher.launch_failure(files, None))) from None
+                raise VmError(f"{vm.name}: {launcher.launch_failure(files, None)}") from None
             if time.monotonic() >= deadline:
                 raise VmError(f"{vm.name}: QEMU pid {pid} opened no QMP socket at {files.qmp}: {exc}") from None
         await asyncio.sleep(0.05)

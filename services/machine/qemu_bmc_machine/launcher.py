@@ -266,10 +266,12 @@ def launch_detached(vm: VmConfig, files: RuntimeFiles) -> subprocess.Popen[bytes
 
 
 def launch_failure(files: RuntimeFiles, returncode: int | None) -> LaunchError:
+    """QEMU's last two lines of output (its error, and often a hint after it)."""
     tail = ""
     with contextlib.suppress(OSError):
-        tail = files.qemu_log.read_text(errors="replace").strip().splitlines()[-1]
-    return LaunchError(f"QEMU exited with status {returncode}: {tail}")
+        tail = "; ".join(files.qemu_log.read_text(errors="replace").strip().splitlines()[-2:])
+    status = "" if returncode is None else f" with status {returncode}"
+    return LaunchError(f"QEMU exited{status}: {tail}")
 
 
 async def wait_exit(pid: int, timeout: float) -> bool:
