@@ -1,12 +1,16 @@
 """Many machines, several machine services, replicated front-ends and a three-node NATS cluster,
 all real processes: machines appear in Redfish (and get BMC state) when a machine service
-announces them and go when it stops; a machine has one owner; two IPMI over LAN replicas share
-the machines and take over each other's; killing a NATS node loses no state."""
+announces them and go when it stops; a machine has one owner; IPMI addresses from a range (one
+port per machine, or one address per machine on one port); two IPMI over LAN replicas share the
+machines and take over each other's; killing a NATS node loses no state."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,9 +87,10 @@ async def _equal(listed: Any, expected: list[str]) -> bool:
     return await listed == expected
 
 
-async def ipmitool(port: int, *args: str, user: str = USER, password: str = PASSWORD) -> tuple[int, str]:
+async def ipmitool(port: int, *args: str, user: str = USER, password: str = PASSWORD,
+                   host: str = "127.0.0.1") -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        "ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(port), "-U", user, "-P", password,
+        "ipmitool", "-I", "lanplus", "-C", "3", "-H", host, "-p", str(port), "-U", user, "-P", password,
         "-N", "1", "-R", "2", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL)
     output, _ = await asyncio.wait_for(process.communicate(), 60)
@@ -135,6 +140,29 @@ async def test_two_ipmi_lan_replicas_share_and_take_over(nc: Client, services: A
     await wait_for(lambda: _same(served_by_shard(nc), shards), timeout=15, message="the machines given back")
     code, out = await ipmitool(m1, "power", "status", user="fleet", password="Fleet-Pass1")
     assert code == 0 and "Chassis Power is off" in out, out
+
+
+async def test_one_address_per_machine_on_one_port(services: Any, short_dir: Path):
+    """``[ipmi] range`` over addresses: 127.0.0.2-4 are the host's too (all of 127/8 is loopback)."""
+    while True:  # a port free on the three addresses
+        port = free_udp_ports()
+        with contextlib.ExitStack() as probes:
+            try:
+                for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+                    probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)).bind((host, port))
+            except OSError:
+                continue
+        break
+    config = machines_config(short_dir / "addresses", ["x1", "x2", "x3"],
+                             f'[ipmi]\nrange = "127.0.0.2-127.0.0.4:{port}"\n')
+    await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
+    await services("machine", config)
+    await services("ipmi-lan", config)
+    for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        code, out = await ipmitool(port, "lan", "print", "1", host=host)
+        assert code == 0 and re.search(rf"IP Address\s+: {re.escape(host)}\n", out), (host, out)
+        code, out = await ipmitool(port, "power", "status", host=host)
+        assert code == 0 and "Chassis Power is off" in out, (host, out)
 
 
 async def _same(found: Any, expected: dict[str, str]) -> bool:
