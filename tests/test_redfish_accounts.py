@@ -342,3 +342,25 @@ async def test_account_rules_and_errors(bmc: Bmc):
         assert role["@odata.type"] == "#Role.v1_3_3.Role" and role["IsPredefined"] is True
         assert set(role["AssignedPrivileges"]) == {"Login", "ConfigureComponents", "ConfigureSelf"}
         assert (await newuser.get("/redfish/v1/AccountService/Roles/Root")).status_code == 404
+
+
+async def test_accounts_made_at_once_on_two_replicas(bmc: Bmc):
+    """Each replica picks the first free user slot: made at the same instant, the two accounts
+    still get a slot each (the state service writes a name only into a slot that is still free)."""
+    names = [f"pair{index}{side}" for index in range(4) for side in "ab"]
+
+    async def create(name: str, replica: int) -> httpx.Response:
+        async with bmc.client(replica=replica) as client:
+            return await client.post(ACCOUNTS, json={"UserName": name, "Password": "Pair-Pass-1", "RoleId": "Operator"})
+
+    for first, second in zip(names[::2], names[1::2], strict=True):
+        made = await asyncio.gather(create(first, 0), create(second, 1))
+        assert [response.status_code for response in made] == [201, 201], [response.text for response in made]
+    users = (await bus.request(bmc.nc, "n1", subjects.USERS_LIST, None, UserList)).users
+    slots = {user.name: user.slot for user in users if user.name in names}
+    assert sorted(slots) == sorted(names) and len(set(slots.values())) == len(names), slots
+    for name in names:
+        async with bmc.client(user=name, password="Pair-Pass-1") as client:
+            assert (await client.get(SYSTEM)).status_code == 200, name
+        async with bmc.client() as client:
+            assert (await client.delete(f"{ACCOUNTS}/{name}")).status_code == 204

@@ -127,6 +127,15 @@ async def test_concurrent_writers_lose_no_update(nc, services, state_config: Pat
     assert all(access.privilege == 2 and access.ipmi_messaging and access.link_auth
                for access in user.channels.values())
 
+    # eight front-ends claiming one free slot at once (if_name=""): one gets it
+    claims = await asyncio.gather(*(request(nc, subjects.USERS_SET, UserUpdate(slot=6, name=f"claim{index}",
+                                                                             if_name=""), User)
+                                    for index in range(8)), return_exceptions=True)
+    won = [claim for claim in claims if isinstance(claim, User)]
+    assert len(won) == 1 and all(isinstance(claim, BusError) and claim.error == "invalid_state"
+                                 for claim in claims if claim not in won), claims
+    assert (await request(nc, subjects.USERS_GET, UserRef(slot=6), User)).name == won[0].name
+
 
 async def test_state_survives_restarts_and_is_encrypted(nc, nats_server: NatsServer, services, state_config: Path,
                                                          short_dir: Path):

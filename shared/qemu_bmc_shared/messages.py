@@ -193,6 +193,9 @@ class UserUpdate(Message):
     slot: UserSlot
     name: UserName | UnsetType = UNSET
     enabled: bool | UnsetType = UNSET
+    if_name: UserName | UnsetType = UNSET
+    """Apply only while the slot's name is this (``""``: a free slot), else the error
+    ``invalid_state``: two front-ends taking the same free slot at once cannot both have it."""
 
 
 class UserAccessUpdate(Message):

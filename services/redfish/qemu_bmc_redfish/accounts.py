@@ -160,6 +160,14 @@ def refuse_unknown(body: dict[str, Any], writable: tuple[str, ...]) -> None:
         raise RedfishError(400, "PropertyNotWritable" if known else "PropertyUnknown", key)
 
 
+CREATE_ATTEMPTS = 5
+"""Times an account creation looks for free slots again when another replica took one first."""
+
+
+class SlotTaken(Exception):
+    """The free user slot chosen was taken by another front-end in the meantime."""
+
+
 def register(app: FastAPI, redfish: Redfish) -> None:
     creating = asyncio.Lock()
 
@@ -195,10 +203,13 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         """Make ``name`` in the free ``slot``: named first (the state service refuses a name in use),
         enabled last, so it never works half made."""
         try:
-            await request_on(machine, subjects.USERS_SET, UserUpdate(slot=slot.slot, name=name, enabled=False), User)
+            await request_on(machine, subjects.USERS_SET,
+                             UserUpdate(slot=slot.slot, name=name, enabled=False, if_name=""), User)
         except BusError as exc:
             if exc.error == "conflict":
                 raise RedfishError(409, "ResourceAlreadyExists", "ManagerAccount", "UserName", name) from None
+            if exc.error == "invalid_state":  # another replica took the slot a moment ago
+                raise SlotTaken(machine) from None
             raise
         try:
             await request_on(machine, subjects.USERS_PASSWORD, PasswordSet(slot=slot.slot, password=password), User)
@@ -253,27 +264,32 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         name, password = check_name(body["UserName"]), check_password(body["Password"])
         privilege, enabled = check_role(body["RoleId"]), check_enabled(body.get("Enabled", True))
         async with creating:
-            view = await scope(request)
-            slots: dict[str, User] = {}
-            for machine in view.administered:
-                if named(view.users[machine], name) is not None:
-                    raise RedfishError(409, "ResourceAlreadyExists", "ManagerAccount", "UserName", name)
-                free = [user for user in view.users[machine] if user.slot >= FIRST_SLOT and not user.name]
-                if not free:
-                    raise RedfishError(409, "CreateLimitReachedForResource")
-                slots[machine] = free[0]
-            made: list[str] = []
-            try:
-                for machine, slot in slots.items():
-                    await create_on(machine, slot, name, password, privilege, enabled)
-                    made.append(machine)
-            except BaseException:
-                for machine in made:
-                    user = named((await bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(),
-                                                    UserList)).users, name)
-                    if user is not None:
-                        await asyncio.shield(clear_slot(machine, user))
-                raise
+            for _ in range(CREATE_ATTEMPTS):
+                view = await scope(request)
+                slots: dict[str, User] = {}
+                for machine in view.administered:
+                    if named(view.users[machine], name) is not None:
+                        raise RedfishError(409, "ResourceAlreadyExists", "ManagerAccount", "UserName", name)
+                    free = [user for user in view.users[machine] if user.slot >= FIRST_SLOT and not user.name]
+                    if not free:
+                        raise RedfishError(409, "CreateLimitReachedForResource")
+                    slots[machine] = free[0]
+                made: list[str] = []
+                try:
+                    for machine, slot in slots.items():
+                        await create_on(machine, slot, name, password, privilege, enabled)
+                        made.append(machine)
+                    break
+                except BaseException as exc:
+                    for machine in made:
+                        user = named((await bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(),
+                                                        UserList)).users, name)
+                        if user is not None:
+                            await asyncio.shield(clear_slot(machine, user))
+                    if not isinstance(exc, SlotTaken):
+                        raise
+            else:
+                raise RedfishError(503, "ServiceTemporarilyUnavailable", 1)
             view = await scope(request)
         return json_response(account_body(name, view.managed(name)), 201, headers={"Location": account_path(name)})
 

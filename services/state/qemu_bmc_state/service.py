@@ -132,6 +132,7 @@ class StateService:
         self.nc = nc
         self.machines = Machines(nc) if nc is not None else None
         self.seeded: set[str] = set()
+        self.naming: dict[str, asyncio.Lock] = {}
 
     async def _modify(self, area: Area, machine: str, key: str, kind: type[S], default: Callable[[], S],
                       change: Callable[[S], S]) -> S:
@@ -227,16 +228,24 @@ class StateService:
         return (await self._user(machine, request.slot)).public()
 
     async def users_set(self, machine: str, request: UserUpdate) -> User:
-        machine = machine
-        changes = _changes(request, ("slot",))
-        if isinstance(name := changes.get("name"), str) and name:
-            _ascii_name(name)
-            if len(name.encode()) > 16:
-                raise BusError("bad_request", "a user name has at most 16 bytes")
-            holder = await self._find(machine, None, name)
-            if holder is not None and holder.slot != request.slot:
-                raise BusError("conflict", f"user name {name!r} is already used by slot {holder.slot}")
-        return await self._modify_user(machine, request.slot, lambda user: msgspec.structs.replace(user, **changes))
+        """One name per user (checked and written under a lock, so two new users cannot take one
+        name at once), and ``if_name`` checked on the stored slot (compare-and-set)."""
+        changes = _changes(request, ("slot", "if_name"))
+
+        def change(user: StoredUser) -> StoredUser:
+            if request.if_name is not UNSET and user.name != request.if_name:
+                raise BusError("invalid_state", f"slot {request.slot} is no longer {request.if_name or 'free'!r}")
+            return msgspec.structs.replace(user, **changes)
+
+        async with self.naming.setdefault(machine, asyncio.Lock()):
+            if isinstance(name := changes.get("name"), str) and name:
+                _ascii_name(name)
+                if len(name.encode()) > 16:
+                    raise BusError("bad_request", "a user name has at most 16 bytes")
+                holder = await self._find(machine, None, name)
+                if holder is not None and holder.slot != request.slot:
+                    raise BusError("conflict", f"user name {name!r} is already used by slot {holder.slot}")
+            return await self._modify_user(machine, request.slot, change)
 
     async def users_access(self, machine: str, request: UserAccessUpdate) -> User:
         changes = _changes(request, ("slot", "channel"))
@@ -248,7 +257,6 @@ class StateService:
         return await self._modify_user(machine, request.slot, change)
 
     async def users_password(self, machine: str, request: PasswordSet) -> User:
-        machine = machine
         sealed = None
         if request.password is not None:
             sealed = self.box.seal(_password_bytes(request.password), self._user_key(machine, request.slot))
@@ -256,7 +264,6 @@ class StateService:
                                        lambda user: msgspec.structs.replace(user, password=sealed))
 
     async def users_check(self, machine: str, request: PasswordCheck) -> PasswordCheckResult:
-        machine = machine
         user = await self._find(machine, request.slot, request.name)
         stored = self._password(machine, user) if user else None
         if user is None or stored is None:
@@ -265,7 +272,6 @@ class StateService:
         return PasswordCheckResult(ok=ok, user=user.public() if ok else None)
 
     async def users_credentials(self, machine: str, request: CredentialsRequest) -> Credentials:
-        machine = machine
         user = await self._find(machine, request.slot, request.name)
         if user is None:
             raise BusError("not_found", f"no user named {request.name!r}")
@@ -305,7 +311,6 @@ class StateService:
                                        lambda sol: SolConfig(params={**sol.params, request.param: request.data}))
 
     async def kg_get(self, machine: str, _: Empty) -> KgKey:
-        machine = machine
         stored = await self.store.get(f"{machine}.kg", StoredKg, StoredKg)
         if stored.sealed is None:
             return KgKey(key=None)
@@ -315,7 +320,6 @@ class StateService:
             raise BusError("internal", str(exc)) from None
 
     async def kg_set(self, machine: str, request: KgKey) -> KgKey:
-        machine = machine
         sealed = self.box.seal(request.key, f"{machine}.kg") if request.key is not None else None
         await self._modify("kg", machine, f"{machine}.kg", StoredKg, StoredKg, lambda _: StoredKg(sealed=sealed))
         return request
