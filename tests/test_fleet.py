@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import signal
 import socket
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+import clients
 import httpx
 from conftest import ServiceProcess, free_tcp_port, free_udp_ports, toml_list, wait_for, write_config
 from nats.aio.client import Client
@@ -83,18 +86,12 @@ async def test_machines_appear_and_disappear(nc: Client, services: Any, short_di
     await wait_for(lambda: _equal(systems(other_url), ["a1", "a2"]), timeout=15, message="b1 gone from Redfish")
 
 
-async def _equal(listed: Any, expected: list[str]) -> bool:
-    return await listed == expected
+async def _equal(found: Awaitable[Any], expected: Any) -> bool:
+    """For ``wait_for``: what ``found`` gives is ``expected``."""
+    return await found == expected
 
 
-async def ipmitool(port: int, *args: str, user: str = USER, password: str = PASSWORD,
-                   host: str = "127.0.0.1") -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        "ipmitool", "-I", "lanplus", "-C", "3", "-H", host, "-p", str(port), "-U", user, "-P", password,
-        "-N", "1", "-R", "2", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        stdin=asyncio.subprocess.DEVNULL)
-    output, _ = await asyncio.wait_for(process.communicate(), 60)
-    return process.returncode or 0, output.decode(errors="replace")
+ipmitool = functools.partial(clients.ipmitool, user=USER, password=PASSWORD, timeout=1, retries=2)
 
 
 async def served_by_shard(nc: Client) -> dict[str, str]:
@@ -114,7 +111,7 @@ async def test_two_ipmi_lan_replicas_share_and_take_over(nc: Client, services: A
     await services("machine", config)
     first = await services("ipmi-lan", config, "--shard", "1/2")
     await services("ipmi-lan", config, "--shard", "2/2")
-    await wait_for(lambda: _same(served_by_shard(nc), shards), timeout=15, message="each replica serving its share")
+    await wait_for(lambda: _equal(served_by_shard(nc), shards), timeout=15, message="each replica serving its share")
     for name in names:
         code, out = await ipmitool(ports[name], "power", "status")
         assert code == 0 and "Chassis Power is off" in out, (name, out)
@@ -128,7 +125,7 @@ async def test_two_ipmi_lan_replicas_share_and_take_over(nc: Client, services: A
     # the first replica dies: the second takes its machines over, with their state
     await first.stop(signal.SIGKILL)
     everyone_on_2 = dict.fromkeys(names, "2/2")
-    await wait_for(lambda: _same(served_by_shard(nc), everyone_on_2), timeout=15, message="the takeover")
+    await wait_for(lambda: _equal(served_by_shard(nc), everyone_on_2), timeout=15, message="the takeover")
     for name in names:
         code, out = await ipmitool(ports[name], "power", "status")
         assert code == 0 and "Chassis Power is off" in out, (name, out)
@@ -137,7 +134,7 @@ async def test_two_ipmi_lan_replicas_share_and_take_over(nc: Client, services: A
 
     # it comes back: its machines are given back to it
     await services("ipmi-lan", config, "--shard", "1/2")
-    await wait_for(lambda: _same(served_by_shard(nc), shards), timeout=15, message="the machines given back")
+    await wait_for(lambda: _equal(served_by_shard(nc), shards), timeout=15, message="the machines given back")
     code, out = await ipmitool(m1, "power", "status", user="fleet", password="Fleet-Pass1")
     assert code == 0 and "Chassis Power is off" in out, out
 
@@ -163,10 +160,6 @@ async def test_one_address_per_machine_on_one_port(services: Any, short_dir: Pat
         assert code == 0 and re.search(rf"IP Address\s+: {re.escape(host)}\n", out), (host, out)
         code, out = await ipmitool(port, "power", "status", host=host)
         assert code == 0 and "Chassis Power is off" in out, (host, out)
-
-
-async def _same(found: Any, expected: dict[str, str]) -> bool:
-    return await found == expected
 
 
 async def test_three_node_cluster_survives_a_node(short_dir: Path):

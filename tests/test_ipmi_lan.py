@@ -6,6 +6,7 @@ import asyncio
 import re
 from pathlib import Path
 
+import clients
 import pytest
 from conftest import free_udp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
@@ -33,11 +34,8 @@ class Bmc:
 
     async def ipmitool(self, *args: str, interface: tuple[str, ...] = ("-I", "lanplus", "-C", "3"),
                        user: str = USER, password: str = PASSWORD) -> tuple[int, str]:
-        process = await asyncio.create_subprocess_exec(
-            "ipmitool", *interface, "-H", "127.0.0.1", "-p", str(self.port), "-U", user, "-P", password,
-            "-N", "2", "-R", "2", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        output, _ = await process.communicate()
-        return process.returncode or 0, output.decode(errors="replace")
+        return await clients.ipmitool(self.port, *args, user=user, password=password, interface=interface,
+                                      timeout=2, retries=2)
 
     async def freeipmi(self, tool: str, *args: str) -> tuple[int, str]:
         process = await asyncio.create_subprocess_exec(

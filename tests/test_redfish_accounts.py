@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import clients
 import httpx
 import msgspec
 import pytest
@@ -41,12 +42,7 @@ class Bmc:
             return await anonymous.post(SESSIONS, json={"UserName": user, "Password": password})
 
     async def ipmitool(self, user: str, password: str, *args: str) -> tuple[int, str]:
-        process = await asyncio.create_subprocess_exec(
-            "ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(self.ipmi_port), "-U", user,
-            "-P", password, "-N", "1", "-R", "1", *args, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        output, _ = await process.communicate()
-        return process.returncode or 0, output.decode(errors="replace")
+        return await clients.ipmitool(self.ipmi_port, *args, user=user, password=password, timeout=1, retries=1)
 
 
 @pytest.fixture

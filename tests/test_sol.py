@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import termios
 from pathlib import Path
 
+import clients
+from clients import run
 from conftest import free_tcp_port, free_udp_ports, toml_list, wait_for, write_config
 from linux_guest import LinuxGuest
 from qemu_bmc_shared import bus, subjects
@@ -84,16 +87,7 @@ class Terminal:
             os.close(self.master)
 
 
-def ipmitool_argv(port: int, *args: str, user: str = USER, password: str = PASSWORD) -> list[str]:
-    return ["ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(port), "-U", user, "-P", password,
-            "-N", "2", "-R", "3", *args]
-
-
-async def run(*argv: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    output, _ = await asyncio.wait_for(process.communicate(), 60)
-    return process.returncode or 0, output.decode(errors="replace")
+ipmitool_argv = functools.partial(clients.ipmitool_argv, user=USER, password=PASSWORD)
 
 
 async def console_text(nc) -> str:

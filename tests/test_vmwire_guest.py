@@ -5,12 +5,12 @@ NATS server restarted."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import string
 from pathlib import Path
 
+import clients
 import httpx
 from conftest import free_tcp_port, free_udp_port, serial_log, toml_list, wait_for, write_config
 from linux_guest import DONE, READY, LinuxGuest
@@ -51,11 +51,7 @@ async def start_machine(services, directory: Path, guest: LinuxGuest, script: st
 
 
 async def ipmitool(port: int, user: str, password: str, *args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        "ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(port), "-U", user, "-P", password,
-        "-N", "2", "-R", "3", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    output, _ = await process.communicate()
-    return process.returncode or 0, output.decode(errors="replace")
+    return await clients.ipmitool(port, *args, user=user, password=password)
 
 
 def value(output: str, key: str) -> str | None:

@@ -129,8 +129,7 @@ class Endpoints:
         """(Re)register on the bus with the machines served now and their addresses."""
         if self.service is not None:
             await self.service.stop()
-        listening = {name: f"{transport.get_extra_info('sockname')[0]}:{transport.get_extra_info('sockname')[1]}"
-                     for name, (transport, _) in sorted(self.serving.items())}
+        listening = {name: "{}:{}".format(*self.config.vms[name].ipmi or ("", 0)) for name in sorted(self.serving)}
         self.service = await bus.serve(
             self.nc, name=SERVICE_NAME, version=__version__, description="IPMI over LAN (RMCP, RMCP+) for each machine",
             endpoints=[], metadata={"machines": ",".join(listening), "shard": "/".join(map(str, self.shard)),
