@@ -8,9 +8,10 @@ Every reply is a msgspec JSON body. An error reply carries the nats.micro error 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -206,3 +207,40 @@ async def key_value(nc: Client, bucket: str, description: str, *, history: int =
                 raise
             log.info("bucket %s: JetStream not ready (%s), trying again", bucket, type(exc).__name__)
             await asyncio.sleep(0.5)
+
+
+async def watch(kv: KeyValue, keys: str = ">") -> AsyncIterator[KeyValue.Entry | None]:
+    """The entries of ``keys`` (a pattern) in ``kv``: the stored ones, then None once they are
+    all in, then every change (deletes included), until the caller stops iterating.
+
+    nats-py's own None can come before the last stored entries (the server has sent them, the
+    client has not read them yet): this one waits for the stream sequence the watch's consumer
+    had delivered when nats-py said it was done."""
+    watcher = await kv.watch(keys)
+    try:
+        seen, delivered = 0, None
+        async for entry in watcher:
+            if entry is None:
+                try:
+                    info = await watcher._sub.consumer_info()  # nats-py keeps its subscription there
+                    delivered = info.delivered.stream_seq if info.delivered else 0
+                except Exception as exc:  # take nats-py's word for it
+                    log.warning("watching %s: no consumer info (%s)", keys, type(exc).__name__)
+                    delivered = 0
+            else:
+                seen = max(seen, entry.revision or 0)
+                yield entry
+            if delivered is not None and seen >= delivered:
+                delivered = None
+                yield None
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()
+
+
+async def stored_keys(nc: Client, bucket: str, keys: str = ">") -> list[str]:
+    """The keys of ``bucket`` matching ``keys`` that hold a message (a value, or a delete
+    marker not purged yet), from the stream's subject list."""
+    prefix = f"$KV.{bucket}."
+    info = await nc.jetstream().stream_info(f"KV_{bucket}", subjects_filter=prefix + keys)
+    return [subject[len(prefix):] for subject in (info.state.subjects or {})]

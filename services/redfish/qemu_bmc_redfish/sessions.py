@@ -42,7 +42,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from qemu_bmc_shared.bus import key_value
+from qemu_bmc_shared.bus import key_value, stored_keys
 
 from .app import ENABLED, Redfish, collection, json_body, json_response, link
 from .auth import CHALLENGE, Login
@@ -236,18 +236,8 @@ class SessionStore:
         await self._delete(key_of(record.token_sha256), record.token_sha256)
 
     async def _keys(self, pattern: str) -> list[str]:
-        kv = await self.bucket()
-        watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
-        keys = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.operation not in ("DEL", "PURGE"):
-                    keys.append(entry.key)
-        finally:
-            await watcher.stop()
-        return keys
+        await self.bucket()
+        return await stored_keys(self.nc, BUCKET, pattern)
 
 
 def session_path(session_id: str) -> str:

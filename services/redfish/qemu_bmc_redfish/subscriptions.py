@@ -27,7 +27,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from qemu_bmc_shared.bus import key_value
+from qemu_bmc_shared.bus import key_value, watch
 from qemu_bmc_shared.messages import PowerEvent
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,9 @@ class SubscriptionStore:
     async def _watch(self, kv: KeyValue) -> None:
         """Keep ``records`` as the bucket's ``sub.*`` keys; start over when the watch fails."""
         while True:
-            watcher = None
             try:
-                watcher = await kv.watch("sub.>")
                 loading: dict[str, tuple[SubscriptionRecord | None, int]] | None = {}
-                async for entry in watcher:
+                async for entry in watch(kv, "sub.>"):
                     if entry is None:  # the end of what was stored: the copy is complete
                         if loading is not None:
                             self._replace(loading)
@@ -131,10 +129,6 @@ class SubscriptionStore:
                 raise
             except Exception:
                 log.exception("watching the event subscriptions failed; watching again")
-            finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
             await asyncio.sleep(1)
 
     def _replace(self, loaded: dict[str, tuple[SubscriptionRecord | None, int]]) -> None:

@@ -21,7 +21,7 @@ from typing import TypeVar
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from qemu_bmc_shared.bus import BusError, key_value
+from qemu_bmc_shared.bus import BusError, key_value, watch
 
 log = logging.getLogger(__name__)
 BUCKET = "qemu_bmc_state"
@@ -38,27 +38,23 @@ class Store:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
         self.mirror: dict[str, tuple[bytes, int]] = {}
-        self._watcher: KeyValue.KeyWatcher | None = None
         self._follower: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 30.0) -> None:
         """Load the mirror and keep following the bucket."""
-        self._watcher = await self.kv.watchall()
         loaded = asyncio.Event()
         self._follower = asyncio.create_task(self._follow(loaded))
         await asyncio.wait_for(loaded.wait(), timeout)
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
         if self._follower is not None:
             self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
 
     async def _follow(self, loaded: asyncio.Event) -> None:
-        assert self._watcher is not None
-        async for entry in self._watcher:
-            if entry is None:  # the initial values are all in
+        async for entry in watch(self.kv):
+            if entry is None:  # the stored values are all in
                 loaded.set()
             elif entry.operation in ("DEL", "PURGE"):
                 self.mirror.pop(entry.key, None)
