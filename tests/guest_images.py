@@ -37,6 +37,9 @@ start:
 main:
     mov word [2*4], nmi_handler
     mov word [2*4+2], 0
+    mov dx, PMBASE+2            ; the power button armed before the marker: seen the marker, a
+    mov ax, 0x0100              ; press is never lost (QEMU drops a press while PWRBTN_EN is clear)
+    out dx, ax
     mov si, marker
     call print
 %%if %(reboot)d
@@ -52,9 +55,6 @@ wait_ticks:
     out 0x64, al
     jmp $
 %%endif
-    mov dx, PMBASE+2
-    mov ax, 0x0100
-    out dx, ax
     sti
 idle:
     hlt
