@@ -18,7 +18,7 @@ from qemu_bmc_shared import subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.bus import request as bus_request
 from qemu_bmc_shared.config import IpmiConfig
-from qemu_bmc_shared.ipmi import Completion, Context, Privilege, Registry, Request
+from qemu_bmc_shared.ipmi import Completion, Context, Privilege, Registry, Request, Response
 from qemu_bmc_shared.ipmi.core import CIPHER_SUITES, LAN_CHANNEL, StateReads
 from qemu_bmc_shared.ipmi.transport import front_end
 from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, CredentialsRequest, KgKey
@@ -117,9 +117,28 @@ class LanServer(asyncio.DatagramProtocol):
                           privilege=session.privilege if session else Privilege.ADMINISTRATOR,
                           user_slot=session.user_slot if session else None, session=session,
                           extra={**self.extra, "active_sessions": len(self.sessions.active)}, reads=self.state)
-        response = await self.registry.dispatch(context, Request(message.netfn, message.cmd, message.data,
-                                                                 message.responder_lun))
+        request = Request(message.netfn, message.cmd, message.data, message.responder_lun)
+        if session is None:
+            response = await self.registry.dispatch(context, request)
+        else:
+            response = await self.joined(session, context, request)
         return framing.build_lan_response(message, response.completion, response.data)
+
+    async def joined(self, session: Session, context: Context, request: Request) -> Response:
+        """Run a session's request, or join the same request already under way in that session.
+
+        Consoles resend a request that is not answered in time (ipmipower after 0.4 s) with new
+        sequence numbers, so a retry cannot be told from a new request; while the first is still
+        running (a power cycle can take longer) the retry waits for its answer instead of
+        running the command again (which would find the machine off half-way through the cycle
+        and answer 0xD5)."""
+        key = (request.netfn, request.cmd, request.lun, request.data)
+        running = session.running.get(key)
+        if running is None:
+            running = asyncio.ensure_future(self.registry.dispatch(context, request))
+            session.running[key] = running
+            running.add_done_callback(lambda _: session.running.pop(key, None))
+        return await asyncio.shield(running)
 
     # ------------------------------------------------------------------ users
 

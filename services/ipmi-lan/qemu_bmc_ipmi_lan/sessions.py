@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qemu_bmc_shared.ipmi import Privilege
+from qemu_bmc_shared.ipmi import Privilege, Response
 
 from .crypto import SessionKeys
 
@@ -68,6 +69,8 @@ class Session:
     inbound: SequenceWindow = field(default_factory=SequenceWindow)
     outbound: int = 0
     last_activity: float = field(default_factory=time.monotonic)
+    running: dict[tuple[int, int, int, bytes], asyncio.Future[Response]] = field(default_factory=dict)
+    """The requests under way, by (netfn, cmd, LUN, data): a console's retry of one joins it."""
 
     def next_outbound(self) -> int:
         self.outbound = (self.outbound + 1) & 0xFFFFFFFF or 1
