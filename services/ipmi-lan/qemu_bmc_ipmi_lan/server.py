@@ -134,11 +134,18 @@ class LanServer(asyncio.DatagramProtocol):
         and answer 0xD5)."""
         key = (request.netfn, request.cmd, request.lun, request.data)
         running = session.running.get(key)
-        if running is None:
-            running = asyncio.ensure_future(self.registry.dispatch(context, request))
-            session.running[key] = running
-            running.add_done_callback(lambda _: session.running.pop(key, None))
-        return await asyncio.shield(running)
+        if running is not None:
+            return await asyncio.shield(running)
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        session.running[key] = answer
+        try:
+            response = await self.registry.dispatch(context, request)  # answers, never raises
+            answer.set_result(response)
+            return response
+        finally:
+            del session.running[key]
+            if not answer.done():  # cancelled (the service stopping): its retries end too
+                answer.cancel()
 
     # ------------------------------------------------------------------ users
 
