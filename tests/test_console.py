@@ -95,6 +95,9 @@ async def test_attach_mode_console_socket(nc, services, short_dir: Path, linux_g
             written = await bus.request(nc, "a1", subjects.CONSOLE_IN, ConsoleInput(data=command), ConsoleWritten)
             assert written.written == len(command)
             await wait_for(lambda answer=answer: answer in received, timeout=20, message="the echo")
+            # a serial break, then "h": the guest's kernel answers with its magic SysRq help
+            await bus.request(nc, "a1", subjects.CONSOLE_IN, ConsoleInput(data=b"h", send_break=True), ConsoleWritten)
+            await wait_for(lambda: b"sysrq: HELP" in received, timeout=20, message="the magic SysRq help")
             qemu.kill()  # the operator replaces its QEMU: the console connects to the new one
             await qemu.wait()
             received.clear()

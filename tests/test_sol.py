@@ -122,6 +122,15 @@ async def shell_round_trip(terminal: Terminal, after: int = 0) -> int:
     return await terminal.expect("SOL-OK-42", after=after)
 
 
+async def magic_sysrq(terminal: Terminal, escape: str, after: int) -> int:
+    """The client's "send break" escape, then "h": the guest's kernel takes a break followed by a
+    key on its serial console as a magic SysRq request and prints its help."""
+    await terminal.type(f"\r{escape}B")
+    await asyncio.sleep(0.5)
+    await terminal.type("h")
+    return await terminal.expect("sysrq: HELP", after=after)
+
+
 async def test_ipmitool_sol(nc, services, short_dir: Path, linux_guest: LinuxGuest):
     lan = await boot_shell(nc, services, short_dir, linux_guest)
     code, out = await run(*ipmitool_argv(lan, "sol", "info", "1"))
@@ -132,7 +141,7 @@ async def test_ipmitool_sol(nc, services, short_dir: Path, linux_guest: LinuxGue
     terminal = await Terminal().start(*ipmitool_argv(lan, "sol", "activate"))
     try:
         await terminal.expect("SOL Session operational")
-        await shell_round_trip(terminal)
+        await magic_sysrq(terminal, "~", await shell_round_trip(terminal))
         code, out = await run(*ipmitool_argv(lan, "raw", "0x06", "0x4a", "0x01"))
         assert code == 0 and out.split()[:2] == ["01", "01"], out  # one instance, active
         code, out = await run(*ipmitool_argv(lan, "sol", "activate"))
@@ -183,7 +192,7 @@ async def test_ipmiconsole_and_power_cycle(nc, services, short_dir: Path, linux_
     terminal = await Terminal().start("ipmiconsole", "-h", f"127.0.0.1:{lan}", "-u", USER, "-p", PASSWORD)
     try:
         await terminal.expect("SOL established")
-        end = await shell_round_trip(terminal)
+        end = await magic_sysrq(terminal, "&", await shell_round_trip(terminal))
         code, out = await run(*ipmitool_argv(lan, "sol", "activate"))
         assert code != 0 and "already active" in out, out
 

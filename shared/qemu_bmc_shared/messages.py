@@ -143,9 +143,11 @@ class ConsoleHistory(Message):
 
 
 class ConsoleInput(Message):
-    """Bytes to type on the machine's serial port (``console.in``)."""
+    """Bytes to type on the machine's serial port (``console.in``), after a serial break when
+    ``send_break`` is set (SOL's "generate BREAK", IPMI v2.0 §26.2; Linux's magic SysRq key)."""
 
     data: Annotated[bytes, msgspec.Meta(max_length=4096)]
+    send_break: bool = False
 
 
 class ConsoleWritten(Message):

@@ -44,6 +44,7 @@ QUIET = 0.001
 
 # console → BMC operation bits
 OP_NACK = 0x40
+OP_BREAK = 0x10
 OP_FLUSH_OUTBOUND = 0x01
 # BMC → console status bits
 STATUS_NACK = 0x40
@@ -219,17 +220,18 @@ class SolSession:
                 self._send(packet(0, sequence, self.last_inbound[1], 0))  # a retransmission: ack it again
                 return
             count = len(data)
-            if data:
-                await self._write(data)
+            if data or operation & OP_BREAK:
+                await self._write(data, send_break=bool(operation & OP_BREAK))
             self.last_inbound = (sequence, count)
             self._send(packet(0, sequence, count, 0))
 
-    async def _write(self, data: bytes) -> None:
-        """Type the characters on the serial port; while the machine has none (off) they are lost,
-        as on a real serial line."""
+    async def _write(self, data: bytes, send_break: bool = False) -> None:
+        """Type the characters on the serial port, after a break if asked; while the machine has no
+        serial port (off) they are lost, as on a real serial line."""
         try:
-            for offset in range(0, len(data), 4096):
+            for offset in range(0, max(len(data), 1), 4096):
                 await bus.request(self.server.nc, self.server.machine, subjects.CONSOLE_IN,
-                                  ConsoleInput(data=data[offset:offset + 4096]), ConsoleWritten, timeout=5)
+                                  ConsoleInput(data=data[offset:offset + 4096], send_break=send_break and not offset),
+                                  ConsoleWritten, timeout=5)
         except BusError as exc:
             log.debug("%s: SOL input not written: %s", self.server.machine, exc)

@@ -421,6 +421,19 @@ class Machine:
         await self._publish(self.name, subjects.EVENT_BOOT, BootEvent(
             machine=self.name, override=self._override, cause="used", timestamp=time.time()))
 
+    # ------------------------------------------------------------------ serial console
+
+    async def send_break(self) -> None:
+        """A break condition on the serial port (QMP ``chardev-send-break``): the launcher's
+        serial chardev, or in attach mode the chardev listening on the ``serial`` socket."""
+        chardev = launcher.SERIAL_CHARDEV
+        if self.vm.mode != "managed":
+            chardevs = await self._execute("query-chardev")
+            chardev = next((entry["label"] for entry in chardevs if str(self.vm.serial) in entry["filename"]), "")
+            if not chardev:
+                raise BusError("not_found", f"machine {self.name}: no QEMU chardev on {self.vm.serial}")
+        await self._execute("chardev-send-break", {"id": chardev})
+
     # ------------------------------------------------------------------ virtual media
 
     @property

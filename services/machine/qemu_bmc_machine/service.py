@@ -69,7 +69,10 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         return console().history()
 
     async def console_in(_: str, request: ConsoleInput) -> msgspec.Struct:
-        return ConsoleWritten(written=await console().write(request.data))
+        serial = console()
+        if request.send_break:
+            await machine.send_break()
+        return ConsoleWritten(written=await serial.write(request.data))
 
     async def system_get(_: str, __: Empty) -> msgspec.Struct:
         return SystemView(power=machine.status(), boot=machine.boot_override(), inventory=await machine.inventory())
