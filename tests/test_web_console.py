@@ -1,11 +1,12 @@
 """The web serial console: a real guest's interactive shell on ttyS0, driven from headless
 Chromium (Debian's, through Playwright) on ``/console/n1``; its WebSocket refused without
-credentials."""
+credentials, and opened on another Redfish replica with the ticket of a page."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import shutil
 import ssl
 from pathlib import Path
@@ -46,12 +47,15 @@ async def history(nc) -> ConsoleHistory | None:
 
 
 async def test_web_console_shell(nc, services, short_dir: Path, tmp_path: Path, linux_guest: LinuxGuest):
-    port = free_tcp_port()
+    port, replica_port = free_tcp_port(), free_tcp_port()
     argv = linux_guest.qemu_args(linux_guest.initrd(SHELL, short_dir))
     config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\n[vm.n1]\ncmd = {toml_list(argv)}\n')
+    replica = short_dir / "replica.toml"
+    replica.write_text(config.read_text().replace(f":{port}", f":{replica_port}"))
     await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
     await services("machine", config, "--stop-vms-on-exit")
     await services("redfish", config)
+    await services("redfish", replica)
     url = f"https://127.0.0.1:{port}"
     await wait_for(lambda: history(nc), timeout=30, message="console.get answering")
     await bus.request(nc, "n1", subjects.POWER_SET, PowerRequest(action="on"), PowerStatus, timeout=30)
@@ -82,6 +86,22 @@ async def test_web_console_shell(nc, services, short_dir: Path, tmp_path: Path, 
     basic = {"Authorization": basic_auth(USER, PASSWORD)}
     async with websockets_client.connect(ws_url, ssl=insecure, additional_headers=basic) as socket:
         assert b"GUEST-SHELL" in await socket.recv()
+
+    # a page's ticket opens its WebSocket on another replica (as behind a load balancer), once
+    async def ticket() -> str:
+        async with httpx.AsyncClient(base_url=url, verify=False, auth=(USER, PASSWORD)) as client:
+            page = await client.get("/console/n1")
+        assert page.status_code == 200, page.text
+        return re.search(r'data-ticket="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+
+    replica_ws = f"wss://127.0.0.1:{replica_port}/console/n1/ws"
+    used = await ticket()
+    async with websockets_client.connect(f"{replica_ws}?ticket={used}", ssl=insecure) as socket:
+        assert b"GUEST-SHELL" in await socket.recv()
+    with pytest.raises(websockets_client.InvalidStatus) as refused:
+        async with websockets_client.connect(f"{ws_url}?ticket={used}", ssl=insecure):
+            pass
+    assert refused.value.response.status_code == 403
 
     async with playwright_api.async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

@@ -8,13 +8,15 @@ keeps (``console.get``), then every ``console.out`` as it comes, and what is typ
 Both need a login on the machine, as Redfish does: HTTP Basic (a browser asks for it on the 401
 challenge) or ``X-Auth-Token``. A browser does not always send its Basic credentials on a
 WebSocket handshake, so the page carries a ticket: a random, one-use, short-lived stand-in for the
-login that served it. A user without ConfigureComponents (ReadOnly) sees the console and cannot
+login that served it, kept in a JetStream bucket so that the WebSocket may reach any replica of
+the Redfish service. A user without ConfigureComponents (ReadOnly) sees the console and cannot
 type on it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import html
 import logging
 import secrets
@@ -22,10 +24,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
+import nats.errors
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import ConsoleHistory, ConsoleInput, ConsoleOutput, ConsoleWritten
@@ -41,7 +48,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 TICKET_LIFETIME = 60.0  # seconds a page's ticket opens its WebSocket
-MAX_TICKETS = 1024
+TICKETS_BUCKET = "qemu_bmc_redfish_console_tickets"
 INPUT_CHUNK = 4096  # ConsoleInput's max_length
 QUEUE_SIZE = 4096  # console.out messages waiting for a slow browser; past that the oldest go
 POLICY_VIOLATION = 1008  # WebSocket close code: refused (before accept: HTTP 403)
@@ -65,30 +72,64 @@ PAGE = """<!DOCTYPE html>
 """
 
 
+class Ticket(msgspec.Struct):
+    """What a ticket stands for: a login on one machine, issued at a wall-clock time."""
+
+    machine: str
+    user: str
+    role: str
+    slot: int
+    session: str | None
+    issued: float
+
+
 class Tickets:
-    """One-use tickets: the login of a page, for its WebSocket, for TICKET_LIFETIME seconds."""
+    """One-use tickets, for TICKET_LIFETIME seconds, in a JetStream bucket: a page served by one
+    replica opens its WebSocket on any other. The bucket holds the ticket's SHA-256, never the
+    ticket; its ``max_age`` removes the tickets nobody redeemed."""
 
-    def __init__(self) -> None:
-        self.issued: dict[str, tuple[str, Login, float]] = {}
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self._kv: KeyValue | None = None
 
-    def issue(self, machine: str, login: Login) -> str:
-        now = time.monotonic()
-        self.issued = {key: value for key, value in self.issued.items() if value[2] > now}
-        while len(self.issued) >= MAX_TICKETS:
-            self.issued.pop(next(iter(self.issued)))
+    async def bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await bus.key_value(self.nc, TICKETS_BUCKET, "qemu-bmc web console tickets",
+                                           ttl=TICKET_LIFETIME)
+        return self._kv
+
+    @staticmethod
+    def key(ticket: str) -> str:
+        return "t." + hashlib.sha256(ticket.encode()).hexdigest()
+
+    async def issue(self, machine: str, login: Login) -> str:
         ticket = secrets.token_urlsafe(24)
-        self.issued[ticket] = (machine, login, now + TICKET_LIFETIME)
+        record = Ticket(machine=machine, user=login.user, role=login.role, slot=login.slot, session=login.session,
+                        issued=time.time())
+        await (await self.bucket()).put(self.key(ticket), msgspec.json.encode(record))
         return ticket
 
-    def redeem(self, ticket: str, machine: str) -> Login | None:
-        issued = self.issued.pop(ticket, None)
-        if issued is None or issued[0] != machine or issued[2] < time.monotonic():
+    async def redeem(self, ticket: str, machine: str) -> Login | None:
+        """The login of a live ticket for this machine, which is then used up (on every replica:
+        the delete only succeeds over the revision read)."""
+        if not ticket:
             return None
-        return issued[1]
+        kv, key = await self.bucket(), self.key(ticket)
+        try:
+            entry = await kv.get(key)
+            if not entry.value:
+                return None
+            await kv.delete(key, last=entry.revision)
+        except (KeyNotFoundError, KeyWrongLastSequenceError):
+            return None
+        record = msgspec.json.decode(entry.value, type=Ticket)
+        if record.machine != machine or time.time() - record.issued > TICKET_LIFETIME:
+            return None
+        return Login(user=record.user, role=record.role, slot=record.slot, session=record.session)
 
 
 def register(app: FastAPI, redfish: Redfish) -> None:
-    tickets = Tickets()
+    tickets = Tickets(redfish.nc)
     app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
 
     @app.get("/console/{machine}")
@@ -96,12 +137,15 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         login = await redfish.login(request, machine)
         interactive = "ConfigureComponents" in PRIVILEGES[login.role]
         body = PAGE.format(title=html.escape(f"Serial console of {machine}"), machine=html.escape(machine),
-                           ticket=tickets.issue(machine, login), interactive=str(interactive).lower())
+                           ticket=await tickets.issue(machine, login), interactive=str(interactive).lower())
         return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
     @app.websocket("/console/{machine}/ws")
     async def console(websocket: WebSocket, machine: str) -> None:
-        login = tickets.redeem(websocket.query_params.get("ticket", ""), machine)
+        try:
+            login = await tickets.redeem(websocket.query_params.get("ticket", ""), machine)
+        except nats.errors.Error:
+            login = None
         if login is None:
             try:
                 login = await redfish.login(websocket, machine)  # type: ignore[arg-type]  # headers only
