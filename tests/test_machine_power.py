@@ -9,8 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import clients
 import pytest
-from conftest import Events, bmc_request, serial_log, toml_list, wait_for, write_config
+from conftest import Events, bmc_request, free_udp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from qemu_bmc_shared import subjects
 from qemu_bmc_shared.bus import BusError
@@ -117,6 +118,34 @@ async def test_killed_qemu_is_reported_off_within_a_second(nc, managed, short_di
     await wait_for(lambda: any(e.state == "Off" for e in events.of("event.power")), timeout=1.0)
     # and it can be powered on again
     assert (await power(nc, "n1", "on")).state == "On"
+
+
+async def test_power_restore_policy_after_a_power_loss(nc, services, short_dir: Path, images: GuestImages):
+    """The host loses power (machine service and QEMU killed at once); when the machine service
+    starts again, the restore policy set with ipmitool decides (IPMI v2.0 §28.8)."""
+    user, password, lan = "admin", "Restore-Pass1", free_udp_port()
+    config = write_config(short_dir, f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=False))}\n'
+                                     f'ipmi = "127.0.0.1:{lan}"\n')
+    await services("state", config, env={"IPMI_USER": user, "IPMI_PASS": password})
+    await services("ipmi-lan", config)
+    machine = await services("machine", config)
+
+    for policy, before, after in (("always-on", "off", "On"), ("previous", "on", "On"), ("previous", "off", "Off"),
+                                  ("always-off", "on", "Off")):
+        code, out = await clients.ipmitool(lan, "chassis", "policy", policy, user=user, password=password)
+        assert code == 0, out
+        pid = (await power(nc, "n1", before)).pid
+        await machine.stop(signal.SIGKILL)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            await wait_for(lambda pid=pid: not process_exists(pid), timeout=10, message="QEMU gone")
+        await machine.start(nc, "qemu-bmc-machine")
+        if after == "On":
+            await wait_for(lambda: _state(nc, "n1", "On"), timeout=30, message=f"powered on by policy {policy}")
+        else:
+            await asyncio.sleep(2)  # the policy is read at once: nothing powers the machine on
+            assert (await status(nc, "n1")).state == "Off", policy
+    await power(nc, "n1", "off")
 
 
 async def test_attach_mode(nc, services, short_dir: Path, images: GuestImages):

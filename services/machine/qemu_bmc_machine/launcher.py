@@ -56,6 +56,9 @@ class RuntimeFiles:
         self.uuid = directory / "uuid"
         self.boot = directory / "boot.json"
         self.media = directory / "media.json"
+        self.power = directory / "power"
+        """The power state the machine last had ("On" or "Off"), not counting the machine service's
+        own stop: what power restore policy "previous" restores."""
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -53,8 +53,11 @@ class Machine:
     """A QEMU machine behind QMP. Power actions are serialised; status is kept current from QMP
     events and from the process itself, and read fresh from QEMU on request."""
 
-    def __init__(self, vm: VmConfig, publish: Publisher) -> None:
+    def __init__(self, vm: VmConfig, publish: Publisher,
+                 restore_policy: Callable[[], Awaitable[int | None]] | None = None) -> None:
+        """``restore_policy``: reads the power restore policy (None: not known)."""
         self.vm = vm
+        self._restore_policy = restore_policy
         self.name = vm.name
         self.files = RuntimeFiles(vm.runtime_dir)
         self._publish = publish
@@ -95,6 +98,8 @@ class Machine:
             self._spawn(self.console.run())
         if self.vm.autostart and self.vm.mode == "managed":
             self._spawn(self._autostart())
+        elif self.vm.mode == "managed" and not self._pid and self._restore_policy is not None:
+            self._spawn(self._restore_power(self._restore_policy))
 
     async def _autostart(self) -> None:
         if self._pid:
@@ -103,6 +108,23 @@ class Machine:
             await self.power("on")
         except BusError as exc:
             log.error("%s: autostart failed: %s", self.name, exc)
+
+    async def _restore_power(self, restore_policy: Callable[[], Awaitable[int | None]]) -> None:
+        """Power restore policy (IPMI v2.0 §28.8) when the machine service starts and the machine's
+        QEMU is not running, as after the host lost power: 2 power on, 1 back to the power state it
+        last had, 0 stay off."""
+        policy = await restore_policy()
+        if policy is None or self._pid:
+            return
+        previous = self.files.power.read_text().strip() if self.files.power.exists() else "Off"
+        if policy == 2 or (policy == 1 and previous == "On"):
+            log.info("%s: power restore policy %d: powering on", self.name, policy)
+            try:
+                await self.power("on")
+            except BusError as exc:
+                log.error("%s: power restore failed: %s", self.name, exc)
+        else:
+            self.files.power.write_text("Off")
 
     async def close(self, stop_vm: bool = False) -> None:
         self._closing = True
@@ -234,6 +256,8 @@ class Machine:
     async def _set_run_state(self, run_state: str, cause: str) -> None:
         before = self.power_state
         self._run_state = run_state
+        if before != self.power_state and self.vm.mode == "managed" and not self._closing:
+            self.files.power.write_text(self.power_state)
         if cause in LIFECYCLE_EVENTS or cause == "launched" or before != self.power_state:
             await self._publish(self.name, subjects.EVENT_POWER, PowerEvent(
                 machine=self.name, state=self.power_state, cause=cause, timestamp=time.time()))

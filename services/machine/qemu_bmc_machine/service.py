@@ -15,6 +15,7 @@ from qemu_bmc_shared.config import Config
 from qemu_bmc_shared.discovery import announced_machines, metadata, service_infos
 from qemu_bmc_shared.messages import (
     BootOverrideUpdate,
+    ChassisConfig,
     ConsoleInput,
     ConsoleWritten,
     Empty,
@@ -31,6 +32,9 @@ from .machine import Machine
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "qemu-bmc-machine"
+#: Seconds (one try a second) a starting machine service waits for the state service to tell a
+#: machine's power restore policy.
+RESTORE_POLICY_TRIES = 60
 
 
 def endpoints(machine: Machine) -> list[bus.Endpoint]:
@@ -106,7 +110,18 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event, stop_vms: bool 
         if taken:
             raise SystemExit(f"{SERVICE_NAME}: {', '.join(taken)} already served by the machine service "
                              f"{info.get('id')} on {metadata(info).get('host', '?')}: one owner per machine")
-    machines = [Machine(vm, publish) for vm in config.vms.values()]
+    async def restore_policy(machine: str) -> int | None:
+        """The machine's power restore policy from the state service, which may start after this
+        one (None when it never answers)."""
+        for _ in range(RESTORE_POLICY_TRIES):
+            try:
+                return (await bus.request(nc, machine, subjects.CHASSIS_GET, None, ChassisConfig)).restore_policy
+            except BusError:
+                await asyncio.sleep(1.0)
+        log.warning("%s: no power restore policy from the state service: the machine stays off", machine)
+        return None
+
+    machines = [Machine(vm, publish, functools.partial(restore_policy, vm.name)) for vm in config.vms.values()]
     for machine in machines:
         await machine.start()
     service = await bus.serve(
