@@ -110,6 +110,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event, stop_vms: bool 
         if taken:
             raise SystemExit(f"{SERVICE_NAME}: {', '.join(taken)} already served by the machine service "
                              f"{info.get('id')} on {metadata(info).get('host', '?')}: one owner per machine")
+
     async def restore_policy(machine: str) -> int | None:
         """The machine's power restore policy from the state service, which may start after this
         one (None when it never answers)."""
