@@ -56,16 +56,18 @@ def announced_machines(info: dict[str, Any]) -> list[str]:
 
 
 class Machines:
-    """Machine names, asked of every machine service (and each machine's IPMI over LAN address,
-    of every IPMI over LAN service); answered from the last answer while a newer one is asked
+    """Machine names, asked of every machine service (and, with ``ipmi_addresses``, each machine's
+    IPMI over LAN address, of every IPMI over LAN service); answered from the last answer while a newer one is asked
     for in the background once it is ``max_age`` seconds old.
 
     A machine stays listed until no answer has named it for ``forget_after`` seconds: a machine
     service that is slow to answer one round (a loaded host) does not make its machines vanish
     for a moment."""
 
-    def __init__(self, nc: Client, max_age: float = 2.0, forget_after: float = 6.0) -> None:
+    def __init__(self, nc: Client, max_age: float = 2.0, forget_after: float = 6.0,
+                 ipmi_addresses: bool = True) -> None:
         self.nc, self.max_age, self.forget_after = nc, max_age, forget_after
+        self.ipmi_addresses = ipmi_addresses
         self.names: list[str] | None = None
         self.seen: dict[str, float] = {}
         """Machine name → when an answer last named it (time.monotonic())."""
@@ -95,9 +97,11 @@ class Machines:
             await asyncio.shield(self.refreshing)
         return name in (self.names or [])
 
+    async def _lan_services(self) -> list[dict[str, Any]]:
+        return await service_infos(self.nc, IPMI_LAN_SERVICE) if self.ipmi_addresses else []
+
     async def _refresh(self) -> None:
-        machines, lan = await asyncio.gather(service_infos(self.nc, MACHINE_SERVICE),
-                                             service_infos(self.nc, IPMI_LAN_SERVICE))
+        machines, lan = await asyncio.gather(service_infos(self.nc, MACHINE_SERVICE), self._lan_services())
         now = time.monotonic()
         self.seen.update(dict.fromkeys((name for info in machines for name in announced_machines(info)), now))
         self.seen = {name: at for name, at in self.seen.items() if now - at < self.forget_after}

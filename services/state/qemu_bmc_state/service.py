@@ -130,7 +130,7 @@ class StateService:
         self.box = box
         self.config = config
         self.nc = nc
-        self.machines = Machines(nc) if nc is not None else None
+        self.machines = Machines(nc, ipmi_addresses=False) if nc is not None else None
         self.seeded: set[str] = set()
         self.naming: dict[str, asyncio.Lock] = {}
 
