@@ -128,7 +128,7 @@ async def test_power_restore_policy_after_a_power_loss(nc, services, short_dir: 
                                      f'ipmi = "127.0.0.1:{lan}"\n')
     await services("state", config, env={"IPMI_USER": user, "IPMI_PASS": password})
     await services("ipmi-lan", config)
-    machine = await services("machine", config)
+    machine = await services("machine", config, "--stop-vms-on-exit")
 
     for policy, before, after in (("always-on", "off", "On"), ("previous", "on", "On"), ("previous", "off", "Off"),
                                   ("always-off", "on", "Off")):
@@ -145,7 +145,6 @@ async def test_power_restore_policy_after_a_power_loss(nc, services, short_dir: 
         else:
             await asyncio.sleep(2)  # the policy is read at once: nothing powers the machine on
             assert (await status(nc, "n1")).state == "Off", policy
-    await power(nc, "n1", "off")
 
 
 async def test_attach_mode(nc, services, short_dir: Path, images: GuestImages):

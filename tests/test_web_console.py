@@ -88,15 +88,12 @@ async def test_web_console_shell(nc, services, short_dir: Path, tmp_path: Path, 
         assert b"GUEST-SHELL" in await socket.recv()
 
     # a page's ticket opens its WebSocket on another replica (as behind a load balancer), once
-    async def ticket() -> str:
-        async with httpx.AsyncClient(base_url=url, verify=False, auth=(USER, PASSWORD)) as client:
-            page = await client.get("/console/n1")
-        assert page.status_code == 200, page.text
-        return re.search(r'data-ticket="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-
-    replica_ws = f"wss://127.0.0.1:{replica_port}/console/n1/ws"
-    used = await ticket()
-    async with websockets_client.connect(f"{replica_ws}?ticket={used}", ssl=insecure) as socket:
+    async with httpx.AsyncClient(base_url=url, verify=False, auth=(USER, PASSWORD)) as client:
+        page = await client.get("/console/n1")
+    assert page.status_code == 200, page.text
+    used = re.search(r'data-ticket="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    async with websockets_client.connect(f"wss://127.0.0.1:{replica_port}/console/n1/ws?ticket={used}",
+                                         ssl=insecure) as socket:
         assert b"GUEST-SHELL" in await socket.recv()
     with pytest.raises(websockets_client.InvalidStatus) as refused:
         async with websockets_client.connect(f"{ws_url}?ticket={used}", ssl=insecure):
