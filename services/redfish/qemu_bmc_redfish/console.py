@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import html
 import logging
 import secrets
@@ -40,6 +39,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from .auth import PRIVILEGES, Login
 from .errors import RedfishError
+from .sessions import token_hash
 
 if TYPE_CHECKING:
     from .app import Redfish
@@ -100,7 +100,7 @@ class Tickets:
 
     @staticmethod
     def key(ticket: str) -> str:
-        return "t." + hashlib.sha256(ticket.encode()).hexdigest()
+        return "t." + token_hash(ticket)
 
     async def issue(self, machine: str, login: Login) -> str:
         ticket = secrets.token_urlsafe(24)
