@@ -7,6 +7,8 @@
     url = "nats://127.0.0.1:4222"
     [qemu]
     bin = "qemu-system-x86_64"
+    ovmf_code = "/usr/share/OVMF/OVMF_CODE_4M.fd"   # UEFI firmware for boot mode switching (found
+    ovmf_vars = "/usr/share/OVMF/OVMF_VARS_4M.fd"   # in the usual places when not given)
     [vars]
     images = "/var/lib/vms"
     [state]
@@ -23,10 +25,15 @@
            "-nic", "user,hostfwd=tcp:127.0.0.1:{{.vm.ssh.port}}-:{{.vm.ssh.vm_port}}"]
     ipmi = "127.0.0.1:6230"
     vmwire = "127.0.0.1:9002"
+    graceful_timeout = 60               # seconds a guest has to obey the ACPI power button
     bare_metal_identity = true          # SMBIOS strings below, no VM markers (managed mode only)
     [vm.node1.identity]                 # all optional: vendor, product, version, serial, sku, family,
     vendor = "Example Inc."             # board_vendor, board_product, chassis_vendor, bios_vendor,
     product = "R100"                    # bios_version, bios_date, cpu_model
+    [vm.node1.environment]              # the nominal readings of the Redfish power and thermal sensors
+    power_watts = 150                   # while the machine is on (off: 0 W, and every temperature the
+    cpu_celsius = 50                    # intake's): power_watts, cpu_celsius, board_celsius,
+                                        # intake_celsius
     [vm.node2]                          # attach: an existing QEMU's QMP socket
     qmp = "/run/node2/qmp.sock"
     serial = "/run/node2/serial.sock"
@@ -55,6 +62,13 @@ from .subjects import valid_machine_name
 
 TEMPLATE = re.compile(r"\{\{\s*\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\}\}")
 DEFAULT_QEMU = "qemu-system-x86_64"
+#: Where distributions install OVMF (code, variables template): Debian and Ubuntu, Fedora, Arch, openSUSE.
+OVMF_FILES = (("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+              ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+              ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+              ("/usr/share/edk2/x64/OVMF_CODE.4m.fd", "/usr/share/edk2/x64/OVMF_VARS.4m.fd"),
+              ("/usr/share/qemu/ovmf-x86_64-code.bin", "/usr/share/qemu/ovmf-x86_64-vars.bin"))
+DEFAULT_GRACEFUL_TIMEOUT = 60.0
 DEMO_CMD = ["-machine", "q35", "-accel", "tcg", "-m", "128", "-display", "none"]
 
 
@@ -99,6 +113,18 @@ IDENTITY_KEYS = set(Identity.__dataclass_fields__)
 _DETECTED_KEYS = {"vendor", "product", "version", "board_vendor", "bios_vendor", "board_product", "chassis_vendor"}
 
 
+@dataclass(frozen=True)
+class Environment:
+    """``[vm.NAME.environment]``: the nominal readings of the machine's power and thermal sensors
+    while it is on (a VM has no sensors: these are a model, not measurements). While it is off
+    it draws 0 W and every temperature is the intake's."""
+
+    power_watts: float = 100.0
+    cpu_celsius: float = 45.0
+    board_celsius: float = 35.0
+    intake_celsius: float = 25.0
+
+
 SshValue = str | int | bool | list[str]
 SSH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 #: ssh_config keywords a VM's generated block sets itself, or that would end it.
@@ -133,6 +159,12 @@ class VmConfig:
     uuid: str | None = None
     autostart: bool = False
     """Power the machine on when the machine service starts and finds it off."""
+    graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
+    """Seconds the guest has to shut down after the ACPI power button of a graceful shutdown or
+    restart; then a restart becomes a reset, a shutdown gives up (the machine stays on)."""
+    environment: Environment = field(default_factory=Environment)
+    ovmf: tuple[Path, Path] | None = None
+    """Managed mode: OVMF's code and variables template, for booting in UEFI mode (None: not found)."""
     ssh: SshConfig | None = None
     identity: Identity | None = None
     """Managed mode, ``bare_metal_identity = true``: the SMBIOS strings the guest sees instead of QEMU's,
@@ -283,8 +315,9 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
     runtime_dir = (_resolve(base, runtime_value) if runtime_value else default_runtime_dir(path)).absolute()
 
     nats = _Reader(file, "nats", top.table_of("nats"), {"url"})
-    qemu = _Reader(file, "qemu", top.table_of("qemu"), {"bin"})
+    qemu = _Reader(file, "qemu", top.table_of("qemu"), {"bin", "ovmf_code", "ovmf_vars"})
     qemu_bin = qemu.str("bin", DEFAULT_QEMU)
+    ovmf = _ovmf_files(qemu, base)
     global_vars = _vars_of(top, "vars")
     global_ssh = _ssh_options(_Reader(file, "ssh", top.table_of("ssh"), set(top.table_of("ssh"))), set())
 
@@ -316,7 +349,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
         if not valid_machine_name(name):
             raise top.error(f"vm.{name}", "a machine name is 1-63 letters, digits, '-' or '_', starting with a "
                             "letter or digit")
-        vms[name] = _parse_vm(file, base, name, table, runtime_dir, qemu_bin, global_vars, global_ssh)
+        vms[name] = _parse_vm(file, base, name, table, runtime_dir, qemu_bin, global_vars, global_ssh, ovmf)
 
     if "range" in ipmi_reader.table:
         vms = _allocate_ipmi(ipmi_reader, vms)
@@ -429,11 +462,43 @@ def _parse_ssh(vm: _Reader, global_ssh: dict[str, SshValue]) -> SshConfig | None
     return SshConfig(port=ports["port"], vm_port=ports["vm_port"], options={**merged, **own})
 
 
+def _ovmf_files(qemu: _Reader, base: Path) -> tuple[Path, Path] | None:
+    """``[qemu] ovmf_code`` and ``ovmf_vars`` (both or neither), else the first pair installed."""
+    code, variables = qemu.str("ovmf_code"), qemu.str("ovmf_vars")
+    if (code is None) != (variables is None):
+        raise qemu.error("ovmf_code" if code is None else "ovmf_vars", "give both ovmf_code and ovmf_vars")
+    if code is not None and variables is not None:
+        pair = (_resolve(base, code), _resolve(base, variables))
+        for key, path in zip(("ovmf_code", "ovmf_vars"), pair, strict=True):
+            if not path.is_file():
+                raise qemu.error(key, f"no such file: {path}")
+        return pair
+    return next(((Path(code), Path(variables)) for code, variables in OVMF_FILES
+                 if Path(code).is_file() and Path(variables).is_file()), None)
+
+
+def _number(reader: _Reader, key: str, default: float, low: float, high: float) -> float:
+    value = reader.table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise reader.error(key, f"must be a number from {low:g} to {high:g}, not {value!r}")
+    return float(value)
+
+
+def _parse_environment(vm: _Reader) -> Environment:
+    reader = _Reader(vm.file, f"{vm.prefix}.environment", vm.table_of("environment"),
+                     set(Environment.__dataclass_fields__))
+    defaults = Environment()
+    return Environment(power_watts=_number(reader, "power_watts", defaults.power_watts, 0, 100000),
+                       **{key: _number(reader, key, getattr(defaults, key), -50, 150)
+                          for key in ("cpu_celsius", "board_celsius", "intake_celsius")})
+
+
 def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_dir: Path, qemu_bin: str,
-              global_vars: dict[str, str], global_ssh: dict[str, SshValue]) -> VmConfig:
+              global_vars: dict[str, str], global_ssh: dict[str, SshValue],
+              ovmf: tuple[Path, Path] | None = None) -> VmConfig:
     vm = _Reader(file, f"vm.{name}", table,
                  {"cmd", "vars", "bin", "qmp", "serial", "media_device", "ipmi", "vmwire", "uuid", "autostart",
-                  "bare_metal_identity", "identity", "ssh"})
+                  "bare_metal_identity", "identity", "ssh", "graceful_timeout", "environment"})
     vm_runtime = runtime_dir / "vm" / name
     ssh = _parse_ssh(vm, global_ssh)
     variables = {**global_vars, **_vars_of(vm, "vars"), "name": name, "runtime_dir": str(vm_runtime),
@@ -449,7 +514,9 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
         raise vm.error("uuid", f"not a UUID: {uuid!r}")
     common: dict[str, Any] = dict(name=name, runtime_dir=vm_runtime, ipmi=vm.address("ipmi"),
                                   vmwire=vm.address("vmwire"), uuid=uuid, media_device=vm.str("media_device"),
-                                  autostart=vm.bool("autostart"), ssh=ssh)
+                                  autostart=vm.bool("autostart"), ssh=ssh,
+                                  graceful_timeout=_number(vm, "graceful_timeout", DEFAULT_GRACEFUL_TIMEOUT, 1, 3600),
+                                  environment=_parse_environment(vm))
     if cmd is not None:
         if vm.str("serial") is not None:
             raise vm.error("serial", "only for attach mode: the managed launcher makes its own serial socket")
@@ -458,7 +525,7 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
         identity = _parse_identity(vm, argv) if vm.bool("bare_metal_identity") else None
         if identity is None and "identity" in table:
             raise vm.error("identity", "only with bare_metal_identity = true")
-        return VmConfig(mode="managed", argv=argv, identity=identity, **common)
+        return VmConfig(mode="managed", argv=argv, identity=identity, ovmf=ovmf, **common)
     for key in ("bare_metal_identity", "identity"):
         if key in table:
             raise vm.error(key, "only for managed mode (cmd): qemu-bmc does not build an attached QEMU's command "

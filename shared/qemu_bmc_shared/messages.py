@@ -12,7 +12,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 PowerState = Literal["On", "Off"]
-PowerAction = Literal["on", "off", "soft", "reset", "cycle", "nmi"]
+PowerAction = Literal["on", "off", "soft", "reset", "cycle", "nmi", "graceful_restart"]
 BootTarget = Literal["None", "Pxe", "Hdd", "Cd", "BiosSetup"]
 BootEnabled = Literal["Disabled", "Once", "Continuous"]
 BootMode = Literal["UEFI", "Legacy"]
@@ -57,14 +57,23 @@ class PowerQuery(Message):
 
 
 class PowerRequest(Message):
+    """A power action. ``soft`` presses the ACPI power button and ``graceful_restart`` does too,
+    then powers on once the guest is off; either gives up after the machine's graceful time-out
+    (a shutdown leaves the machine on, a restart resets it) and is cancelled by any later power
+    request. ``reset`` of a machine that is off is refused, unless ``on_if_off`` (Redfish's
+    ForceRestart, which real BMCs answer by powering on)."""
+
     action: PowerAction
+    on_if_off: bool = False
 
 
 class PowerEvent(Message):
     machine: str
     state: PowerState
     cause: str
-    """The QMP event (``SHUTDOWN``, ``RESET`` …) or ``launched``, ``exited``, ``connected``, ``disconnected``."""
+    """The QMP event (``SHUTDOWN``, ``RESET`` …), ``launched``, ``exited``, ``connected``,
+    ``disconnected``, or ``graceful-timeout`` (the guest ignored the power button of a graceful
+    shutdown or restart for the machine's graceful time-out)."""
     timestamp: float
 
 
@@ -108,6 +117,10 @@ class Inventory(Message):
     cpus: int
     macs: list[str]
     firmware: BootMode
+    """The firmware the machine runs (its QEMU is launched with), or will run at its next power-on."""
+    firmwares: list[BootMode] = []
+    """The boot modes the machine can be switched to (both for a managed machine when OVMF is
+    installed; attach mode: its own firmware's)."""
     manufacturer: str = "QEMU"
     model: str = "QEMU virtual machine"
     serial: str | None = None
@@ -116,12 +129,132 @@ class Inventory(Message):
     bare_metal: bool = False
 
 
+class Processor(Message):
+    """One CPU socket of the machine (QMP ``query-cpus-fast``; its CPUs' ``model-id``)."""
+
+    socket: int
+    cores: int
+    threads: int
+    """Logical processors in the socket (cores × threads per core)."""
+    model: str
+    architecture: str = "x86"
+    """Redfish ProcessorArchitecture: x86, ARM, MIPS, Power, RISC-V."""
+    instruction_set: str = "x86-64"
+    """Redfish InstructionSet: x86, x86-64, IA-64, ARM-A32, ARM-A64, MIPS32, MIPS64, PowerISA, RV64 …"""
+
+
+class MemoryModule(Message):
+    """A block of the machine's RAM as QEMU has it: its boot memory (per NUMA node when it has
+    nodes) or a memory device (``query-memory-devices``)."""
+
+    id: str
+    size_mib: int
+    kind: str = "DRAM"
+
+
+class Disk(Message):
+    """A disk QEMU gives the guest (``query-block`` with a medium, not a CD drive)."""
+
+    id: str
+    """The device's qdev id (or its QOM path's last element)."""
+    device: str
+    """The QEMU device type (``ide-hd``, ``virtio-blk-pci``, ``scsi-hd``, ``nvme`` …)."""
+    capacity_bytes: int
+    protocol: str
+    """Redfish Protocol of the drive: SATA, SAS, NVMe, PCIe (virtio), USB."""
+    media: Literal["HDD", "SSD"] = "HDD"
+    read_only: bool = False
+
+
+class Nic(Message):
+    """A network adapter of the machine."""
+
+    id: str
+    mac: str
+    device: str
+    """The QEMU device type (``virtio-net-pci``, ``e1000`` …)."""
+    enabled: bool = True
+    """The link as the BMC set it (QMP ``set_link``)."""
+    connected: bool = True
+    """It has a network backend (``-netdev``) behind it."""
+    speed_mbps: int | None = None
+
+
+class Hardware(Message):
+    """What the machine is made of, read from QEMU (kept until a device is added or removed, or
+    QEMU is started again); from the command line while QEMU is not running."""
+
+    machine: str
+    processors: list[Processor]
+    memory: list[MemoryModule]
+    disks: list[Disk]
+    nics: list[Nic]
+    bios_version: str | None = None
+
+
+class NicUpdate(Message):
+    id: str
+    enabled: bool
+
+
 class SystemView(Message):
-    """Power, boot override and inventory in one reply (what a Redfish ComputerSystem shows)."""
+    """Power, boot override, inventory and hardware in one reply (what a Redfish ComputerSystem shows)."""
 
     power: PowerStatus
     boot: BootOverride
     inventory: Inventory
+    hardware: Hardware | None = None
+
+
+WatchdogAction = Literal["none", "reset", "off", "cycle"]
+WatchdogPretimeout = Literal["none", "smi", "nmi", "interrupt"]
+
+
+class WatchdogSet(Message):
+    """Set Watchdog Timer (IPMI v2.0 §27.6), decoded."""
+
+    timer_use: Annotated[int, msgspec.Meta(ge=1, le=5)]
+    """1 BIOS FRB2, 2 BIOS/POST, 3 OS load, 4 SMS/OS, 5 OEM."""
+    countdown: Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+    """Initial countdown, in 100 ms."""
+    dont_log: bool = False
+    dont_stop: bool = False
+    """A running timer keeps running (with the new countdown); otherwise Set stops it."""
+    action: WatchdogAction = "none"
+    pretimeout: WatchdogPretimeout = "none"
+    pretimeout_seconds: Byte = 0
+    clear_flags: Annotated[int, msgspec.Meta(ge=0, le=0x3E)] = 0
+    """Timer use expiration flags to clear (bit n: timer use n)."""
+
+
+class WatchdogStatus(Message):
+    """Get Watchdog Timer (IPMI v2.0 §27.7): the settings, whether it runs, what is left."""
+
+    timer_use: int = 0
+    """0: never set (Reset Watchdog Timer then answers 80h)."""
+    running: bool = False
+    dont_log: bool = False
+    action: WatchdogAction = "none"
+    pretimeout: WatchdogPretimeout = "none"
+    pretimeout_seconds: int = 0
+    expiration_flags: int = 0
+    countdown: int = 0
+    remaining: int = 0
+    """The present countdown, in 100 ms."""
+    pretimeout_occurred: bool = False
+    """Get Message Flags bit 3 (IPMI v2.0 §22.4), until cleared."""
+
+
+class WatchdogEvent(Message):
+    """The watchdog expired (``expired``, the action taken) or reached its pre-timeout."""
+
+    machine: str
+    phase: Literal["pretimeout", "expired"]
+    timer_use: int
+    action: WatchdogAction
+    pretimeout: WatchdogPretimeout
+    dont_log: bool
+    timestamp: float
 
 
 class ConsoleOutput(Message):
@@ -351,7 +484,7 @@ class StateChanged(Message):
     """A machine's BMC state changed (published after the change is stored, before the reply)."""
 
     machine: str
-    area: Literal["users", "channel", "lan", "sol", "kg", "chassis", "sel"]
+    area: Literal["users", "channel", "lan", "sol", "kg", "chassis", "manager", "sel"]
     timestamp: float
 
 

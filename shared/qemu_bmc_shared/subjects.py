@@ -23,7 +23,12 @@ MEDIA_GET = "media.get"
 MEDIA_INSERT = "media.insert"
 MEDIA_EJECT = "media.eject"
 INVENTORY_GET = "inventory.get"
+HARDWARE_GET = "hardware.get"
+NIC_SET = "nic.set"
 SYSTEM_GET = "system.get"
+WATCHDOG_GET = "watchdog.get"
+WATCHDOG_SET = "watchdog.set"
+WATCHDOG_RESET = "watchdog.reset"
 CONSOLE_GET = "console.get"
 CONSOLE_IN = "console.in"
 
@@ -45,6 +50,8 @@ KG_GET = "state.kg.get"
 KG_SET = "state.kg.set"
 CHASSIS_GET = "state.chassis.get"
 CHASSIS_SET = "state.chassis.set"
+MANAGER_GET = "state.manager.get"
+MANAGER_SET = "state.manager.set"
 SEL_GET = "state.sel.get"
 SEL_ADD = "state.sel.add"
 SEL_CLEAR = "state.sel.clear"
@@ -53,17 +60,19 @@ SEL_CLEAR = "state.sel.clear"
 EVENT_POWER = "event.power"
 EVENT_BOOT = "event.boot"
 EVENT_MEDIA = "event.media"
+EVENT_WATCHDOG = "event.watchdog"
 #: The machine's serial console output, as it comes (not an "event." subject: a byte stream).
 CONSOLE_OUT = "console.out"
 # Published by the state service after each change of a machine's state.
 EVENT_STATE = "event.state"
 
 MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, MEDIA_GET, MEDIA_INSERT, MEDIA_EJECT,
-                     INVENTORY_GET, SYSTEM_GET, CONSOLE_GET, CONSOLE_IN)
+                     INVENTORY_GET, HARDWARE_GET, NIC_SET, SYSTEM_GET, WATCHDOG_GET, WATCHDOG_SET, WATCHDOG_RESET,
+                     CONSOLE_GET, CONSOLE_IN)
 STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
                    USERS_CREDENTIALS, CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
-                   KG_GET, KG_SET, CHASSIS_GET, CHASSIS_SET, SEL_GET, SEL_ADD, SEL_CLEAR)
-EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA, EVENT_STATE, CONSOLE_OUT)
+                   KG_GET, KG_SET, CHASSIS_GET, CHASSIS_SET, MANAGER_GET, MANAGER_SET, SEL_GET, SEL_ADD, SEL_CLEAR)
+EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA, EVENT_WATCHDOG, EVENT_STATE, CONSOLE_OUT)
 
 
 def for_machine(machine: str, operation: str) -> str:

@@ -30,7 +30,9 @@ from qemu_bmc_shared.messages import (
 
 from . import boot, launcher
 from .console import Console
+from .hardware import HardwareInventory
 from .launcher import LaunchError, RuntimeFiles
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ class Machine:
         self._override = self._load_override()
         self._media_image: str | None = self._load_media_image()
         self._closing = False
+        self.hardware = HardwareInventory(self)
+        self.watchdog = Watchdog(self)
         if vm.mode == "managed":
             self.console: Console | None = Console(self.name, self.files.serial, publish,
                                                    live=lambda: self._pid is not None)
@@ -128,6 +132,7 @@ class Machine:
 
     async def close(self, stop_vm: bool = False) -> None:
         self._closing = True
+        self.watchdog.stop()
         if stop_vm and self.vm.mode == "managed" and self._pid:
             with contextlib.suppress(Exception):
                 await self._hard_off()
@@ -185,6 +190,7 @@ class Machine:
     async def _session(self, qmp: QMPClient) -> None:
         events = self._spawn(self._consume_events(qmp))
         self._qmp = qmp
+        self.hardware.forget()
         try:
             self._devices = await boot.discover(self._execute)
             self._base_order = await boot.base_order(self._execute, self._devices)
@@ -218,6 +224,8 @@ class Machine:
                 await self._reset_with_boot_order()  # the guest rebooted: set its boot order first
                 await self._execute("cont")
                 continue
+            if name in ("DEVICE_ADDED", "DEVICE_DELETED"):
+                self.hardware.forget()
             if name == "RESET":
                 await self._reset_seen(event.get("data", {}).get("reason", ""))
             if name in LIFECYCLE_EVENTS:
@@ -258,6 +266,8 @@ class Machine:
         self._run_state = run_state
         if before != self.power_state and self.vm.mode == "managed" and not self._closing:
             self.files.power.write_text(self.power_state)
+        if before != self.power_state or cause == "RESET":
+            self.watchdog.power_changed(self.power_state, cause)
         if cause in LIFECYCLE_EVENTS or cause == "launched" or before != self.power_state:
             await self._publish(self.name, subjects.EVENT_POWER, PowerEvent(
                 machine=self.name, state=self.power_state, cause=cause, timestamp=time.time()))

@@ -20,9 +20,11 @@ from qemu_bmc_shared.messages import (
     ConsoleWritten,
     Empty,
     MediaInsert,
+    NicUpdate,
     PowerQuery,
     PowerRequest,
     SystemView,
+    WatchdogSet,
 )
 from qemu_bmc_shared.service import argument_parser, run_service
 
@@ -64,6 +66,21 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
     async def inventory_get(_: str, __: Empty) -> msgspec.Struct:
         return await machine.inventory()
 
+    async def hardware_get(_: str, __: Empty) -> msgspec.Struct:
+        return await machine.hardware.read()
+
+    async def nic_set(_: str, request: NicUpdate) -> msgspec.Struct:
+        return await machine.hardware.set_nic(request)
+
+    async def watchdog_get(_: str, __: Empty) -> msgspec.Struct:
+        return machine.watchdog.status()
+
+    async def watchdog_set(_: str, request: WatchdogSet) -> msgspec.Struct:
+        return await machine.watchdog.set(request)
+
+    async def watchdog_reset(_: str, __: Empty) -> msgspec.Struct:
+        return await machine.watchdog.reset()
+
     def console() -> Console:
         if machine.console is None:
             raise BusError("not_found", f"machine {machine.name} has no serial console (attach mode: set serial)")
@@ -79,7 +96,8 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         return ConsoleWritten(written=await serial.write(request.data))
 
     async def system_get(_: str, __: Empty) -> msgspec.Struct:
-        return SystemView(power=machine.status(), boot=machine.boot_override(), inventory=await machine.inventory())
+        return SystemView(power=machine.status(), boot=machine.boot_override(), inventory=await machine.inventory(),
+                          hardware=await machine.hardware.read())
 
     table = [
         (subjects.SYSTEM_GET, Empty, system_get),
@@ -91,6 +109,11 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         (subjects.MEDIA_INSERT, MediaInsert, media_insert),
         (subjects.MEDIA_EJECT, Empty, media_eject),
         (subjects.INVENTORY_GET, Empty, inventory_get),
+        (subjects.HARDWARE_GET, Empty, hardware_get),
+        (subjects.NIC_SET, NicUpdate, nic_set),
+        (subjects.WATCHDOG_GET, Empty, watchdog_get),
+        (subjects.WATCHDOG_SET, WatchdogSet, watchdog_set),
+        (subjects.WATCHDOG_RESET, Empty, watchdog_reset),
         (subjects.CONSOLE_GET, Empty, console_get),
         (subjects.CONSOLE_IN, ConsoleInput, console_in),
     ]

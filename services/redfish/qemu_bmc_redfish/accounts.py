@@ -25,9 +25,9 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import Empty, PasswordSet, User, UserAccessUpdate, UserList, UserUpdate
 
-from .app import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 from .auth import PRIVILEGES, ROLES, Login, role_of
 from .errors import RedfishError, message
+from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 
 SERVICE_PATH = "/redfish/v1/AccountService"
 ACCOUNTS_PATH = f"{SERVICE_PATH}/Accounts"

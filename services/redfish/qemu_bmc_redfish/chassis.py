@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerQuery, PowerStatus
 
-from .app import ENABLED, Redfish, collection, json_response, link
+from .resources import ENABLED, Redfish, collection, json_response, link
 
 
 def register(app: FastAPI, redfish: Redfish) -> None:

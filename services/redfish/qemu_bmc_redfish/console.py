@@ -42,7 +42,7 @@ from .errors import RedfishError
 from .sessions import token_hash
 
 if TYPE_CHECKING:
-    from .app import Redfish
+    from .resources import Redfish
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from nats.aio.subscription import Subscription
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerEvent, PowerQuery, PowerStatus
 
-from .app import ENABLED, Redfish, collection, json_body, json_response, link, patch_body
 from .auth import PRIVILEGES, Login
 from .errors import RedfishError, not_found
+from .resources import ENABLED, Redfish, collection, json_body, json_response, link, patch_body
 from .subscriptions import MAX_SUBSCRIPTIONS, SubscriptionRecord, SubscriptionStore
 
 if TYPE_CHECKING:

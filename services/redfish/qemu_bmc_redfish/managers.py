@@ -20,8 +20,8 @@ from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import LanConfig, LanRef, SolConfig
 
 from . import __version__
-from .app import ENABLED, Redfish, collection, json_response, link
 from .errors import RedfishError
+from .resources import ENABLED, Redfish, collection, json_response, link
 from .service_root import service_uuid
 from .virtual_media import action_body, collection_path
 

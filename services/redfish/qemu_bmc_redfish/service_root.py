@@ -8,7 +8,7 @@ import uuid
 
 from fastapi import FastAPI, Response
 
-from .app import Redfish, json_response, link
+from .resources import Redfish, json_response, link
 
 #: The schemas the service's resources use, for $metadata and the odata document.
 SCHEMAS = ("ServiceRoot", "EventService", "Event", "EventDestinationCollection",
@@ -16,7 +16,13 @@ SCHEMAS = ("ServiceRoot", "EventService", "Event", "EventDestinationCollection",
            "ChassisCollection", "Chassis", "EthernetInterfaceCollection", "EthernetInterface", "Resource",
            "Message", "ActionInfo", "VirtualMediaCollection", "VirtualMedia", "ManagerNetworkProtocol",
            "IPAddresses", "SessionService", "SessionCollection", "Session", "AccountService",
-           "ManagerAccountCollection", "ManagerAccount", "RoleCollection", "Role")
+           "ManagerAccountCollection", "ManagerAccount", "RoleCollection", "Role",
+           "ProcessorCollection", "Processor", "MemoryCollection", "Memory", "StorageCollection", "Storage",
+           "StorageControllerCollection", "StorageController", "DriveCollection", "Drive", "VolumeCollection",
+           "Volume", "SimpleStorageCollection", "SimpleStorage", "Power", "Thermal", "PowerSubsystem",
+           "ThermalSubsystem", "SensorCollection", "Sensor", "LogServiceCollection", "LogService",
+           "LogEntryCollection", "LogEntry", "CertificateService", "CertificateCollection", "Certificate",
+           "CertificateLocations", "UpdateService", "SoftwareInventoryCollection", "SoftwareInventory")
 ROOT_COLLECTIONS = {"Systems": "ComputerSystemCollection", "Managers": "ManagerCollection",
                     "Chassis": "ChassisCollection"}
 

@@ -44,9 +44,9 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from qemu_bmc_shared.bus import key_value, stored_keys
 
-from .app import ENABLED, Redfish, collection, json_body, json_response, link
 from .auth import CHALLENGE, Login
 from .errors import RedfishError, not_found
+from .resources import ENABLED, Redfish, collection, json_body, json_response, link
 
 BUCKET = "qemu_bmc_redfish_sessions"
 MAX_AGE = 2 * 86400.0

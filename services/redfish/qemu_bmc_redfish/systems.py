@@ -20,8 +20,8 @@ from qemu_bmc_shared.messages import (
     SystemView,
 )
 
-from .app import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 from .errors import RedfishError
+from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 
 log = logging.getLogger(__name__)
 

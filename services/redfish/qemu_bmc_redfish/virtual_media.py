@@ -33,8 +33,8 @@ from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import MediaInsert, MediaStatus
 
-from .app import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, patch_body
 from .errors import BASE_REGISTRY, RedfishError, message
+from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, patch_body
 
 VIRTUAL_MEDIA_TYPE = "#VirtualMedia.v1_6_5.VirtualMedia"
 MEDIA_ID = "Cd"
