@@ -110,14 +110,15 @@ async def test_sdr_repository_walk(nc, machine):
         assert record[2] == 0x51 and len(record) == 5 + record[4]
         records.append(record)
     assert len(records) == count
-    assert [record[3] for record in records] == [0x12, 0x02, 0x02, 0x03, 0x03]
-    assert [int.from_bytes(record[:2], "little") for record in records] == [1, 2, 3, 4, 5]
+    assert [record[3] for record in records] == [0x12, 0x02, 0x02, 0x03, 0x03, 0x03, 0x03]
+    assert [int.from_bytes(record[:2], "little") for record in records] == [1, 2, 3, 4, 5, 6, 7]
     assert records[0][5] == 0x20 and records[0][16:].endswith(b"qemu-bmc") and records[0][15] == 0xC8
     sensors = [SDREntry(record, pyghmi_constants) for record in records[1:]]
     assert [(s.sensor_number, s.name, s.sensor_type) for s in sensors] == [
         (1, "System Power", "Power Unit"), (2, "ACPI State", "System ACPI Power State"),
-        (3, "System Restart", "System Boot"), (4, "Boot Override", "System Event")]
-    assert [s.readable for s in sensors] == [True, True, False, False]
+        (3, "System Restart", "System Boot"), (4, "Boot Override", "System Event"), (5, "Watchdog", "Watchdog"),
+        (6, "OS Shutdown", "OS Stop")]
+    assert [s.readable for s in sensors] == [True, True, False, False, False, False]
 
     # the last record by FFFFh, a whole record by FFh; the device SDR commands answer the same
     last = await ok(nc, STORAGE, 0x23, struct.pack("<HHBB", 0, 0xFFFF, 0, 0xFF))

@@ -39,14 +39,17 @@ MAX_FRU_READ = 128
 """Bytes per Read FRU Data answer: fits every transport; readers continue from the count returned."""
 
 # Sensor types (table 42-3) and the offsets used.
-POWER_UNIT, SYSTEM_EVENT, SYSTEM_BOOT, ACPI_POWER_STATE = 0x09, 0x12, 0x1D, 0x22
+POWER_UNIT, SYSTEM_EVENT, SYSTEM_BOOT, OS_STOP, ACPI_POWER_STATE, WATCHDOG_2 = 0x09, 0x12, 0x1D, 0x20, 0x22, 0x23
 POWER_OFF = 0x00  # Power Unit: "Power Off / Power Down"
 OEM_SYSTEM_BOOT = 0x01  # System Event: "OEM System Boot Event"
 HARD_RESET = 0x01  # System Boot / Restart Initiated: "Initiated by hard reset"
+AGENT_NOT_RESPONDING = 0x05  # OS Stop / Shutdown: "graceful shutdown request to agent via BMC did not occur"
 S0_WORKING, S5_SOFT_OFF = 0x00, 0x05  # System ACPI Power State: "S0/G0 working", "S5/G2 soft-off"
+# Watchdog 2: timer expired (status only), hard reset, power down, power cycle, timer interrupt
+WATCHDOG_EXPIRED, WATCHDOG_RESET, WATCHDOG_POWER_DOWN, WATCHDOG_POWER_CYCLE, WATCHDOG_INTERRUPT = 0, 1, 2, 3, 8
 
 # Sensor numbers.
-POWER_SENSOR, ACPI_SENSOR, RESTART_SENSOR, BOOT_SENSOR = 1, 2, 3, 4
+POWER_SENSOR, ACPI_SENSOR, RESTART_SENSOR, BOOT_SENSOR, WATCHDOG_SENSOR, OS_STOP_SENSOR = 1, 2, 3, 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ SENSORS = (
            readings={"On": 1 << S0_WORKING, "Off": 1 << S5_SOFT_OFF}),
     Sensor(RESTART_SENSOR, "System Restart", SYSTEM_BOOT, 0x17, events=1 << HARD_RESET),
     Sensor(BOOT_SENSOR, "Boot Override", SYSTEM_EVENT, 0x22, events=1 << OEM_SYSTEM_BOOT),
+    Sensor(WATCHDOG_SENSOR, "Watchdog", WATCHDOG_2, 0x07,
+           events=sum(1 << offset for offset in (WATCHDOG_EXPIRED, WATCHDOG_RESET, WATCHDOG_POWER_DOWN,
+                                                 WATCHDOG_POWER_CYCLE, WATCHDOG_INTERRUPT))),
+    Sensor(OS_STOP_SENSOR, "OS Shutdown", OS_STOP, 0x23, events=1 << AGENT_NOT_RESPONDING),
 )
 READABLE = {sensor.number: sensor for sensor in SENSORS if sensor.readings is not None}
 
