@@ -110,6 +110,17 @@ class MediaInsert(Message):
     write_protected: bool = True
 
 
+class EnvironmentModel(Message):
+    """The nominal readings of a machine's power and thermal sensors while it is on (from its
+    config, ``[vm.NAME.environment]``: a VM has no sensors, these are a model); off, it draws 0 W
+    and every temperature is the intake's."""
+
+    power_watts: float = 100.0
+    cpu_celsius: float = 45.0
+    board_celsius: float = 35.0
+    intake_celsius: float = 25.0
+
+
 class Inventory(Message):
     machine: str
     uuid: str
@@ -127,6 +138,7 @@ class Inventory(Message):
     """The SMBIOS system strings the guest sees (a bare-metal identity's, when configured);
     the serial number is the UUID when None."""
     bare_metal: bool = False
+    environment: EnvironmentModel = EnvironmentModel()
 
 
 class Processor(Message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from qemu_bmc_shared.messages import (
     BootEvent,
     BootOverride,
     BootOverrideUpdate,
+    EnvironmentModel,
     Inventory,
     MediaInsert,
     MediaStatus,
@@ -567,9 +569,11 @@ class Machine:
                          **self._identity())
 
     def _identity(self) -> dict[str, object]:
-        """The system strings of a bare-metal identity (what the guest's SMBIOS says)."""
+        """The system strings of a bare-metal identity (what the guest's SMBIOS says), and the
+        nominal sensor readings of the config."""
+        environment = EnvironmentModel(**dataclasses.asdict(self.vm.environment))
         identity = self.vm.identity
         if identity is None:
-            return {}
+            return {"environment": environment}
         return {"manufacturer": identity.vendor, "model": identity.product, "serial": identity.serial,
-                "bare_metal": True}
+                "bare_metal": True, "environment": environment}
