@@ -138,7 +138,7 @@ class Inventory(Message):
     """The SMBIOS system strings the guest sees (a bare-metal identity's, when configured);
     the serial number is the UUID when None."""
     bare_metal: bool = False
-    environment: EnvironmentModel = EnvironmentModel()
+    environment: EnvironmentModel = msgspec.field(default_factory=EnvironmentModel)
 
 
 class Processor(Message):
