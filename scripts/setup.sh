@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(
   qemu-system-x86 qemu-block-extra ovmf  # QEMU (TCG), its curl block driver, UEFI firmware
+  qemu-utils                             # qemu-img (the qcow2 disks of tests/test_redfish_inventory.py)
   ipmitool freeipmi-tools openipmi       # real IPMI clients and the ipmi_sim peer
+  freeipmi-bmc-watchdog                  # FreeIPMI's watchdog client (in-band, in the Linux test guest)
   busybox-static cpio                    # the small Linux test guest
   nasm xorriso mtools                    # the tiny boot images the tests build
   docker-compose                         # validates compose.yaml offline

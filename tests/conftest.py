@@ -154,7 +154,8 @@ class Events:
 
         async def handler(message: Any) -> None:
             kind = message.subject.split(".", 2)[2]
-            events.received.append((kind, msgspec.json.decode(message.data, type=cls.TYPES[kind])))
+            if kind in cls.TYPES:  # not the state service's event.state
+                events.received.append((kind, msgspec.json.decode(message.data, type=cls.TYPES[kind])))
 
         await nc.subscribe(f"{subjects.PREFIX}.{machine}.event.>", cb=handler)
         await nc.flush()

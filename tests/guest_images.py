@@ -153,6 +153,37 @@ message: db 13, 10, "%(marker)s", 13, 10, 0
 """
 
 
+MULTIBOOT_KERNEL = r"""
+; A kernel for QEMU's -kernel (direct boot, Multiboot with the a.out kludge: a flat binary
+; loaded at 1 MiB): prints its marker on COM1 and halts.
+bits 32
+org 0x100000
+header:
+    dd 0x1BADB002               ; magic
+    dd 0x00010000               ; flags: the address fields below are valid
+    dd -(0x1BADB002 + 0x00010000)
+    dd header                   ; header_addr
+    dd header                   ; load_addr
+    dd end                      ; load_end_addr
+    dd end                      ; bss_end_addr
+    dd start                    ; entry_addr
+start:
+    mov esi, message
+    mov dx, 0x3f8
+.next:
+    lodsb
+    test al, al
+    jz .idle
+    out dx, al
+    jmp .next
+.idle:
+    hlt
+    jmp .idle
+message: db "%(marker)s", 13, 10, 0
+end:
+"""
+
+
 def assemble(source_text: str, name: str, workdir: Path) -> bytes:
     source = workdir / f"{name}.asm"
     source.write_text(source_text)
@@ -205,6 +236,10 @@ class GuestImages:
         self.tftp = directory / "tftp"
         self.pxe_file = "boot.pxe"
         self.uefi_pxe_file = "bootx64.efi"
+        self.mode_iso = directory / "mode.iso"
+        """Boots in both modes, saying which: MARKER-LEGACY (BIOS El Torito) or MARKER-UEFI (EFI)."""
+        self.kernel = directory / "kernel.bin"
+        """A direct-boot kernel (``-kernel``) that prints MARKER-KERNEL."""
 
     def build(self) -> GuestImages:
         work = self.directory / "build"
@@ -213,17 +248,24 @@ class GuestImages:
         efi_boot_image(self.uefi_disk, uefi_application("MARKER-HDD", work), 4096, work)
         make_iso(self.iso, boot_program("MARKER-CD", work), uefi_application("MARKER-CD", work), work / "iso")
         make_iso(self.installer_iso, boot_program("MARKER-INSTALLER", work, reboot=True), None, work / "installer")
+        make_iso(self.mode_iso, boot_program("MARKER-LEGACY", work), uefi_application("MARKER-UEFI", work),
+                 work / "mode")
         self.tftp.mkdir(exist_ok=True)
         (self.tftp / self.pxe_file).write_bytes(boot_program("MARKER-PXE", work))
         (self.tftp / self.uefi_pxe_file).write_bytes(uefi_application("MARKER-PXE", work))
+        self.kernel.write_bytes(assemble(MULTIBOOT_KERNEL % {"marker": "MARKER-KERNEL"}, "kernel", work))
         shutil.rmtree(work)
         return self
 
-    def qemu_args(self, *, disk: bool = True, nic: bool = True, memory: int = 64, uefi: bool = False) -> list[str]:
+    def qemu_args(self, *, disk: bool = True, nic: bool = True, memory: int = 64, uefi: bool = False,
+                  kernel: bool = False) -> list[str]:
         """A q35 TCG machine booting from the disk, with a PXE-capable NIC on slirp's TFTP;
-        SeaBIOS, or OVMF with ``uefi`` (its variables in a throw-away snapshot)."""
+        SeaBIOS, or OVMF with ``uefi`` (its variables in a throw-away snapshot); with ``kernel``,
+        direct-booting MARKER-KERNEL (``-kernel``) before any device."""
         args = ["-machine", "q35", "-accel", "tcg", "-m", str(128 if uefi else memory), "-display", "none",
                 "-nodefaults", "-vga", "none"]
+        if kernel:
+            args += ["-kernel", str(self.kernel)]
         if uefi:
             args += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                      "-drive", f"if=pflash,format=raw,snapshot=on,file={OVMF_VARS}"]

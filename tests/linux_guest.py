@@ -51,6 +51,7 @@ PROGRAMS = (
     "/usr/sbin/ipmi-sensors",
     "/usr/sbin/ipmi-fru",
     "/usr/sbin/ipmi-locate",
+    "/usr/sbin/bmc-watchdog",
 )
 # FreeIPMI's /bin/sh wrappers around ipmi-config.
 WRAPPERS = ("/usr/sbin/bmc-config", "/usr/sbin/ipmi-chassis-config", "/usr/sbin/ipmi-sensors-config",

@@ -44,7 +44,8 @@ async def test_bad_requests_to_the_machine_service(nc, both):
         (subjects.POWER_SET, b'{"action": "explode"}', "bad_request"),
         (subjects.POWER_SET, b"{}", "bad_request"),
         (subjects.BOOT_SET, b'{"target": "Floppy"}', "bad_request"),
-        (subjects.BOOT_SET, b'{"mode": "UEFI"}', "invalid_state"),  # SeaBIOS machine
+        (subjects.BOOT_SET, b'{"target": "UefiBootNext", "enabled": "Once", "boot_next": "Boot0F0F"}',
+         "bad_request"),  # no such boot option
         (subjects.MEDIA_INSERT, b'{"image": ""}', "bad_request"),
         (subjects.MEDIA_INSERT, b'{"image": "/nonexistent.iso"}', "bad_request"),
         (subjects.POWER_GET, b'{"unexpected": 1}', "bad_request"),

@@ -628,14 +628,14 @@ async def test_boot_flags_follow_the_machine(machine):
         return await bus.request(machine, "n1", subjects.BOOT_GET, None, BootOverride)
 
     inventory = await bus.request(machine, "n1", subjects.INVENTORY_GET, None, Inventory)
-    assert inventory.firmware == "Legacy"  # SeaBIOS
+    assert (inventory.firmware, inventory.firmwares) == ("Legacy", ["Legacy", "UEFI"])  # SeaBIOS; OVMF installed
     assert await get_boot(ctx, 5) == bytes(5)  # no override
 
     # valid, persistent, EFI, PXE (and screen blank, console redirection off, device instance 1):
-    # a continuous PXE override in the machine's own mode; every bit reads back as written
+    # a continuous PXE override, booting in UEFI mode; every bit reads back as written
     flags = bytes([0x80 | 0x40 | 0x20, 0x01 << 2 | 0x02, 0x01, 0x00, 0x01])
     assert await set_boot(ctx, 5, flags) == 0
-    assert (await override()) == BootOverride(target="Pxe", enabled="Continuous", mode=inventory.firmware)
+    assert (await override()) == BootOverride(target="Pxe", enabled="Continuous", mode="UEFI")
     assert await get_boot(ctx, 5) == flags
 
     # valid, not persistent: once; the device selectors that share a target
@@ -673,7 +673,7 @@ async def test_boot_flags_follow_the_machine(machine):
     # the next boot: the valid bit is then clear and every other bit as written
     flags = bytes([0x80 | 0x20, 0x80 | 0x02 << 2, 0x20, 0x00, 0x03])
     assert await set_boot(ctx, 5, flags) == 0
-    assert (await override()) == BootOverride(target="Hdd", enabled="Once", mode="Legacy")
+    assert (await override()) == BootOverride(target="Hdd", enabled="Once", mode="UEFI")
     assert await ok(ctx, CHASSIS, 0x02, [0x01]) == b""
     await wait_for(lambda: _override_used(machine), timeout=30, message="the one-time override used")
     assert await get_boot(ctx, 5) == bytes([0x20]) + flags[1:]

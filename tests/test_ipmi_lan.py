@@ -51,10 +51,10 @@ class Bmc:
         return serial_log(self.directory, "n1")
 
 
-async def start_bmc(nc, services, directory: Path, images: GuestImages, nic: bool = False) -> Bmc:
+async def start_bmc(nc, services, directory: Path, images: GuestImages, nic: bool = False, uefi: bool = False) -> Bmc:
     port = free_udp_port()
     config = write_config(directory, f'[ipmi]\nlockout_failures = 3\nlockout_time = 5\n'
-                                     f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=nic))}\n'
+                                     f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=nic, uefi=uefi))}\n'
                                      f'ipmi = "127.0.0.1:{port}"\n')
     await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
     await services("machine", config, "--stop-vms-on-exit")
@@ -224,9 +224,9 @@ async def test_ipmitool_management_commands(bmc: Bmc, interface: tuple[str, ...]
 
 
 async def test_ironic_boot_device_really_boots(nc, services, short_dir: Path, images: GuestImages):
-    """Ironic's raw Set System Boot Options (PXE, persistent, EFI bit) then power on: the
-    machine really boots from the network, on the next boot too (SeaBIOS ignores the EFI bit)."""
-    bmc = await start_bmc(nc, services, short_dir, images, nic=True)
+    """Ironic's raw Set System Boot Options for a UEFI node (PXE, persistent, EFI bit) then power
+    on: the machine really boots from the network in UEFI mode, on the next boot too."""
+    bmc = await start_bmc(nc, services, short_dir, images, nic=True, uefi=True)
     assert (await bmc.ipmitool("raw", "0x00", "0x08", "0x05", "0xe0", "0x04", "0x00", "0x00", "0x00"))[0] == 0
     assert (await bmc.ipmitool("power", "on"))[0] == 0
     await wait_for(lambda: "MARKER-PXE" in bmc.serial(), timeout=90, message="a network boot")

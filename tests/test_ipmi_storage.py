@@ -212,9 +212,11 @@ async def test_sensors_and_sel_follow_the_machine(nc, machine: Path):
     assert (await call(nc, STORAGE, 0x43, struct.pack("<HHBB", 0, 5, 9, 4))).completion == 0xC5
     assert (await call(nc, STORAGE, 0x43, struct.pack("<HHBB", 0, 77, 0, 0xFF))).completion == 0xCB
 
-    # SEL time
+    # SEL time: the host's clock until it is set (then the BMC's clock is a day ahead of it)
     assert abs(int.from_bytes(await ok(nc, STORAGE, 0x48), "little") - time.time()) < 5
-    assert await ok(nc, STORAGE, 0x49, bytes(4)) == b""
+    assert await ok(nc, STORAGE, 0x49, int(time.time() + 86400).to_bytes(4, "little")) == b""
+    assert abs(int.from_bytes(await ok(nc, STORAGE, 0x48), "little") - time.time() - 86400) < 60
+    assert (await call(nc, STORAGE, 0x49, b"\xff" * 4)).completion == 0xCC  # "unspecified" is no time
 
     # Clear SEL: Operator, the current reservation, 'CLR'
     clear = reservation + b"CLR\xaa"

@@ -142,11 +142,12 @@ async def test_values_from_the_lan_front_end(nc_with_state):
     assert await value_of(offered, 23) == bytes([0, 3, 17])
     assert await value_of(offered, 24) == bytes([0, 0, 0x40, 0, 0, 0, 0, 0, 0])
 
-    # the address the LAN front-end really listens on wins over the stored one
+    # the address the LAN front-end really listens on, until a client sets one (0.0.0.0: none set)
     listening = context(nc_with_state, lan_address="192.0.2.7")
+    assert await put(listening, 3, bytes(4)) == Response(0)
     assert await value_of(listening, 3) == bytes([192, 0, 2, 7])
     assert await put(listening, 3, bytes([10, 1, 2, 3])) == Response(0)
-    assert await value_of(listening, 3) == bytes([192, 0, 2, 7])
+    assert await value_of(listening, 3) == bytes([10, 1, 2, 3])
     assert await value_of(context(nc_with_state), 3) == bytes([10, 1, 2, 3])
     assert await value_of(context(nc_with_state, lan_address="0.0.0.0"), 3) == bytes([10, 1, 2, 3])
 

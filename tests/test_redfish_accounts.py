@@ -314,7 +314,7 @@ async def test_account_rules_and_errors(bmc: Bmc):
         assert response.status_code == 400 and message_id(response) == "MalformedJSON"
         response = await admin.patch(f"{ACCOUNTS}/inband", json={"RoleId": "Root"})
         assert response.status_code == 400 and message_id(response) == "PropertyValueNotInList"
-        response = await admin.patch(f"{ACCOUNTS}/inband", json={"UserName": "renamed"})
+        response = await admin.patch(f"{ACCOUNTS}/inband", json={"Id": "renamed"})  # UserName renames it
         assert response.status_code == 400 and message_id(response) == "PropertyNotWritable"
         assert (await admin.patch(f"{ACCOUNTS}/nobody", json={"Enabled": True})).status_code == 404
 

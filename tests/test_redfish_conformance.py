@@ -1,7 +1,9 @@
 """DMTF's validators against the Redfish service, offline, authenticated: redfish-service-validator
-(every resource against the DMTF CSDL schemas in ../shared/redfish/csdl, or $REDFISH_CSDL) and
-redfish-protocol-validator (DSP0266 protocol assertions). Zero failures; each warning and what
-was not tested is listed in docs/conformance.md."""
+(every resource against the DMTF CSDL schemas in ../shared/redfish/csdl, or $REDFISH_CSDL),
+redfish-protocol-validator (DSP0266 protocol assertions) and redfish-interop-validator (the OCP
+and OpenStack Ironic interoperability profiles in ../shared/redfish/profiles, or
+$REDFISH_PROFILES). Zero failures; each warning and what was not tested is listed in
+docs/conformance.md."""
 
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from guest_images import GuestImages
 from test_redfish import PASSWORD, USER
 
 CSDL = Path(os.environ.get("REDFISH_CSDL", REPO.parent / "shared" / "redfish" / "csdl"))
+PROFILES = Path(os.environ.get("REDFISH_PROFILES", REPO.parent / "shared" / "redfish" / "profiles"))
+#: The interoperability profiles the service must pass, and what each requires (found beside it).
+INTEROP_PROFILES = ("OCPBaselineHardwareManagement.v1_1_1", "OCPServerHardwareManagement.v1_1_0",
+                    "OCPServiceBaseline.v1_0_0", "OpenStackIronicProfile.v1_2_0")
 BIN = Path(sys.executable).parent
 
 
@@ -83,3 +89,38 @@ async def test_protocol_validator(service: tuple[str, dict[str, str]], short_dir
                            and not any(row["Assertion"] == name or (name.endswith("*")
                                        and row["Assertion"].startswith(name[:-1])) for name in listed)})
     assert not undocumented, f"warnings and untested assertions not listed in docs/conformance.md: {undocumented}"
+
+
+def profile_directory(into: Path) -> Path:
+    """The profiles, linked into ``into``. The validator (3.0.4) looks for a required profile under
+    the file name of the version the requiring profile names (OCPBaselineHardwareManagement.v1_1_0
+    for OCPServerHardwareManagement), even when it found a newer one: each profile is linked under
+    the names of the older versions of its major version too."""
+    assert (PROFILES / f"{INTEROP_PROFILES[0]}.json").exists(), \
+        f"the Redfish interoperability profiles are not at {PROFILES} (set REDFISH_PROFILES)"
+    into.mkdir()
+    for profile in PROFILES.glob("*.json"):
+        (into / profile.name).symlink_to(profile)
+        name, major, minor, patch = re.match(r"(.+)\.v(\d+)_(\d+)_(\d+)\.json$", profile.name).groups()
+        for older in range(int(patch)):
+            alias = into / f"{name}.v{major}_{minor}_{older}.json"
+            if not alias.exists():
+                alias.symlink_to(profile)
+    return into
+
+
+@pytest.mark.parametrize("profile", INTEROP_PROFILES)
+async def test_interop_validator(service: tuple[str, dict[str, str]], short_dir: Path, profile: str):
+    url, env = service
+    profiles = profile_directory(short_dir / "profiles")
+    logs = short_dir / "interop-validator"
+    output = await run(str(BIN / "rf_interop_validator"), "--rhost", url, "--user", USER, "--password", PASSWORD,
+                       "--authtype", "Session", "--logdir", str(logs), str(profiles / f"{profile}.json"), env=env,
+                       cwd=short_dir)
+    counts = re.search(r"PASS\s*\|\s*WARN\s*\|\s*FAIL\s*\|\s*NOT TESTED\s*\|\s*\n[+-]+\n\|\s*(\d+)\s*\|\s*(\d+)\s*\|"
+                       r"\s*(\d+)\s*\|\s*(\d+)", output)
+    assert counts, output[-3000:]
+    passed, _, failed, _ = (int(group) for group in counts.groups())
+    debug = "\n".join(path.read_text() for path in logs.rglob("RedfishInteropValidatorDebug*.log"))
+    failures = sorted(set(re.findall(r" - ERROR - (FAIL - .*)", debug)))
+    assert failed == 0 and passed > 0, "\n".join(failures) or output[-3000:]

@@ -13,7 +13,8 @@ from msgspec import UNSET, UnsetType
 
 PowerState = Literal["On", "Off"]
 PowerAction = Literal["on", "off", "soft", "reset", "cycle", "nmi", "graceful_restart"]
-BootTarget = Literal["None", "Pxe", "Hdd", "Cd", "BiosSetup"]
+BootTarget = Literal["None", "Pxe", "Hdd", "Cd", "BiosSetup", "UefiTarget", "UefiBootNext"]
+BootDeviceKind = Literal["Pxe", "Hdd", "Cd"]
 BootEnabled = Literal["Disabled", "Once", "Continuous"]
 BootMode = Literal["UEFI", "Legacy"]
 
@@ -78,15 +79,42 @@ class PowerEvent(Message):
 
 
 class BootOverride(Message):
+    """The boot override of the next boot(s). ``target`` UefiTarget boots the boot option whose
+    UEFI device path is ``uefi_target``, UefiBootNext (Once only) the boot option ``boot_next``
+    (a BootOptionReference); ``alias`` is then the kind of that option's device. ``mode`` is the
+    boot mode (firmware) of the next boot, whatever the override."""
+
     target: BootTarget = "None"
     enabled: BootEnabled = "Disabled"
     mode: BootMode = "Legacy"
+    uefi_target: str | None = None
+    boot_next: str | None = None
+    alias: BootDeviceKind | None = None
 
 
 class BootOverrideUpdate(Message):
     target: BootTarget | UnsetType = UNSET
     enabled: BootEnabled | UnsetType = UNSET
     mode: BootMode | UnsetType = UNSET
+    uefi_target: str | UnsetType | None = UNSET
+    boot_next: str | UnsetType | None = UNSET
+
+
+class BootOption(Message):
+    """A device the machine can boot from (a Redfish BootOption)."""
+
+    reference: str
+    """``Boot0000``…, stable for the machine's command line."""
+    kind: BootDeviceKind
+    name: str
+    uefi_path: str
+    """The device's UEFI device path (text form, UEFI 2.10 §10.6)."""
+
+
+class BootOptions(Message):
+    options: list[BootOption]
+    order: list[str]
+    """The references in the machine's own boot order (its command line's bootindexes)."""
 
 
 class BootEvent(Message):
@@ -149,44 +177,60 @@ class Processor(Message):
     threads: int
     """Logical processors in the socket (cores × threads per core)."""
     model: str
-    architecture: str = "x86"
-    """Redfish ProcessorArchitecture: x86, ARM, MIPS, Power, RISC-V."""
-    instruction_set: str = "x86-64"
-    """Redfish InstructionSet: x86, x86-64, IA-64, ARM-A32, ARM-A64, MIPS32, MIPS64, PowerISA, RV64 …"""
+    architecture: str | None = "x86"
+    """Redfish ProcessorArchitecture: x86, ARM, MIPS, Power, RISC-V (None: another target)."""
+    instruction_set: str | None = "x86-64"
+    """Redfish InstructionSet: x86, x86-64, ARM-A32, ARM-A64, MIPS32, MIPS64, PowerISA, RV32, RV64."""
+    manufacturer: str | None = None
+    """From the CPUID vendor the guest sees (``GenuineIntel``: Intel, ``AuthenticAMD``: AMD)."""
 
 
 class MemoryModule(Message):
-    """A block of the machine's RAM as QEMU has it: its boot memory (per NUMA node when it has
-    nodes) or a memory device (``query-memory-devices``)."""
+    """A block of the machine's RAM as QEMU has it: its boot memory (one per NUMA node when it has
+    nodes) or a memory device (``query-memory-devices``). The sizes add up to the machine's memory."""
 
     id: str
     size_mib: int
     kind: str = "DRAM"
+    """Redfish MemoryType: DRAM, or NVDIMM_N for persistent memory (``nvdimm``, ``virtio-pmem``)."""
+    device: str | None = None
+    """The QEMU memory device (``pc-dimm``, ``nvdimm``, ``virtio-mem`` …); None: boot memory."""
+    node: int | None = None
+    """The NUMA node it belongs to."""
 
 
 class Disk(Message):
-    """A disk QEMU gives the guest (``query-block`` with a medium, not a CD drive)."""
+    """A disk QEMU gives the guest (``query-block`` with a medium, not a CD drive, not pflash)."""
 
     id: str
-    """The device's qdev id (or its QOM path's last element)."""
+    """The device's qdev id, else its block device name (``ide0-hd0``, ``virtio0``)."""
     device: str
     """The QEMU device type (``ide-hd``, ``virtio-blk-pci``, ``scsi-hd``, ``nvme`` …)."""
-    capacity_bytes: int
-    protocol: str
-    """Redfish Protocol of the drive: SATA, SAS, NVMe, PCIe (virtio), USB."""
+    capacity_bytes: int | None
+    """The virtual size (None: not known while QEMU is not running, e.g. a network image)."""
+    protocol: str | None
+    """Redfish Protocol of the drive: SATA (IDE on AHCI), SAS (SCSI), NVMe, PCIe (virtio-blk), USB."""
+    controller: str
+    """The id of the controller it hangs on (a virtio-blk or NVMe device is its own controller)."""
+    controller_device: str
+    """The controller's QEMU device type (``ich9-ahci``, ``virtio-scsi-pci`` …)."""
     media: Literal["HDD", "SSD"] = "HDD"
+    """SSD for ``rotation_rate=1`` and NVMe."""
     read_only: bool = False
+    model: str | None = None
+    serial: str | None = None
 
 
 class Nic(Message):
     """A network adapter of the machine."""
 
     id: str
+    """Its network client name in QEMU (the qdev id, else ``<device type>.<n>``), what ``set_link`` takes."""
     mac: str
     device: str
     """The QEMU device type (``virtio-net-pci``, ``e1000`` …)."""
     enabled: bool = True
-    """The link as the BMC set it (QMP ``set_link``)."""
+    """The link as the BMC set it (QMP ``set_link``); kept for the machine across QEMU restarts."""
     connected: bool = True
     """It has a network backend (``-netdev``) behind it."""
     speed_mbps: int | None = None
@@ -194,7 +238,8 @@ class Nic(Message):
 
 class Hardware(Message):
     """What the machine is made of, read from QEMU (kept until a device is added or removed, or
-    QEMU is started again); from the command line while QEMU is not running."""
+    QEMU is started again); while QEMU is not running, the last read of the same command line,
+    else what the command line says."""
 
     machine: str
     processors: list[Processor]
@@ -202,6 +247,9 @@ class Hardware(Message):
     disks: list[Disk]
     nics: list[Nic]
     bios_version: str | None = None
+    """A bare-metal identity's, else the firmware's (the SeaBIOS image's version, ``EDK II``)."""
+    sku: str | None = None
+    """A bare-metal identity's SKU, else QEMU's machine type (``pc-q35-7.2``)."""
 
 
 class NicUpdate(Message):
@@ -216,6 +264,7 @@ class SystemView(Message):
     boot: BootOverride
     inventory: Inventory
     hardware: Hardware | None = None
+    boot_options: BootOptions | None = None
 
 
 WatchdogAction = Literal["none", "reset", "off", "cycle"]
@@ -236,7 +285,7 @@ class WatchdogSet(Message):
     pretimeout: WatchdogPretimeout = "none"
     pretimeout_seconds: Byte = 0
     clear_flags: Annotated[int, msgspec.Meta(ge=0, le=0x3E)] = 0
-    """Timer use expiration flags to clear (bit n: timer use n)."""
+    """Timer use expiration flags to clear (bit n: timer use n; bits 0, 6 and 7 reserved)."""
 
 
 class WatchdogStatus(Message):
@@ -258,7 +307,8 @@ class WatchdogStatus(Message):
 
 
 class WatchdogEvent(Message):
-    """The watchdog expired (``expired``, the action taken) or reached its pre-timeout."""
+    """The watchdog reached its pre-timeout (``pretimeout``: ``action`` is the one set) or expired
+    (``expired``: ``action`` is the one taken, ``none`` for a machine that was off)."""
 
     machine: str
     phase: Literal["pretimeout", "expired"]
@@ -449,19 +499,75 @@ class KgKey(Message):
     key: Annotated[bytes, msgspec.Meta(max_length=20)] | None = None
 
 
+AssetTag = Annotated[str, msgspec.Meta(max_length=64)]
+
+
 class ChassisConfig(Message):
     """Chassis settings the BMC keeps: System Boot Options parameters as last set (IPMI v2.0
-    §28.13, raw bytes by parameter number) and the power restore policy (§28.8: 0 stay off,
-    1 restore, 2 power on)."""
+    §28.13, raw bytes by parameter number), the power restore policy (§28.8: 0 stay off,
+    1 restore, 2 power on), the system's asset tag, and chassis identify (§28.5): on until
+    ``identify_until`` (seconds since 1970 by the state service's host clock), or indefinitely
+    while ``identify_forced``."""
 
     boot_params: dict[int, bytes] = {}
     restore_policy: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0
+    asset_tag: AssetTag = ""
+    identify_until: float = 0.0
+    identify_forced: bool = False
 
 
 class ChassisUpdate(Message):
     boot_params: dict[int, bytes] = {}
     """Parameters to set; the others are kept."""
     restore_policy: Annotated[int, msgspec.Meta(ge=0, le=2)] | UnsetType = UNSET
+    asset_tag: AssetTag | UnsetType = UNSET
+    identify_seconds: Byte | UnsetType = UNSET
+    """Chassis identify on for this many seconds from now (0: off)."""
+    identify_forced: bool | UnsetType = UNSET
+    """Chassis identify on until turned off (True), or as ``identify_seconds`` says (False)."""
+
+
+class Ipv6Address(Message):
+    """A static IPv6 address or default gateway of the BMC, with its prefix length."""
+
+    address: str
+    prefix_length: Annotated[int, msgspec.Meta(ge=0, le=128)] = 64
+
+
+class ManagerSettings(Message):
+    """The BMC's own settings besides its IPMI LAN parameters (Redfish Manager, EthernetInterface
+    and ManagerNetworkProtocol): its names, DNS and NTP servers, static IPv6 configuration, and
+    its clock. Each machine's BMC has its own; by default the host name is the machine's name."""
+
+    host_name: str
+    domain_name: str = ""
+    name_servers: list[str] = []
+    ntp_enabled: bool = False
+    ntp_servers: list[str] = []
+    """Host names or IP addresses (kept for clients that configure them: no NTP client runs)."""
+    ipv6_addresses: list[Ipv6Address] = []
+    ipv6_gateways: list[Ipv6Address] = []
+    clock_offset: float = 0.0
+    """Seconds the BMC's clock (SEL time, Redfish DateTime) is ahead of the state service's host clock."""
+    local_offset: str = "+00:00"
+    """The BMC's local time offset from UTC, ``[+-]hh:mm`` (Redfish DateTimeLocalOffset)."""
+
+
+class ManagerSettingsUpdate(Message):
+    """Any of the :class:`ManagerSettings` to change (checked by the state service: ``bad_request``
+    naming what is wrong, nothing changed then)."""
+
+    host_name: str | UnsetType = UNSET
+    domain_name: str | UnsetType = UNSET
+    name_servers: list[str] | UnsetType = UNSET
+    ntp_enabled: bool | UnsetType = UNSET
+    ntp_servers: list[str] | UnsetType = UNSET
+    ipv6_addresses: list[Ipv6Address] | UnsetType = UNSET
+    ipv6_gateways: list[Ipv6Address] | UnsetType = UNSET
+    clock: float | UnsetType = UNSET
+    """Set the BMC's clock to this time (seconds since 1970): the state service keeps its difference
+    from its own clock as ``clock_offset``."""
+    local_offset: str | UnsetType = UNSET
 
 
 SelData = Annotated[bytes, msgspec.Meta(min_length=9, max_length=13)]

@@ -19,6 +19,7 @@ POWER_GET = "power.get"
 POWER_SET = "power.set"
 BOOT_GET = "boot.get"
 BOOT_SET = "boot.set"
+BOOT_OPTIONS = "boot.options"
 MEDIA_GET = "media.get"
 MEDIA_INSERT = "media.insert"
 MEDIA_EJECT = "media.eject"
@@ -29,6 +30,7 @@ SYSTEM_GET = "system.get"
 WATCHDOG_GET = "watchdog.get"
 WATCHDOG_SET = "watchdog.set"
 WATCHDOG_RESET = "watchdog.reset"
+WATCHDOG_PRETIMEOUT_CLEAR = "watchdog.pretimeout.clear"
 CONSOLE_GET = "console.get"
 CONSOLE_IN = "console.in"
 
@@ -66,9 +68,9 @@ CONSOLE_OUT = "console.out"
 # Published by the state service after each change of a machine's state.
 EVENT_STATE = "event.state"
 
-MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, MEDIA_GET, MEDIA_INSERT, MEDIA_EJECT,
+MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, BOOT_OPTIONS, MEDIA_GET, MEDIA_INSERT, MEDIA_EJECT,
                      INVENTORY_GET, HARDWARE_GET, NIC_SET, SYSTEM_GET, WATCHDOG_GET, WATCHDOG_SET, WATCHDOG_RESET,
-                     CONSOLE_GET, CONSOLE_IN)
+                     WATCHDOG_PRETIMEOUT_CLEAR, CONSOLE_GET, CONSOLE_IN)
 STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
                    USERS_CREDENTIALS, CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
                    KG_GET, KG_SET, CHASSIS_GET, CHASSIS_SET, MANAGER_GET, MANAGER_SET, SEL_GET, SEL_ADD, SEL_CLEAR)

@@ -22,13 +22,17 @@ import itertools
 import logging
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import uuid as uuid_module
+from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 from qemu_bmc_shared.config import VmConfig
+from qemu_bmc_shared.messages import BootMode, BootOverride
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,11 @@ class RuntimeFiles:
         self.power = directory / "power"
         """The power state the machine last had ("On" or "Off"), not counting the machine service's
         own stop: what power restore policy "previous" restores."""
+        self.boot_options = directory / "boot-options.json"
+        self.launch = directory / "launch.json"
+        """The LaunchProfile the running QEMU was started with."""
+        self.ovmf_vars = directory / "ovmf-vars.fd"
+        """The machine's UEFI variables (NVRAM) when qemu-bmc gives it OVMF: kept across boots."""
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -83,8 +92,122 @@ def machine_uuid(vm: VmConfig, files: RuntimeFiles) -> str:
     return value
 
 
-def managed_argv(vm: VmConfig, files: RuntimeFiles) -> list[str]:
+# ---------------------------------------------------------------- launch profiles
+
+@dataclass(frozen=True)
+class LaunchProfile:
+    """What a boot needs of QEMU's command line that cannot change while QEMU runs: the firmware
+    (SeaBIOS for Legacy, OVMF for UEFI) and whether QEMU loads the operator's ``-kernel`` (its
+    option ROM holds boot index 0, so a boot override to a device needs QEMU without it)."""
+
+    firmware: BootMode
+    kernel: bool = True
+
+
+#: Options that direct-boot a kernel, each with its value.
+KERNEL_OPTIONS = {"kernel", "initrd", "append", "dtb"}
+
+
+def _option(token: str) -> str:
+    """``-kernel`` and ``--kernel`` are one option: its name without the dashes."""
+    return token.lstrip("-") if token.startswith("-") else ""
+
+
+def _pflash_drive(value: str) -> bool:
+    return "if=pflash" in value.replace(" ", "")
+
+
+def _machine_pflash(argv: list[str]) -> bool:
+    """Firmware given as a block device of the machine (``-machine pflash0=``): not removable."""
+    return any(_option(flag) in ("machine", "M") and "pflash0=" in value for flag, value in itertools.pairwise(argv))
+
+
+def native_firmware(argv: list[str]) -> BootMode:
+    """UEFI when the operator's command line gives QEMU pflash firmware (``-drive if=pflash``,
+    ``-machine pflash0=``) or an OVMF/edk2 ``-bios``, else Legacy (SeaBIOS, QEMU's default)."""
+    for flag, value in itertools.pairwise(argv):
+        option = _option(flag)
+        if (option == "drive" and _pflash_drive(value)) \
+                or (option == "bios" and any(name in value.lower() for name in ("ovmf", "edk2"))):
+            return "UEFI"
+    return "UEFI" if _machine_pflash(argv) else "Legacy"
+
+
+def firmwares(vm: VmConfig) -> list[BootMode]:
+    """The boot modes a managed machine can be launched in: its own firmware's, and the other one
+    when qemu-bmc can give it (OVMF installed, for a SeaBIOS machine; firmware given as
+    ``-drive if=pflash`` or ``-bios``, which can be left out, for an OVMF machine)."""
+    native = native_firmware(vm.argv)
+    if native == "Legacy":
+        return ["Legacy", "UEFI"] if vm.ovmf is not None else ["Legacy"]
+    return ["UEFI"] if _machine_pflash(vm.argv) else ["UEFI", "Legacy"]
+
+
+def has_kernel(vm: VmConfig) -> bool:
+    return any(_option(arg) == "kernel" for arg in vm.argv[1:])
+
+
+def saved_override(files: RuntimeFiles) -> BootOverride | None:
+    try:
+        return msgspec.json.decode(files.boot.read_bytes(), type=BootOverride)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def default_profile(vm: VmConfig, files: RuntimeFiles) -> LaunchProfile:
+    """The profile of a launch that knows nothing of the machine's devices (the VM manager's): the
+    boot mode last set, the kernel as the command line has it."""
+    override = saved_override(files)
+    mode = override.mode if override is not None and override.mode in firmwares(vm) else native_firmware(vm.argv)
+    return LaunchProfile(firmware=mode)
+
+
+def profile_args(vm: VmConfig, files: RuntimeFiles, user_args: list[str], profile: LaunchProfile) -> list[str]:
+    """The operator's arguments for ``profile``: without the direct-boot kernel options when it
+    has no kernel; without the operator's firmware options when it asks for the other firmware,
+    plus OVMF (its variables a copy of the template, kept in the runtime directory) for UEFI."""
+    native = native_firmware(vm.argv)
+    switch = profile.firmware != native
+    args: list[str] = []
+    skip = False
+    for flag, value in itertools.pairwise([*user_args, ""]):
+        if skip:
+            skip = False
+            continue
+        option = _option(flag)
+        if (not profile.kernel and option in KERNEL_OPTIONS) or (switch and option == "bios") \
+                or (switch and option == "drive" and _pflash_drive(value)):
+            skip = True
+            continue
+        args.append(flag)
+    if switch and profile.firmware == "UEFI":
+        if vm.ovmf is None:
+            raise LaunchError(f"{vm.name}: UEFI boot needs OVMF ([qemu] ovmf_code and ovmf_vars)")
+        code, template = vm.ovmf
+        if not files.ovmf_vars.exists():
+            shutil.copyfile(template, files.ovmf_vars)
+            files.ovmf_vars.chmod(0o600)
+        args += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_escape(str(code))}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={qemu_escape(str(files.ovmf_vars))}"]
+    return args
+
+
+def save_profile(files: RuntimeFiles, profile: LaunchProfile) -> None:
+    files.launch.write_text(msgspec.json.encode({"firmware": profile.firmware, "kernel": profile.kernel}).decode())
+
+
+def load_profile(files: RuntimeFiles) -> LaunchProfile | None:
+    try:
+        saved = msgspec.json.decode(files.launch.read_bytes())
+        return LaunchProfile(firmware=saved["firmware"], kernel=bool(saved["kernel"]))
+    except (OSError, msgspec.DecodeError, KeyError, TypeError):
+        return None
+
+
+def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | None = None) -> list[str]:
     binary, *user_args = vm.argv
+    if profile is not None:
+        user_args = profile_args(vm, files, user_args, profile)
     argv = [
         binary,
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
@@ -242,18 +365,19 @@ def running_pid(files: RuntimeFiles) -> int | None:
     return None
 
 
-def _launch_argv(vm: VmConfig, files: RuntimeFiles) -> list[str]:
+def _launch_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile) -> list[str]:
     files.prepare()
     for stale in (files.pid, files.qmp):
         stale.unlink(missing_ok=True)
-    argv = managed_argv(vm, files)
+    argv = managed_argv(vm, files, profile)
+    save_profile(files, profile)
     log.info("%s: launching %s", vm.name, " ".join(argv))
     return argv
 
 
-async def launch(vm: VmConfig, files: RuntimeFiles) -> asyncio.subprocess.Process:
+async def launch(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile) -> asyncio.subprocess.Process:
     """Start QEMU paused (``-S``); the caller connects to QMP and continues it."""
-    argv = _launch_argv(vm, files)
+    argv = _launch_argv(vm, files, profile)
     with files.qemu_log.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
@@ -263,7 +387,7 @@ async def launch(vm: VmConfig, files: RuntimeFiles) -> asyncio.subprocess.Proces
 def launch_detached(vm: VmConfig, files: RuntimeFiles) -> subprocess.Popen[bytes]:
     """The same, for a caller that exits and leaves QEMU running (the VM manager): asyncio would
     kill a child it started when its transport is closed."""
-    argv = _launch_argv(vm, files)
+    argv = _launch_argv(vm, files, default_profile(vm, files))
     with files.qemu_log.open("ab") as output:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
 

@@ -18,6 +18,8 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import VmConfig
 from qemu_bmc_shared.messages import (
     BootEvent,
+    BootOption,
+    BootOptions,
     BootOverride,
     BootOverrideUpdate,
     EnvironmentModel,
@@ -75,16 +77,27 @@ class Machine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._devices: list[boot.BootDevice] = []
         self._base_order: dict[str, int] = {}
+        self._options = self._load_options()
+        """The boot options (UefiTarget, UefiBootNext) of the last QEMU seen, and their devices' paths."""
         self._reboot_intercepted = False
         self._pflash = False
-        self._order_stale = False
+        self._next_boot_stale = False
+        """What QEMU would do at its next reset (boot order, launch profile) is not what the next boot needs."""
+        self._reserved: set[int] = set()
+        """Boot indexes held by boot entries that are not devices (see boot.reserved_indexes)."""
+        self._launched: launcher.LaunchProfile | None = None
+        """The launch profile of the running QEMU (managed mode)."""
+        self._between_boots = False
+        """QEMU is reset or launched again for the next boot of a machine that is on: it stays On."""
+        self._graceful: asyncio.Task[None] | None = None
+        self._powered_off = asyncio.Event()
         self._boots = 0
         self._last_reset = -FIRMWARE_REBOOT_WINDOW
         self._override = self._load_override()
         self._media_image: str | None = self._load_media_image()
         self._closing = False
         self.hardware = HardwareInventory(self)
-        self.watchdog = Watchdog(self)
+        self.watchdog = Watchdog(self, publish)
         if vm.mode == "managed":
             self.console: Console | None = Console(self.name, self.files.serial, publish,
                                                    live=lambda: self._pid is not None)
@@ -99,6 +112,8 @@ class Machine:
             self._pid = launcher.running_pid(self.files)
             if self._pid:
                 log.info("%s: adopting running QEMU pid %d", self.name, self._pid)
+                self._launched = launcher.load_profile(self.files) or launcher.LaunchProfile(
+                    launcher.native_firmware(self.vm.argv))
         self._spawn(self._connection_loop())
         if self.console is not None:
             self._spawn(self.console.run())
@@ -196,19 +211,23 @@ class Machine:
         try:
             self._devices = await boot.discover(self._execute)
             self._base_order = await boot.base_order(self._execute, self._devices)
+            await self._read_options()
             self._reboot_intercepted = False
             self._pflash = any(block["device"].startswith("pflash") for block in await self._execute("query-block"))
+            self._reserved = boot.reserved_indexes(self.vm.argv, self._launched is None or self._launched.kernel) \
+                if self.vm.mode == "managed" else set()
             if not self.files.boot.exists():
                 self._override = BootOverride(mode=self.firmware)  # type: ignore[arg-type]
             running = (await self._execute("query-status"))["status"] not in OFF_RUN_STATES
             current = await boot.bootindexes(self._execute, self._devices)
-            self._order_stale = running and current != self._desired_order()
-            if self._order_stale:
+            self._next_boot_stale = running and (current != self._desired_order() or self._relaunch_needed())
+            if self._next_boot_stale:
                 await self._intercept_reboot(True)  # the running boot used an order that is now stale
             else:
-                await boot.apply_order(self._execute, self._devices, self._desired_order())
+                await self._apply_order_logged()
             if self.vm.mode == "managed" and self._media_image:
                 await self._reinsert_media()
+            await self.hardware.connected()
             self._connected.set()
             await self._refresh_run_state("connected")
             log.info("%s: QMP connected (%s), bootable devices: %s", self.name, self._run_state,
@@ -223,8 +242,8 @@ class Machine:
             name = event["event"]
             if name == "SHUTDOWN" and event.get("data", {}).get("reason") == "guest-reset" \
                     and self._reboot_intercepted:
-                await self._reset_with_boot_order()  # the guest rebooted: set its boot order first
-                await self._execute("cont")
+                self._between_boots = True
+                self._spawn(self._guest_rebooted())  # not here: a relaunch ends this QMP session
                 continue
             if name in ("DEVICE_ADDED", "DEVICE_DELETED"):
                 self.hardware.forget()
@@ -266,6 +285,10 @@ class Machine:
     async def _set_run_state(self, run_state: str, cause: str) -> None:
         before = self.power_state
         self._run_state = run_state
+        if self.power_state == "Off":
+            self._powered_off.set()
+        else:
+            self._powered_off.clear()
         if before != self.power_state and self.vm.mode == "managed" and not self._closing:
             self.files.power.write_text(self.power_state)
         if before != self.power_state or cause == "RESET":
@@ -276,7 +299,7 @@ class Machine:
 
     @property
     def power_state(self) -> PowerState:
-        return "Off" if self._run_state in OFF_RUN_STATES else "On"
+        return "On" if self._between_boots or self._run_state not in OFF_RUN_STATES else "Off"
 
     def status(self) -> PowerStatus:
         return PowerStatus(machine=self.name, state=self.power_state, run_state=self._run_state,
@@ -287,44 +310,119 @@ class Machine:
             await self._refresh_run_state("query")
         return self.status()
 
-    async def power(self, action: PowerAction) -> PowerStatus:
+    async def power(self, action: PowerAction, on_if_off: bool = False) -> PowerStatus:
+        """A power action (see messages.PowerRequest); it cancels a graceful shutdown or restart
+        still waiting for the guest."""
+        self._cancel_graceful()
         async with self._power_lock:
             if action == "on":
-                await self._on()
+                if self.power_state == "Off":
+                    await self._boot()
             elif action == "off":
                 await self._hard_off()
-            elif action == "soft":
+            elif action in ("soft", "graceful_restart"):
                 if self.power_state == "On":
                     await self._execute("system_powerdown")
+                    self._graceful = self._spawn(self._graceful_wait(restart=action == "graceful_restart"))
+                elif action == "graceful_restart":
+                    await self._boot()
             elif action == "cycle":
                 if self.power_state == "On":
                     await self._hard_off()
-                await self._on()
+                await self._boot()
+            elif self.power_state == "Off" and not (action == "reset" and on_if_off):
+                raise BusError("invalid_state", f"machine {self.name} is off; {action} needs it on")
+            elif action == "reset":
+                await self._boot()
             else:
-                if self.power_state == "Off":
-                    raise BusError("invalid_state", f"machine {self.name} is off; {action} needs it on")
-                if action == "reset":
-                    await self._reset_with_boot_order()
-                else:
-                    await self._execute("inject-nmi")
+                await self._execute("inject-nmi")
             await self.power_status()
             return self.status()
 
-    async def _on(self) -> None:
-        if self.power_state == "On":
-            return
-        if self.vm.mode == "managed" and not self._pid:
-            await self._launch()
-            if self.console is not None:  # QEMU waits (-S): connected before the first byte, nothing lost
-                await self.console.attached(1.0)
-        await self._reset_with_boot_order()
-        await self._execute("cont")
+    # ------------------------------------------------------------------ graceful shutdown and restart
 
-    async def _launch(self) -> None:
+    def _cancel_graceful(self) -> None:
+        if self._graceful is not None and self._graceful is not asyncio.current_task():
+            self._graceful.cancel()
+        self._graceful = None
+
+    async def _graceful_wait(self, restart: bool) -> None:
+        """After the ACPI power button: wait for the guest to shut down, for the graceful time-out
+        at most; then a restart powers on again (or, the guest having ignored the button, resets
+        the machine), a shutdown gives up. Cancelled by any later power request; lives in this
+        process only, so a restart of the service never brings a surprise power-on."""
         try:
-            self._process = await launcher.launch(self.vm, self.files)
+            await asyncio.wait_for(self._powered_off.wait(), self.vm.graceful_timeout)
+        except TimeoutError:
+            log.warning("%s: the guest ignored the power button for %g s: %s", self.name, self.vm.graceful_timeout,
+                        "resetting it" if restart else "it stays on")
+            await self._publish(self.name, subjects.EVENT_POWER, PowerEvent(
+                machine=self.name, state=self.power_state, cause="graceful-timeout", timestamp=time.time()))
+            if not restart:
+                self._graceful = None
+                return
+        self._graceful = None  # from here on it is done, whatever comes: not cancelled half-way
+        if restart:
+            async with self._power_lock:
+                try:
+                    await self._boot()
+                except BusError as exc:
+                    log.error("%s: graceful restart could not start the next boot: %s", self.name, exc)
+
+    # ------------------------------------------------------------------ boots and launches
+
+    def _next_profile(self) -> launcher.LaunchProfile:
+        """What the next boot needs QEMU launched with: the boot mode of the override, and QEMU's
+        direct-boot kernel unless an override sends the boot to a device the machine has."""
+        override = self._override
+        mode = override.mode if override.mode in self.firmwares else self.native_firmware
+        # devices not known yet (QEMU never connected): the override is taken to have one to go to
+        to_device = override.enabled != "Disabled" and override.target not in ("None", "BiosSetup") and (
+            not self._devices or bool(self._override_devices()))
+        return launcher.LaunchProfile(firmware=mode,  # type: ignore[arg-type]
+                                      kernel=not (to_device and launcher.has_kernel(self.vm)))
+
+    def _relaunch_needed(self) -> bool:
+        return self.vm.mode == "managed" and self._launched is not None and self._launched != self._next_profile()
+
+    async def _boot(self) -> None:
+        """Start the machine's next boot: launch QEMU (managed, no process), or launch it again when
+        the next boot needs another launch profile (a machine that is on stays On meanwhile), or
+        else set the boot order and reset; then run. Called with the power lock held."""
+        relaunch = self.vm.mode == "managed" and self._pid is not None and self._relaunch_needed()
+        held = self._between_boots
+        self._between_boots = held or (relaunch and self.power_state == "On")
+        try:
+            if self.vm.mode == "managed" and (not self._pid or relaunch):
+                if self._pid:
+                    await self._hard_off()
+                await self._launch(self._next_profile())
+                if self.console is not None:  # QEMU waits (-S): connected before the first byte, nothing lost
+                    await self.console.attached(1.0)
+            await self._reset_with_boot_order()
+            await self._execute("cont")
+        finally:
+            self._between_boots = held
+
+    async def _guest_rebooted(self) -> None:
+        """The guest rebooted while its reboot was intercepted (QEMU stopped instead): start the next
+        boot as it must be. The machine stays On from the reboot on."""
+        try:
+            async with self._power_lock:
+                if self._reboot_intercepted and self._qmp is not None:
+                    try:
+                        await self._boot()
+                    except BusError as exc:
+                        log.error("%s: could not start the boot after the guest's reboot: %s", self.name, exc)
+        finally:
+            self._between_boots = False
+
+    async def _launch(self, profile: launcher.LaunchProfile) -> None:
+        try:
+            self._process = await launcher.launch(self.vm, self.files, profile)
         except (LaunchError, OSError) as exc:
             raise BusError("qemu_error", f"cannot launch QEMU for {self.name}: {exc}") from None
+        self._launched = profile
         self._pid = self._process.pid
         self._wake.set()
         try:
@@ -360,45 +458,144 @@ class Machine:
         if not await launcher.wait_exit(pid, QUIT_TIMEOUT):
             await launcher.terminate(pid)
         await self._process_gone()
+        self._launched = None
 
     # ------------------------------------------------------------------ boot override
 
     def _load_override(self) -> BootOverride:
-        try:
-            return msgspec.json.decode(self.files.boot.read_bytes(), type=BootOverride)
-        except (OSError, msgspec.DecodeError):
-            return BootOverride(mode=self.firmware)
+        saved = launcher.saved_override(self.files)
+        return saved if saved is not None else BootOverride(mode=self.native_firmware)  # type: ignore[arg-type]
 
     def _save_override(self) -> None:
         self.files.boot.write_bytes(msgspec.json.encode(self._override))
 
     @property
+    def native_firmware(self) -> str:
+        """The firmware of the operator's command line (managed), or of the QEMU attached to."""
+        if self.vm.mode == "managed":
+            return launcher.native_firmware(self.vm.argv)
+        return "UEFI" if self._pflash else "Legacy"
+
+    @property
+    def firmwares(self) -> list[str]:
+        """The boot modes the machine can be switched to (attach mode: its own only)."""
+        return list(launcher.firmwares(self.vm)) if self.vm.mode == "managed" else [self.native_firmware]
+
+    @property
     def firmware(self) -> str:
-        """UEFI when QEMU has pflash firmware or the command line names OVMF/edk2, else Legacy (SeaBIOS)."""
-        text = " ".join(self.vm.argv).lower()
-        return "UEFI" if (self._pflash or "ovmf" in text or "edk2" in text) else "Legacy"
+        """The firmware the machine runs, or will run at its next power-on."""
+        if self.vm.mode == "attach":
+            return self.native_firmware
+        return (self._launched or self._next_profile()).firmware
+
+    def _override_devices(self) -> list[boot.BootDevice]:
+        """The devices the override puts first: those of its target's kind, or its boot option's."""
+        override = self._override
+        if override.enabled == "Disabled":
+            return []
+        if override.target in ("UefiTarget", "UefiBootNext"):
+            option = self._option_of(override)
+            return [device for device in self._devices if option is not None and device.path == option[1]]
+        return [device for device in self._devices if device.kind == override.target]
 
     def _desired_order(self) -> dict[str, int]:
-        if self._override.enabled == "Disabled":
-            return dict(self._base_order)
-        return boot.override_order(self._devices, self._base_order, self._override.target)
+        return boot.override_order(self._devices, self._base_order, self._override_devices(), self._reserved)
+
+    # ------------------------------------------------------------------ boot options
+
+    def _load_options(self) -> list[tuple[BootOption, str]]:
+        try:
+            saved = msgspec.json.decode(self.files.boot_options.read_bytes(), type=list[tuple[BootOption, str]])
+        except (OSError, msgspec.DecodeError):
+            return []
+        return saved
+
+    async def _read_options(self) -> None:
+        """The boot options of the connected QEMU: its bootable devices in the order of their QOM
+        paths (stable for a command line), kept in the runtime directory for while it is off."""
+        options = []
+        for index, device in enumerate(sorted(self._devices, key=lambda device: device.path)):
+            option = BootOption(reference=boot.option_reference(index), kind=device.kind,
+                                name=boot.device_name(device), uefi_path=await boot.uefi_device_path(
+                                    self._execute, device))
+            options.append((option, device.path))
+        self._options = options
+        self.files.boot_options.write_bytes(msgspec.json.encode(options))
+
+    def boot_options(self) -> BootOptions:
+        by_path = {path: option.reference for option, path in self._options}
+        order = sorted((index, path) for path, index in self._base_order.items() if index >= 0 and path in by_path)
+        return BootOptions(options=[option for option, _ in self._options], order=[by_path[path] for _, path in order])
+
+    def _option_of(self, override: BootOverride) -> tuple[BootOption, str] | None:
+        """The boot option (and its device's path) of a UefiTarget or UefiBootNext override."""
+        for option, path in self._options:
+            if (override.target == "UefiTarget" and option.uefi_path == override.uefi_target) or (
+                    override.target == "UefiBootNext" and option.reference == override.boot_next):
+                return option, path
+        return None
+
+    async def _apply_order(self) -> None:
+        """Set the boot order the next boot needs, reserving the indexes QEMU says other boot
+        entries hold; on any other failure, the base order back (as far as QEMU takes it)."""
+        for _ in range(8):
+            try:
+                await boot.apply_order(self._execute, self._devices, self._desired_order())
+                return
+            except boot.IndexTaken as taken:
+                log.info("%s: boot index %d is held by a boot entry that is not a device", self.name, taken.index)
+                self._reserved.add(taken.index)
+            except BusError:
+                with contextlib.suppress(BusError, boot.IndexTaken):
+                    await boot.apply_order(self._execute, self._devices, self._base_order)
+                raise
+        raise BusError("qemu_error", f"machine {self.name}: no free boot index for the override")
+
+    async def _apply_order_logged(self) -> None:
+        """_apply_order where nothing may stop what goes on (a QMP session, a power-on)."""
+        try:
+            await self._apply_order()
+        except BusError as exc:
+            log.error("%s: boot order not set, the machine boots in its own order: %s", self.name, exc.message)
 
     def boot_override(self) -> BootOverride:
         return self._override
 
     async def set_boot_override(self, update: BootOverrideUpdate) -> BootOverride:
+        """Store the override (mode: a boot mode the machine can be switched to) and prepare the
+        next boot: the order in QEMU now when the running QEMU can boot it, else the guest's next
+        reboot is intercepted so that the service starts that boot (launching QEMU again)."""
         changes = {key: value for key, value in msgspec.structs.asdict(update).items() if value is not msgspec.UNSET}
         new = msgspec.structs.replace(self._override, **changes)
-        if self.vm.mode == "managed" and new.mode != self.firmware:
-            raise BusError("invalid_state", f"machine {self.name} has {self.firmware} firmware; boot mode "
-                           f"{new.mode} needs {'OVMF' if new.mode == 'UEFI' else 'SeaBIOS'} in its QEMU command")
+        if new.mode not in self.firmwares:
+            raise BusError("invalid_state", f"machine {self.name} cannot boot in {new.mode} mode (it can in: "
+                           f"{', '.join(self.firmwares)}; UEFI needs OVMF, Legacy SeaBIOS)")
         if new.target == "None":
             new = msgspec.structs.replace(new, enabled="Disabled")
-        self._override = new
-        self._save_override()
+        alias = None
+        if new.target in ("UefiTarget", "UefiBootNext") and new.enabled != "Disabled":
+            option = self._option_of(new)
+            if option is None:
+                what = (f"UEFI device path {new.uefi_target!r}" if new.target == "UefiTarget"
+                        else f"boot option {new.boot_next!r}")
+                raise BusError("bad_request", f"machine {self.name} has no {what} (see its boot options)")
+            if new.target == "UefiBootNext" and new.enabled == "Continuous":
+                raise BusError("bad_request", "UefiBootNext is a one-time boot (UEFI BootNext): Once only")
+            alias = option[0].kind
+        new = msgspec.structs.replace(new, alias=alias)
+        previous, self._override = self._override, new
         if self._qmp is not None:
-            # Takes effect at the next boot; the firmware of the running boot has read its order already.
-            await boot.apply_order(self._execute, self._devices, self._desired_order())
+            try:
+                if self._relaunch_needed():
+                    self._next_boot_stale = True
+                    await self._intercept_reboot(True)
+                else:
+                    # the firmware of the running boot has read its order already: this is for the next
+                    await self._apply_order()
+            except BusError:
+                self._override = previous
+                raise
+        self._save_override()
         await self._publish(self.name, subjects.EVENT_BOOT,
                             BootEvent(machine=self.name, override=new, cause="set", timestamp=time.time()))
         return new
@@ -407,11 +604,12 @@ class Machine:
         """system_reset, with the boot order of the boot that follows set before it.
 
         The firmware reads the order from QEMU while it starts, so the order is never changed
-        while a boot may be under way: only here, just before a reset, and at launch.
+        while a boot may be under way: only here, just before a reset, and at launch. An order that
+        cannot be set never stops the boot.
         """
         if self._qmp is not None:
-            await boot.apply_order(self._execute, self._devices, self._desired_order())
-        self._order_stale = False
+            await self._apply_order_logged()
+        self._next_boot_stale = False
         await self._intercept_reboot(False)
         await self._execute("system_reset")
 
@@ -436,13 +634,13 @@ class Machine:
         self._last_reset = now
         self._boots += 1
         await self._boot_used()
-        if self._order_stale:
+        if self._next_boot_stale:
             await self._intercept_reboot(False)
             self._spawn(self._intercept_when_booted(self._boots))
 
     async def _intercept_when_booted(self, boot_number: int) -> None:
         await asyncio.sleep(FIRMWARE_REBOOT_WINDOW)
-        if self._order_stale and self._boots == boot_number and self._qmp is not None:
+        if self._next_boot_stale and self._boots == boot_number and self._qmp is not None:
             with contextlib.suppress(BusError):
                 await self._intercept_reboot(True)
 
@@ -450,9 +648,9 @@ class Machine:
         """A Once override is used by the boot that starts; the order stays for this boot."""
         if self._override.enabled != "Once":
             return
-        self._override = msgspec.structs.replace(self._override, target="None", enabled="Disabled")
+        self._override = msgspec.structs.replace(self._override, target="None", enabled="Disabled", alias=None)
         self._save_override()
-        self._order_stale = True
+        self._next_boot_stale = True
         log.info("%s: one-time boot override used", self.name)
         await self._publish(self.name, subjects.EVENT_BOOT, BootEvent(
             machine=self.name, override=self._override, cause="used", timestamp=time.time()))
@@ -557,15 +755,13 @@ class Machine:
                 self.vm.uuid or "00000000-0000-0000-0000-000000000000")
             return Inventory(machine=self.name, uuid=uuid, memory_mib=launcher.configured_memory_mib(argv),
                              cpus=launcher.configured_cpus(argv), macs=launcher.configured_macs(argv),
-                             firmware=self.firmware, **self._identity())  # type: ignore[arg-type]
-        uuid = (await self._execute("query-uuid"))["UUID"]
-        memory = await self._execute("query-memory-size-summary")
-        cpus = await self._execute("query-cpus-fast")
-        macs = [str(await self._execute("qom-get", {"path": device.path, "property": "mac"}))
-                for device in self._devices if device.kind == "Pxe"]
-        return Inventory(machine=self.name, uuid=uuid,
-                         memory_mib=(memory["base-memory"] + memory.get("plugged-memory", 0)) // (1024 * 1024),
-                         cpus=len(cpus), macs=macs, firmware=self.firmware,  # type: ignore[arg-type]
+                             firmware=self.firmware, firmwares=self.firmwares,  # type: ignore[arg-type]
+                             **self._identity())
+        hardware = await self.hardware.read()  # what QEMU has, read once per QEMU instance
+        return Inventory(machine=self.name, uuid=await self.hardware.uuid(),
+                         memory_mib=sum(module.size_mib for module in hardware.memory),
+                         cpus=sum(cpu.threads for cpu in hardware.processors), macs=[nic.mac for nic in hardware.nics],
+                         firmware=self.firmware, firmwares=self.firmwares,  # type: ignore[arg-type]
                          **self._identity())
 
     def _identity(self) -> dict[str, object]:

@@ -46,13 +46,16 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         return await machine.power_status() if query.fresh else machine.status()
 
     async def power_set(_: str, request: PowerRequest) -> msgspec.Struct:
-        return await machine.power(request.action)
+        return await machine.power(request.action, request.on_if_off)
 
     async def boot_get(_: str, __: Empty) -> msgspec.Struct:
         return machine.boot_override()
 
     async def boot_set(_: str, request: BootOverrideUpdate) -> msgspec.Struct:
         return await machine.set_boot_override(request)
+
+    async def boot_options(_: str, __: Empty) -> msgspec.Struct:
+        return machine.boot_options()
 
     async def media_get(_: str, __: Empty) -> msgspec.Struct:
         return await machine.media_status()
@@ -81,6 +84,9 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
     async def watchdog_reset(_: str, __: Empty) -> msgspec.Struct:
         return await machine.watchdog.reset()
 
+    async def watchdog_pretimeout_clear(_: str, __: Empty) -> msgspec.Struct:
+        return machine.watchdog.clear_pretimeout()
+
     def console() -> Console:
         if machine.console is None:
             raise BusError("not_found", f"machine {machine.name} has no serial console (attach mode: set serial)")
@@ -97,7 +103,7 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
 
     async def system_get(_: str, __: Empty) -> msgspec.Struct:
         return SystemView(power=machine.status(), boot=machine.boot_override(), inventory=await machine.inventory(),
-                          hardware=await machine.hardware.read())
+                          hardware=await machine.hardware.read(), boot_options=machine.boot_options())
 
     table = [
         (subjects.SYSTEM_GET, Empty, system_get),
@@ -105,6 +111,7 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         (subjects.POWER_SET, PowerRequest, power_set),
         (subjects.BOOT_GET, Empty, boot_get),
         (subjects.BOOT_SET, BootOverrideUpdate, boot_set),
+        (subjects.BOOT_OPTIONS, Empty, boot_options),
         (subjects.MEDIA_GET, Empty, media_get),
         (subjects.MEDIA_INSERT, MediaInsert, media_insert),
         (subjects.MEDIA_EJECT, Empty, media_eject),
@@ -114,6 +121,7 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         (subjects.WATCHDOG_GET, Empty, watchdog_get),
         (subjects.WATCHDOG_SET, WatchdogSet, watchdog_set),
         (subjects.WATCHDOG_RESET, Empty, watchdog_reset),
+        (subjects.WATCHDOG_PRETIMEOUT_CLEAR, Empty, watchdog_pretimeout_clear),
         (subjects.CONSOLE_GET, Empty, console_get),
         (subjects.CONSOLE_IN, ConsoleInput, console_in),
     ]

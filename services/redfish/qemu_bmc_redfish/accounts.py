@@ -10,7 +10,14 @@ its role (4 Administrator, 3 Operator, 2 ReadOnly, anything else NoAccess).
 
 A machine's last enabled Administrator (with a password) cannot be deleted, disabled or demoted:
 409 Conflict, since the request is sound but the machine's current users forbid it; it would
-otherwise leave a BMC nobody can administer over the network."""
+otherwise leave a BMC nobody can administer over the network.
+
+An Administrator renames an account by PATCHing its UserName: the user is renamed on every
+machine the caller administers that has it (on all of them or, when one refuses, on none; a name
+one of them already has is 409 ResourceAlreadyExists), and the account moves to its new URI (the
+answer is the renamed account, with a Location header). IPMI's Set User Name renames the same
+user. A session belongs to a user name: the renamed user's Redfish sessions end (by either rename,
+since a session's user must still be in its slot), and it logs in again with its new name."""
 
 from __future__ import annotations
 
@@ -189,6 +196,33 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             if role_of(user) == "Administrator" and not administrators(view.users[machine], user.slot):
                 raise conflict
 
+    async def end_sessions(name: str, users: dict[str, User]) -> None:
+        """End the Redfish sessions of ``name`` on the machines of ``users`` (deleted, renamed: a new
+        user in the slot must not inherit them)."""
+        if redfish.auth.sessions is not None:
+            for record in await redfish.auth.sessions.all():
+                if record.user == name and any(record.machines.get(machine) == user.slot
+                                               for machine, user in users.items()):
+                    await redfish.auth.sessions.delete(record)
+
+    async def rename(users: dict[str, User], name: str, new_name: str) -> dict[str, User]:
+        """Rename ``name`` on every machine of ``users``, or on none (those done are renamed back
+        when one fails); the renamed users."""
+        renamed: dict[str, User] = {}
+        try:
+            for machine, user in users.items():
+                renamed[machine] = await request_on(machine, subjects.USERS_SET,
+                                                    UserUpdate(slot=user.slot, name=new_name, if_name=name), User)
+        except BaseException as exc:
+            for machine, user in renamed.items():
+                await asyncio.shield(request_on(machine, subjects.USERS_SET,
+                                                UserUpdate(slot=user.slot, name=name, if_name=new_name), User))
+            if isinstance(exc, BusError) and exc.error == "conflict":
+                raise RedfishError(409, "ResourceAlreadyExists", "ManagerAccount", "UserName", new_name) from None
+            raise
+        await end_sessions(name, users)
+        return renamed
+
     async def clear_slot(machine: str, user: User) -> None:
         """Free a slot: disabled, no password, no channel access, no name."""
         await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, enabled=False), User)
@@ -236,6 +270,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "Status": ENABLED, "LocalAccountAuth": "Enabled",
             "MinPasswordLength": MIN_PASSWORD, "MaxPasswordLength": MAX_PASSWORD,
             "AccountLockoutThreshold": 0, "AccountLockoutDuration": 0,
+            "SupportedAccountTypes": ["Redfish", "IPMI"],
             "Accounts": link(ACCOUNTS_PATH), "Roles": link(ROLES_PATH)})
 
     @app.get(ACCOUNTS_PATH)
@@ -300,9 +335,9 @@ def register(app: FastAPI, redfish: Redfish) -> None:
 
     @app.patch(ACCOUNTS_PATH + "/{name}")
     async def patch_account(request: Request, name: str) -> Response:
-        """Password, RoleId, Enabled by an Administrator of the user's machines; the user itself
-        may change its own Password (ConfigureSelf). One PATCH of an account at a time here, so
-        that of simultaneous PATCHes with the same If-Match only the first is applied."""
+        """UserName, Password, RoleId, Enabled by an Administrator of the user's machines; the user
+        itself may change its own Password (ConfigureSelf). One PATCH of an account at a time here,
+        so that of simultaneous PATCHes with the same If-Match only the first is applied."""
         async with patching.setdefault(name, asyncio.Lock()):
             return await patch_account_now(request, name)
 
@@ -313,12 +348,13 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         users = view.account(name)
         check_if_match(request, account_body(name, users))
         body = await patch_body(request)
-        refuse_unknown(body, ("Password", "RoleId", "Enabled"))
+        refuse_unknown(body, ("UserName", "Password", "RoleId", "Enabled"))
+        new_name = check_name(body["UserName"]) if body.get("UserName", name) != name else None
         password = check_password(body["Password"]) if "Password" in body else None
         privilege = check_role(body["RoleId"]) if "RoleId" in body else None
         enabled = check_enabled(body["Enabled"]) if "Enabled" in body else None
         managed = view.managed(name)
-        if privilege is not None or enabled is not None:
+        if privilege is not None or enabled is not None or new_name is not None:
             if not managed:
                 raise RedfishError(403, "InsufficientPrivilege")
             targets = managed
@@ -332,6 +368,10 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         if enabled is False:
             keep_an_administrator(view, targets, RedfishError(
                 409, "PropertyValueResourceConflict", "Enabled", "false", account_path(name)))
+        if new_name is not None:
+            if any(named(view.users[machine], new_name) for machine in targets):
+                raise RedfishError(409, "ResourceAlreadyExists", "ManagerAccount", "UserName", new_name)
+            targets = await rename(targets, name, new_name)
         for machine, user in targets.items():
             if password is not None:
                 await request_on(machine, subjects.USERS_PASSWORD, PasswordSet(slot=user.slot, password=password),
@@ -341,6 +381,14 @@ def register(app: FastAPI, redfish: Redfish) -> None:
                                  UserAccessUpdate(slot=user.slot, channel=LAN_CHANNEL, privilege=privilege), User)
             if enabled is not None:
                 await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, enabled=enabled), User)
+        if new_name is not None:  # the account at its new URI, whoever asked (the caller may have been it)
+            lists = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(), UserList)
+                                           for machine in targets))
+            found_users = {machine: user for machine, found in zip(targets, lists, strict=True)
+                           if (user := named(found.users, new_name)) is not None}
+            if not found_users:  # renamed again meanwhile
+                raise RedfishError(404, "ResourceNotFound", "ManagerAccount", new_name)
+            return json_response(account_body(new_name, found_users), headers={"Location": account_path(new_name)})
         try:
             view = await scope(request)
             return json_response(account_body(name, view.account(name)))
@@ -360,11 +408,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         keep_an_administrator(view, managed, RedfishError(409, "ResourceCannotBeDeleted"))
         for machine, user in managed.items():
             await clear_slot(machine, user)
-        if redfish.auth.sessions is not None:  # its sessions end (a new user in the slot must not inherit them)
-            for record in await redfish.auth.sessions.all():
-                if record.user == name and any(record.machines.get(machine) == user.slot
-                                               for machine, user in managed.items()):
-                    await redfish.auth.sessions.delete(record)
+        await end_sessions(name, managed)
         return Response(status_code=204)
 
     @app.get(ROLES_PATH)

@@ -1,4 +1,4 @@
-"""Chassis: one per machine (Redfish Chassis schema)."""
+"""Chassis: one per machine (Redfish Chassis schema), with its power and thermal resources (environment.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerQuery, PowerStatus
 
+from .environment import chassis_path
 from .resources import ENABLED, Redfish, collection, json_response, link
 
 
@@ -14,15 +15,18 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     async def chassis_collection(request: Request) -> Response:
         members = await redfish.visible_machines(request)
         return json_response(collection("/redfish/v1/Chassis", "ChassisCollection", "Chassis",
-                                        [f"/redfish/v1/Chassis/{machine}" for machine in members]))
+                                        [chassis_path(machine) for machine in members]))
 
     @app.get("/redfish/v1/Chassis/{machine}")
     async def chassis(request: Request, machine: str) -> Response:
         await redfish.login(request, machine)
         power = await bus.request(redfish.nc, machine, subjects.POWER_GET, PowerQuery(), PowerStatus)
+        path = chassis_path(machine)
         return json_response({
-            "@odata.id": f"/redfish/v1/Chassis/{machine}", "@odata.type": "#Chassis.v1_25_0.Chassis",
+            "@odata.id": path, "@odata.type": "#Chassis.v1_28_0.Chassis",
             "Id": machine, "Name": f"Chassis of {machine}", "ChassisType": "Other", "PowerState": power.state,
             "Status": ENABLED,
+            **{name: link(f"{path}/{name}") for name in ("PowerSubsystem", "ThermalSubsystem", "EnvironmentMetrics",
+                                                         "Sensors", "Power", "Thermal")},
             "Links": {"ComputerSystems": [link(f"/redfish/v1/Systems/{machine}")],
                       "ManagedBy": [link(f"/redfish/v1/Managers/{machine}")]}})

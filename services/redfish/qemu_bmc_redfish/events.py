@@ -216,7 +216,11 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "Status": ENABLED, "ServerSentEventUri": SSE_PATH,
             "EventFormatTypes": ["Event"], "RegistryPrefixes": list(REGISTRY_PREFIXES),
             "ResourceTypes": list(RESOURCE_TYPES), "DeliveryRetryAttempts": RETRIES,
-            "DeliveryRetryIntervalSeconds": int(RETRY_INTERVAL), "Subscriptions": link(SUBSCRIPTIONS_PATH)})
+            "DeliveryRetryIntervalSeconds": int(RETRY_INTERVAL), "Subscriptions": link(SUBSCRIPTIONS_PATH),
+            # what subscriptions can ask for: not message id or registry exclusions, not the origin
+            # resource inside the event (OriginOfCondition is always a link), not subordinate resources
+            "ExcludeMessageId": False, "ExcludeRegistryPrefix": False, "IncludeOriginOfConditionSupported": False,
+            "SubordinateResourcesSupported": False})
 
     @app.get(SUBSCRIPTIONS_PATH)
     async def subscriptions(request: Request) -> Response:
@@ -287,16 +291,17 @@ def register(app: FastAPI, redfish: Redfish) -> None:
                 queue.put_nowait(event)
 
         watched = set(machines)
-        subscription = await redfish.nc.subscribe(subjects.any_machine(subjects.EVENT_POWER), cb=received)
-
-        # the state each machine is in now: events that do not change it are not changes
-        states = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.POWER_GET, PowerQuery(), PowerStatus)
-                                        for machine in machines), return_exceptions=True)
-        last = {machine: state.state for machine, state in zip(machines, states, strict=True)
-                if isinstance(state, PowerStatus)}
 
         async def stream() -> AsyncIterator[bytes]:
+            # subscribed once the stream is sent (a response never sent leaves no subscription behind)
+            subscription = await redfish.nc.subscribe(subjects.any_machine(subjects.EVENT_POWER), cb=received)
             try:
+                # the state each machine is in now: events that do not change it are not changes
+                states = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.POWER_GET, PowerQuery(),
+                                                            PowerStatus) for machine in machines),
+                                              return_exceptions=True)
+                last = {machine: state.state for machine, state in zip(machines, states, strict=True)
+                        if isinstance(state, PowerStatus)}
                 yield b": qemu-bmc event stream\n\n"
                 while True:
                     try:

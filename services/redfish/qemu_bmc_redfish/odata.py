@@ -6,15 +6,16 @@ from __future__ import annotations
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import query
 from .errors import RedfishError
 from .resources import error_response
 
 
 class ODataMiddleware:
     """Plain ASGI (no per-request streams), for every request: a trailing slash works on every URI;
-    a request for another OData version gets 412 and one with query options (none is supported)
-    501; every response says ``OData-Version: 4.0``, and a successful GET or HEAD also its
-    ``Allow`` and ``Cache-Control`` (DSP0266 §8.1, §8.2, §7.4)."""
+    a request for another OData version gets 412; query options are applied (``query``: a GET
+    without them takes the plain path); every response says ``OData-Version: 4.0``, and a
+    successful GET or HEAD also its ``Allow`` and ``Cache-Control`` (DSP0266 §8.1, §8.2, §7.3, §7.4)."""
 
     def __init__(self, app: ASGIApp, router: Router) -> None:
         self.app = app
@@ -27,26 +28,43 @@ class ODataMiddleware:
         path = scope["path"]
         if len(path) > 1 and path.endswith("/"):
             scope = {**scope, "path": path.rstrip("/")}
-        headers = dict(scope["headers"])
-        version = headers.get(b"odata-version")
-        if version is not None and version.strip() != b"4.0":
-            return await error_response(RedfishError(412, "HeaderInvalid", f"OData-Version: {version.decode()}"))(
-                scope, receive, send)
-        if any(pair.split(b"=", 1)[0].startswith(b"$") for pair in scope["query_string"].split(b"&")):
-            return await error_response(RedfishError(501, "QueryNotSupported"))(scope, receive, send)
         reading = scope["method"] in ("GET", "HEAD")
         if scope["method"] == "HEAD":  # the app answers as to GET; the server sends no body for HEAD
             scope = {**scope, "method": "GET"}
+        resource = scope  # the resource the answer is (another one for ``only``)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 extra = [(b"odata-version", b"4.0")]
                 if reading and message["status"] < 300:
-                    extra += [(b"allow", self.allow(scope)), (b"cache-control", b"no-cache")]
+                    extra += [(b"allow", self.allow(resource)), (b"cache-control", b"no-cache")]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            options = self.query_options(scope)
+        except RedfishError as error:
+            return await error_response(error)(scope, receive, send_with_headers)
+        if options is None:
+            return await self.app(scope, receive, send_with_headers)
+        try:
+            response, resource_path = await query.answer(self.app, scope, receive, options)
+            resource = {**scope, "path": resource_path}
+        except RedfishError as error:
+            response = error_response(error)
+        await response(scope, receive, send_with_headers)
+
+    @staticmethod
+    def query_options(scope: Scope) -> query.Query | None:
+        """The request's query options (None: none to apply); 412 for another OData version, 400
+        for query options on a method other than GET and HEAD (which is GET here by now)."""
+        version = dict(scope["headers"]).get(b"odata-version")
+        if version is not None and version.strip() != b"4.0":
+            raise RedfishError(412, "HeaderInvalid", f"OData-Version: {version.decode(errors='replace')}")
+        options = query.parse(scope["query_string"]) if scope["query_string"] else None
+        if options is not None and scope["method"] != "GET":
+            raise RedfishError(400, "QueryNotSupportedOnOperation")
+        return options
 
     def allow(self, scope: Scope) -> bytes:
         """The methods the routes of this path take (kept per path)."""

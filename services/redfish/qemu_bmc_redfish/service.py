@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from typing import Any
 
 import uvicorn
 from nats.aio.client import Client
@@ -13,7 +14,7 @@ from qemu_bmc_shared.config import Config
 from qemu_bmc_shared.ipmi.core import follow_state_changes
 from qemu_bmc_shared.service import argument_parser, run_service
 
-from . import __version__, events, tls
+from . import __version__, certificates, events, tls
 from .app import create_app
 from .http import RedfishHttpProtocol
 
@@ -25,11 +26,12 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
     app = create_app(nc, config)
     settings = config.redfish
     host, port = settings.listen
-    certificate: dict[str, str] = {}
+    certificate: dict[str, Any] = {}
     if settings.tls:
         cert, key = ((settings.cert_file, settings.key_file) if settings.cert_file and settings.key_file
                      else tls.self_signed(config.runtime_dir / "redfish"))
-        certificate = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        certificate = {"ssl_certfile": str(cert), "ssl_keyfile": str(key),
+                       "ssl_context_factory": certificates.ssl_context}  # serves a replaced certificate
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http=RedfishHttpProtocol,
                                            lifespan="off", log_level="warning", access_log=False,
                                            server_header=False, **certificate))

@@ -8,6 +8,7 @@ import uuid
 
 from fastapi import FastAPI, Response
 
+from .query import PROTOCOL_FEATURES
 from .resources import Redfish, json_response, link
 
 #: The schemas the service's resources use, for $metadata and the odata document.
@@ -22,7 +23,8 @@ SCHEMAS = ("ServiceRoot", "EventService", "Event", "EventDestinationCollection",
            "Volume", "SimpleStorageCollection", "SimpleStorage", "Power", "Thermal", "PowerSubsystem",
            "ThermalSubsystem", "SensorCollection", "Sensor", "LogServiceCollection", "LogService",
            "LogEntryCollection", "LogEntry", "CertificateService", "CertificateCollection", "Certificate",
-           "CertificateLocations", "UpdateService", "SoftwareInventoryCollection", "SoftwareInventory")
+           "CertificateLocations", "UpdateService", "SoftwareInventoryCollection", "SoftwareInventory",
+           "ThermalMetrics", "EnvironmentMetrics", "BootOptionCollection", "BootOption")
 ROOT_COLLECTIONS = {"Systems": "ComputerSystemCollection", "Managers": "ManagerCollection",
                     "Chassis": "ChassisCollection"}
 
@@ -50,10 +52,10 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "UUID": root_uuid, "Vendor": "qemu-bmc", "Product": "qemu-bmc",
             **{name: link(f"/redfish/v1/{name}") for name in ROOT_COLLECTIONS},
             "SessionService": link("/redfish/v1/SessionService"), "AccountService": link("/redfish/v1/AccountService"),
-            "EventService": link("/redfish/v1/EventService"),
+            "EventService": link("/redfish/v1/EventService"), "UpdateService": link("/redfish/v1/UpdateService"),
+            "CertificateService": link("/redfish/v1/CertificateService"),
             "Links": {"Sessions": link("/redfish/v1/SessionService/Sessions")},
-            "ProtocolFeaturesSupported": {"ExpandQuery": {"ExpandAll": False}, "FilterQuery": False,
-                                          "SelectQuery": False, "OnlyMemberQuery": False},
+            "ProtocolFeaturesSupported": PROTOCOL_FEATURES,
         })
 
     @app.get("/redfish/v1/odata")

@@ -10,6 +10,8 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import (
+    BootOption,
+    BootOptions,
     BootOverride,
     BootOverrideUpdate,
     ChassisConfig,
@@ -24,7 +26,8 @@ from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, js
 
 log = logging.getLogger(__name__)
 
-BOOT_TARGETS = ["None", "Pxe", "Hdd", "Cd", "BiosSetup"]
+BOOT_TARGETS = ["None", "Pxe", "Hdd", "Cd", "BiosSetup", "UefiTarget", "UefiBootNext"]
+BOOT_OPTION_TYPE = "#BootOption.v1_0_5.BootOption"
 BOOT_ENABLED = ["Disabled", "Once", "Continuous"]
 #: Reset types → the machine's power requests. The graceful ones press the ACPI power button
 #: and fall back after the machine's graceful time-out (the machine service keeps that promise);
@@ -66,8 +69,11 @@ async def computer_system(redfish: Redfish, machine: str) -> dict[str, Any]:
             "BootSourceOverrideTarget@Redfish.AllowableValues": BOOT_TARGETS,
             "BootSourceOverrideEnabled@Redfish.AllowableValues": BOOT_ENABLED,
             "BootSourceOverrideMode@Redfish.AllowableValues": boot_modes(view),
+            "UefiTargetBootSourceOverride": boot.uefi_target, "BootNext": boot.boot_next,
+            "BootOrder": view.boot_options.order if view.boot_options else [],
+            "BootOptions": link(f"{path}/BootOptions"),
         },
-        "VirtualMedia": link(f"{path}/VirtualMedia"),
+        "VirtualMedia": link(f"{path}/VirtualMedia"), "LogServices": link(f"{path}/LogServices"),
         "Links": {"ManagedBy": [link(f"/redfish/v1/Managers/{machine}")],
                   "Chassis": [link(f"/redfish/v1/Chassis/{machine}")]},
         "Actions": {"#ComputerSystem.Reset": {"target": f"{path}/Actions/ComputerSystem.Reset",
@@ -77,22 +83,37 @@ async def computer_system(redfish: Redfish, machine: str) -> dict[str, Any]:
     return body
 
 
-def boot_update(boot: Any, modes: list[str]) -> BootOverrideUpdate:
-    """The machine's boot override update a PATCH of ``Boot`` asks for (400 naming what is wrong)."""
+def boot_update(boot: Any, modes: list[str], options: BootOptions | None) -> BootOverrideUpdate:
+    """The machine's boot override update a PATCH of ``Boot`` asks for (400 naming what is wrong).
+    UefiTargetBootSourceOverride and BootNext name one of the machine's boot options (by its UEFI
+    device path, by its reference), or are null."""
     if not isinstance(boot, dict):
         raise RedfishError(400, "PropertyValueTypeError", boot, "Boot")
+    known = options.options if options else []
     update = BootOverrideUpdate()
     allowed = {"BootSourceOverrideTarget": ("target", BOOT_TARGETS),
                "BootSourceOverrideEnabled": ("enabled", BOOT_ENABLED),
-               "BootSourceOverrideMode": ("mode", modes)}
+               "BootSourceOverrideMode": ("mode", modes),
+               "UefiTargetBootSourceOverride": ("uefi_target", [None, *(option.uefi_path for option in known)]),
+               "BootNext": ("boot_next", [None, *(option.reference for option in known)])}
     for key, value in boot.items():
         if key not in allowed:
-            raise RedfishError(400, "PropertyUnknown", f"Boot/{key}")
+            raise RedfishError(400, "PropertyNotWritable" if key == "BootOrder" else "PropertyUnknown", f"Boot/{key}")
         field, values = allowed[key]
         if value not in values:
             raise RedfishError(400, "PropertyValueNotInList", value, f"Boot/{key}")
         setattr(update, field, value)
+    if update.target == "UefiBootNext" and boot.get("BootSourceOverrideEnabled") == "Continuous":
+        # UEFI's BootNext is a one-time boot (the machine service refuses the other combinations)
+        raise RedfishError(400, "PropertyValueConflict", "BootSourceOverrideEnabled", "BootSourceOverrideTarget")
     return update
+
+
+def boot_option_body(machine: str, option: BootOption) -> dict[str, Any]:
+    return {"@odata.id": f"{system_path(machine)}/BootOptions/{option.reference}", "@odata.type": BOOT_OPTION_TYPE,
+            "Id": option.reference, "Name": option.name, "BootOptionReference": option.reference,
+            "DisplayName": option.name, "UefiDevicePath": option.uefi_path, "Alias": option.kind,
+            "BootOptionEnabled": True}
 
 
 def register(app: FastAPI, redfish: Redfish) -> None:
@@ -118,12 +139,33 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         for key in body:
             if key != "Boot" and key not in system_settings.WRITABLE:
                 raise RedfishError(400, "PropertyNotWritable" if key in current else "PropertyUnknown", key)
-        update = boot_update(body["Boot"], current["Boot"]["BootSourceOverrideMode@Redfish.AllowableValues"]) \
-            if "Boot" in body else None
+        update = None
+        if "Boot" in body:
+            options = await bus.request(redfish.nc, machine, subjects.BOOT_OPTIONS, None, BootOptions)
+            update = boot_update(body["Boot"], current["Boot"]["BootSourceOverrideMode@Redfish.AllowableValues"],
+                                 options)
         await system_settings.patch(redfish, machine, {key: value for key, value in body.items() if key != "Boot"})
         if update is not None:
             await bus.request(redfish.nc, machine, subjects.BOOT_SET, update, BootOverride)
         return json_response(await computer_system(redfish, machine))
+
+    @app.get("/redfish/v1/Systems/{machine}/BootOptions")
+    async def boot_options(request: Request, machine: str) -> Response:
+        """The devices the machine can boot from (for UefiTarget and UefiBootNext overrides)."""
+        await redfish.login(request, machine)
+        options = await bus.request(redfish.nc, machine, subjects.BOOT_OPTIONS, None, BootOptions)
+        path = f"{system_path(machine)}/BootOptions"
+        return json_response(collection(path, "BootOptionCollection", "Boot options",
+                                        [f"{path}/{option.reference}" for option in options.options]))
+
+    @app.get("/redfish/v1/Systems/{machine}/BootOptions/{reference}")
+    async def boot_option(request: Request, machine: str, reference: str) -> Response:
+        await redfish.login(request, machine)
+        options = await bus.request(redfish.nc, machine, subjects.BOOT_OPTIONS, None, BootOptions)
+        for option in options.options:
+            if option.reference == reference:
+                return json_response(boot_option_body(machine, option))
+        raise RedfishError(404, "ResourceNotFound", "BootOption", reference)
 
     @app.post("/redfish/v1/Systems/{machine}/Actions/ComputerSystem.Reset")
     async def reset(request: Request, machine: str) -> Response:

@@ -14,10 +14,11 @@ from typing import Any, Literal, TypeVar
 import msgspec
 from msgspec import UNSET
 from nats.aio.client import Client
-from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared import bus, manager_settings, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config, VmConfig
 from qemu_bmc_shared.discovery import Machines
+from qemu_bmc_shared.ipmi.storage import USER_CHANGE_RECORD
 from qemu_bmc_shared.messages import (
     ChannelAccess,
     ChannelAccessUpdate,
@@ -31,6 +32,8 @@ from qemu_bmc_shared.messages import (
     LanConfig,
     LanParamSet,
     LanRef,
+    ManagerSettings,
+    ManagerSettingsUpdate,
     PasswordCheck,
     PasswordCheckResult,
     PasswordSet,
@@ -52,12 +55,12 @@ from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
 from .sealing import SecretBox, SecretError
-from .sel_feed import SelFeed
+from .sel_feed import SelFeed, user_change
 from .store import Store, open_bucket
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=msgspec.Struct)
-Area = Literal["users", "channel", "lan", "sol", "kg", "chassis", "sel"]
+Area = Literal["users", "channel", "lan", "sol", "kg", "chassis", "manager", "sel"]
 SERVICE_NAME = "qemu-bmc-state"
 MAX_USERS = 15
 LAN_CHANNEL = 1
@@ -216,9 +219,21 @@ class StateService:
             raise BusError("internal", str(exc)) from None
 
     async def _modify_user(self, machine: str, slot: int, change: Callable[[StoredUser], StoredUser]) -> User:
+        """Change a user slot, and log what changed in the SEL (an OEM record, see sel_feed.user_change)."""
+        before: list[StoredUser] = []
+
+        def apply(user: StoredUser) -> StoredUser:
+            before[:] = [user]
+            return msgspec.structs.replace(change(user), changes=user.changes + 1)
+
         stored = await self._modify("users", machine, self._user_key(machine, slot), StoredUser,
-                                    lambda: StoredUser(slot=slot),
-                                    lambda user: msgspec.structs.replace(change(user), changes=user.changes + 1))
+                                    lambda: StoredUser(slot=slot), apply)
+        record = user_change(before[0].public(), stored.public(), before[0].password != stored.password)
+        if record is not None:
+            try:
+                await self.sel_add(machine, SelAdd(data=record, record_type=USER_CHANGE_RECORD))
+            except Exception:  # the change is made: a SEL that cannot take its record does not undo it
+                log.exception("%s: could not log the change of user %d in the SEL", machine, slot)
         return stored.public()
 
     async def users_list(self, machine: str, _: Empty) -> UserList:
@@ -328,13 +343,40 @@ class StateService:
         return await self.store.get(f"{machine}.chassis", ChassisConfig, ChassisConfig)
 
     async def chassis_set(self, machine: str, request: ChassisUpdate) -> ChassisConfig:
+        """Merge boot parameters; set the restore policy, the asset tag, and chassis identify (on
+        for ``identify_seconds`` from now, or forced on until turned off)."""
+        if isinstance(request.asset_tag, str) and not request.asset_tag.isprintable():
+            raise BusError("bad_request", f"an asset tag is printable text: {request.asset_tag!r}")
+        changes = _changes(request, ("boot_params", "identify_seconds"))
+        if request.identify_seconds is not UNSET:
+            changes["identify_until"] = time.time() + request.identify_seconds
+
         def change(config: ChassisConfig) -> ChassisConfig:
-            policy = config.restore_policy if request.restore_policy is UNSET else request.restore_policy
-            return ChassisConfig(boot_params={**config.boot_params, **request.boot_params},
-                                 restore_policy=policy)  # type: ignore[arg-type]
+            return msgspec.structs.replace(config, boot_params={**config.boot_params, **request.boot_params},
+                                           **changes)
 
         return await self._modify("chassis", machine, f"{machine}.chassis", ChassisConfig,
                                   ChassisConfig, change)
+
+    # ------------------------------------------------------------------ the BMC's own settings and clock
+
+    async def manager_get(self, machine: str, _: Empty) -> ManagerSettings:
+        return await self.store.get(f"{machine}.manager", ManagerSettings, lambda: ManagerSettings(host_name=machine))
+
+    async def manager_set(self, machine: str, request: ManagerSettingsUpdate) -> ManagerSettings:
+        """Check and store the changes; ``clock`` is kept as the offset of the BMC's clock from this host's."""
+        if (wrong := manager_settings.problem(request)) is not None:
+            raise BusError("bad_request", wrong)
+        changes = _changes(request, ("clock",))
+        if request.clock is not UNSET:
+            changes["clock_offset"] = request.clock - time.time()
+        return await self._modify("manager", machine, f"{machine}.manager", ManagerSettings,
+                                  lambda: ManagerSettings(host_name=machine),
+                                  lambda settings: msgspec.structs.replace(settings, **changes))
+
+    async def bmc_time(self, machine: str, host_time: float | None = None) -> int:
+        """The BMC's clock, the SEL time (IPMI v2.0 §31.10), at ``host_time`` (now by default)."""
+        return int(manager_settings.bmc_time(await self.manager_get(machine, Empty()), host_time))
 
     # ------------------------------------------------------------------ system event log
 
@@ -346,7 +388,7 @@ class StateService:
         if len(request.data) != (9 if sel_timestamped(request.record_type) else 13):
             raise BusError("bad_request", f"record type {request.record_type:#04x} has "
                            f"{9 if sel_timestamped(request.record_type) else 13} data bytes")
-        now = int(time.time())
+        now = await self.bmc_time(machine)
         added: list[SelEntry] = []
 
         def change(log: SelLog) -> SelLog:
@@ -362,7 +404,7 @@ class StateService:
         return added[0]
 
     async def sel_clear(self, machine: str, _: Empty) -> SelLog:
-        now = int(time.time())
+        now = await self.bmc_time(machine)
         return await self._modify("sel", machine, f"{machine}.sel", SelLog, lambda: SelLog(entries=[]),
                                        lambda log: msgspec.structs.replace(log, entries=[], last_erase=now))
 
@@ -385,6 +427,8 @@ class StateService:
             (subjects.KG_SET, KgKey, self.kg_set),
             (subjects.CHASSIS_GET, Empty, self.chassis_get),
             (subjects.CHASSIS_SET, ChassisUpdate, self.chassis_set),
+            (subjects.MANAGER_GET, Empty, self.manager_get),
+            (subjects.MANAGER_SET, ManagerSettingsUpdate, self.manager_set),
             (subjects.SEL_GET, Empty, self.sel_get),
             (subjects.SEL_ADD, SelAdd, self.sel_add),
             (subjects.SEL_CLEAR, Empty, self.sel_clear),

@@ -25,6 +25,7 @@ from ..messages import (
     UserList,
     UserRef,
     UserUpdate,
+    WatchdogStatus,
 )
 from .core import (
     CIPHER_SUITES,
@@ -126,17 +127,37 @@ def global_enables(machine: str) -> int:
     return _global_enables.get(machine, 0x08)
 
 
+#: Get/Clear Message Flags bit 3: "watchdog pre-timeout interrupt occurred" (§22.3, §22.4).
+WATCHDOG_PRETIMEOUT_FLAG = 0x08
+
+
+async def _watchdog(context: Context, operation: str) -> WatchdogStatus | None:
+    """The machine service's watchdog timer, after ``operation``; None when no machine service
+    owns the machine (then no timer runs, and no pre-timeout can have occurred)."""
+    try:
+        return await context.call(operation, None, WatchdogStatus)
+    except IpmiError as error:
+        if error.completion == Completion.DESTINATION_UNAVAILABLE:
+            return None
+        raise
+
+
 @command(NetFn.APP, 0x30, Privilege.USER)
 async def clear_message_flags(context: Context, data: bytes) -> bytes:
-    """Clear Message Flags (§22.3): nothing is ever queued, so nothing to clear."""
+    """Clear Message Flags (§22.3): bit 3 clears the watchdog pre-timeout flag; no message or
+    event is ever queued, so the other bits have nothing to clear."""
     expect_length(data, 1, 1)
+    if data[0] & WATCHDOG_PRETIMEOUT_FLAG:
+        await _watchdog(context, subjects.WATCHDOG_PRETIMEOUT_CLEAR)
     return b""
 
 
 @command(NetFn.APP, 0x31, Privilege.USER)
 async def get_message_flags(context: Context, data: bytes) -> bytes:
-    """Get Message Flags (§22.4): no message, no event, no watchdog pre-timeout."""
-    return b"\x00"
+    """Get Message Flags (§22.4): bit 3 while the watchdog's pre-timeout interrupt occurred and was
+    not cleared; never a message or an event."""
+    watchdog = await _watchdog(context, subjects.WATCHDOG_GET)
+    return bytes([WATCHDOG_PRETIMEOUT_FLAG if watchdog is not None and watchdog.pretimeout_occurred else 0])
 
 
 @command(NetFn.APP, 0x33, Privilege.USER)

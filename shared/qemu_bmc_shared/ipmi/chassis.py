@@ -29,11 +29,10 @@ command = registry.command
 
 @dataclass
 class _ChassisRuntime:
-    """What a BMC knows only while it runs: the last power-on cause, identify, restart cause."""
+    """What a BMC knows only while it runs: the last power-on cause, restart cause. (Chassis
+    identify is the state service's, so that every front-end agrees on it.)"""
 
     powered_on_by_command: bool = False
-    identify_until: float = 0.0
-    identify_forever: bool = False
     restart_cause: int = 0
     restart_channel: int = 0
 
@@ -43,6 +42,17 @@ _runtime: dict[str, _ChassisRuntime] = {}
 
 def runtime(machine: str) -> _ChassisRuntime:
     return _runtime.setdefault(machine, _ChassisRuntime())
+
+
+#: Chassis identify states (§28.2, Get Chassis Status byte 3 bits 5:4).
+IDENTIFY_OFF, IDENTIFY_TIMED, IDENTIFY_INDEFINITE = 0, 1, 2
+
+
+def identify_state(config: ChassisConfig) -> int:
+    """Off, on for an interval (until ``identify_until``) or on until turned off (forced)."""
+    if config.identify_forced:
+        return IDENTIFY_INDEFINITE
+    return IDENTIFY_TIMED if time.time() < config.identify_until else IDENTIFY_OFF
 
 
 @command(NetFn.CHASSIS, 0x00, Privilege.USER)
@@ -59,9 +69,8 @@ async def get_chassis_status(context: Context, data: bytes) -> bytes:
     power, config = await asyncio.gather(context.call(subjects.POWER_GET, PowerQuery(), PowerStatus),
                                          context.call(subjects.CHASSIS_GET, None, ChassisConfig))
     state = runtime(context.machine)
-    identify = 0x20 if state.identify_forever else 0x10 if time.monotonic() < state.identify_until else 0
     return bytes([(0x01 if power.state == "On" else 0) | config.restore_policy << 5,
-                  0x10 if state.powered_on_by_command else 0, 0x40 | identify])
+                  0x10 if state.powered_on_by_command else 0, 0x40 | identify_state(config) << 4])
 
 
 #: Chassis Control (§28.3) actions → machine power actions.
@@ -90,12 +99,12 @@ async def chassis_control(context: Context, data: bytes) -> bytes:
 @command(NetFn.CHASSIS, 0x04, Privilege.OPERATOR)
 async def chassis_identify(context: Context, data: bytes) -> bytes:
     """Chassis Identify (§28.5): on for the interval (15 s by default, 0 turns it off) or, with
-    the force bit, until turned off."""
+    the force bit, until turned off; kept by the state service (Redfish's IndicatorLED shows it)."""
     expect_length(data, 0, 2)
-    state = runtime(context.machine)
     interval = data[0] if data else 15
-    state.identify_forever = len(data) == 2 and bool(data[1] & 0x01)
-    state.identify_until = time.monotonic() + interval
+    forced = len(data) == 2 and bool(data[1] & 0x01)
+    await context.call(subjects.CHASSIS_SET, ChassisUpdate(identify_seconds=interval, identify_forced=forced),
+                       ChassisConfig)
     return b""
 
 
@@ -155,14 +164,15 @@ def flags_of(override: BootOverride, stored: bytes | None) -> bytes:
     used or cleared; otherwise flags built from the override (set over Redfish, say)."""
     if stored is not None and len(stored) == BOOT_FLAGS and stored[1] >> 2 & 0x0F in _DEVICE_TARGETS:
         asked = override_of(stored)
-        if (asked.target, asked.enabled) == (override.target, override.enabled) or asked.enabled == "Disabled":
+        if asked == override or (asked.enabled == "Disabled" and override.enabled == "Disabled"):
             return stored
         if override.enabled == "Disabled":  # used, or cleared
             return bytes([stored[0] & 0x7F]) + stored[1:]
     if override.enabled == "Disabled":
         return bytes(BOOT_FLAGS)
     first = 0x80 | (0x40 if override.enabled == "Continuous" else 0) | (0x20 if override.mode == "UEFI" else 0)
-    return bytes([first, _TARGET_DEVICES[override.target] << 2, 0, 0, 0])
+    target = (override.alias or "None") if override.target in ("UefiTarget", "UefiBootNext") else override.target
+    return bytes([first, _TARGET_DEVICES[target] << 2, 0, 0, 0])
 
 
 @command(NetFn.CHASSIS, 0x08, Privilege.OPERATOR)
@@ -188,13 +198,15 @@ async def set_system_boot_options(context: Context, data: bytes) -> bytes:
         value = bytes([0, previous & ~value[0] | value[1] & value[0]])
     elif parameter == BOOT_FLAGS:
         override = override_of(value)
-        inventory = await context.call(subjects.INVENTORY_GET, None, Inventory)
-        if override.mode != inventory.firmware:
-            log.info("%s: boot flags ask for %s boot; the machine's firmware is %s", context.machine,
-                     override.mode, inventory.firmware)
-        await context.call(subjects.BOOT_SET, BootOverrideUpdate(
-            target=override.target, enabled=override.enabled,
-            mode=override.mode if override.mode == inventory.firmware else inventory.firmware), BootOverride)
+        update = BootOverrideUpdate(target=override.target, enabled=override.enabled)
+        if value[0] & 0x80:  # the BIOS boot type bit counts in valid flags: the boot mode of the next boot
+            inventory = await context.call(subjects.INVENTORY_GET, None, Inventory)
+            if override.mode in (inventory.firmwares or [inventory.firmware]):
+                update.mode = override.mode
+            else:
+                log.info("%s: boot flags ask for %s boot; the machine can boot in %s only", context.machine,
+                         override.mode, inventory.firmware)
+        await context.call(subjects.BOOT_SET, update, BootOverride)
     key = _stored_key(parameter, value[0] if parameter == MAILBOX else 0)
     await context.call(subjects.CHASSIS_SET, ChassisUpdate(boot_params={key: bytes(value)}), ChassisConfig)
     return b""

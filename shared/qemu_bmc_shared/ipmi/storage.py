@@ -18,11 +18,21 @@ service keeps them as they are (see messages.SelEntry).
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass
 
 from .. import subjects
-from ..messages import Empty, Inventory, PowerStatus, SelAdd, SelEntry, SelLog, sel_timestamped
+from ..manager_settings import bmc_time
+from ..messages import (
+    Empty,
+    Inventory,
+    ManagerSettings,
+    ManagerSettingsUpdate,
+    PowerStatus,
+    SelAdd,
+    SelEntry,
+    SelLog,
+    sel_timestamped,
+)
 from .core import Completion, Context, IpmiError, NetFn, Privilege, expect_length, registry
 
 BMC_ADDRESS = 0x20
@@ -80,11 +90,38 @@ SENSORS = (
 READABLE = {sensor.number: sensor for sensor in SENSORS if sensor.readings is not None}
 
 
-def sel_event(sensor_type: int, sensor_number: int, offset: int, deassertion: bool = False) -> bytes:
+def sel_event(sensor_type: int, sensor_number: int, offset: int, deassertion: bool = False,
+              data2: int | None = None) -> bytes:
     """The 9 bytes after the timestamp of a system event record (§32.1) from the BMC for a
-    sensor-specific offset, with event data 2 and 3 unspecified."""
+    sensor-specific offset, with event data 3 unspecified and event data 2 unspecified or
+    ``data2``, a sensor-specific extension code (event data 1 bits 7:6 = 11b, §29.7 table 29-6)."""
     direction = SENSOR_SPECIFIC | (DEASSERTION if deassertion else 0)
-    return bytes([BMC_ADDRESS, 0x00, EVM_REVISION, sensor_type, sensor_number, direction, offset, 0xFF, 0xFF])
+    data1 = offset if data2 is None else 0xC0 | offset
+    return bytes([BMC_ADDRESS, 0x00, EVM_REVISION, sensor_type, sensor_number, direction, data1,
+                  0xFF if data2 is None else data2, 0xFF])
+
+
+#: The OEM timestamped record (§32.2) the state service logs for a change of a user account.
+USER_CHANGE_RECORD = 0xC0
+#: Its manufacturer id: Get Device ID's (§20.1), 000000h "unspecified" (qemu-bmc has no IANA number).
+MANUFACTURER_ID = 0x000000
+#: What changed (the record's third OEM byte, a bit mask).
+(USER_NAME_SET, USER_NAME_CLEARED, USER_ENABLED, USER_DISABLED, USER_PASSWORD_SET, USER_PASSWORD_CLEARED,
+ USER_ACCESS) = (1 << bit for bit in range(7))
+#: The OEM bytes that do not apply to a change.
+NOT_APPLICABLE = 0xFF
+
+
+def user_change_record(changes: int, slot: int, channel: int = NOT_APPLICABLE, privilege: int = NOT_APPLICABLE,
+                       flags: int = NOT_APPLICABLE, payloads: int = NOT_APPLICABLE) -> bytes:
+    """The 9 bytes after the timestamp of a USER_CHANGE_RECORD: the manufacturer id (3 bytes,
+    least significant first), then six OEM bytes: for a change of channel access (USER_ACCESS)
+    flags (bit 0 IPMI messaging, bit 1 link authentication, bit 2 callback only) and the payloads
+    the user may activate (one bit per payload type, as Set User Payload Access), then what
+    changed (USER_* bits), the user id, and for a change of channel access the channel and the
+    user's privilege limit on it; NOT_APPLICABLE where a byte does not apply. The last four are
+    the record's bytes 13-16, which Redfish shows as the LogEntry's MessageId."""
+    return MANUFACTURER_ID.to_bytes(3, "little") + bytes([flags, payloads, changes, slot, channel, privilege])
 
 
 def _le16(value: int) -> bytes:
@@ -374,12 +411,18 @@ async def clear_sel(context: Context, data: bytes) -> bytes:
 
 @registry.command(NetFn.STORAGE, 0x48, Privilege.USER)
 async def get_sel_time(context: Context, data: bytes) -> bytes:
-    """Get SEL Time (IPMI v2.0 §31.10)."""
-    return _le32(int(time.time()))
+    """Get SEL Time (IPMI v2.0 §31.10): the BMC's clock, which stamps the SEL's records (the
+    state service keeps its offset from the host's clock; Redfish's Manager DateTime is the same)."""
+    return _le32(int(bmc_time(await context.call(subjects.MANAGER_GET, None, ManagerSettings))))
 
 
 @registry.command(NetFn.STORAGE, 0x49, Privilege.OPERATOR)
 async def set_sel_time(context: Context, data: bytes) -> bytes:
-    """Set SEL Time (IPMI v2.0 §31.11): accepted and ignored; the SEL clock is the host's."""
+    """Set SEL Time (IPMI v2.0 §31.11): sets the BMC's clock (seconds since 1970; FFFFFFFFh,
+    "unspecified", is refused)."""
     expect_length(data, 4, 4)
+    seconds = int.from_bytes(data, "little")
+    if seconds == UNSPECIFIED_TIME:
+        raise IpmiError(Completion.INVALID_FIELD, "FFFFFFFFh is not a time")
+    await context.call(subjects.MANAGER_SET, ManagerSettingsUpdate(clock=float(seconds)), ManagerSettings)
     return b""

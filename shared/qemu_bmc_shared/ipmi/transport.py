@@ -91,7 +91,9 @@ def _port(context: Context) -> bytes:
 
 
 def _listening_address(context: Context) -> bytes | None:
-    """The IPv4 address the LAN front-end listens on, when it says and it is a real one."""
+    """The IPv4 address the LAN front-end listens on, when it says and it is a real one: parameter
+    3 until a client sets an address (a client's address is kept and shown, Redfish's too, but the
+    front-end keeps listening where its configuration says; 0.0.0.0 goes back to this one)."""
     try:
         address = ipaddress.IPv4Address(context.extra.get("lan_address") or "")
     except ValueError:
@@ -154,13 +156,15 @@ def _bits_clear(mask: int) -> Callable[[bytes], bool]:
 @dataclass(frozen=True)
 class Param:
     """One configuration parameter: ``size`` data bytes; ``live`` computes the answer from the
-    context (read-only parameters, or an override of the stored value when it returns bytes)."""
+    context (read-only parameters, or an override of the stored value when it returns bytes);
+    ``zero_is_unset``: a stored value of zeros reads as the default."""
 
     size: int
-    default: bytes | Callable[[Context], bytes] = b""
+    default: bytes | Callable[[Context], bytes | None] = b""
     writable: bool = True
     check: Callable[[bytes], bool] = lambda value: True
     live: Callable[[Context], bytes | None] | None = None
+    zero_is_unset: bool = False
 
     def initial(self, context: Context) -> bytes:
         default = self.default(context) if callable(self.default) else self.default
@@ -179,7 +183,7 @@ LAN_PARAMS: dict[int, Param] = {
     0: SET_IN_PROGRESS,
     1: _read_only(1, lambda context: bytes([auth_type_support(context)])),
     2: Param(5, bytes([AUTH_MD5 | AUTH_PASSWORD]) * 5, check=_bits_clear(0xC8)),  # per privilege, callback … OEM
-    3: Param(4, check=_host_address, live=_listening_address),
+    3: Param(4, _listening_address, check=_host_address, zero_is_unset=True),
     4: Param(1, b"\x01", check=lambda value: value[0] <= 4),  # unspecified, static, DHCP, BIOS, other
     5: Param(6, check=_unicast_mac),
     6: Param(4, bytes([255, 255, 255, 0]), check=_netmask),
@@ -242,7 +246,7 @@ class ParamSet:
         value = param.live(context) if param.live else None
         if value is None:
             value = (await self.load(context, channel)).get(number)
-            if value is None or len(value) != param.size:
+            if value is None or len(value) != param.size or (param.zero_is_unset and not any(value)):
                 value = param.initial(context)
         return bytes([REVISION]) + value
 
