@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import bmc_request, serial_log, toml_list, wait_for, write_config
-from qemu_bmc_machine.launcher import SMBIOS_TYPE0_FILE, RuntimeFiles, identity_args, managed_argv
 from qemu_bmc_shared import subjects
 from qemu_bmc_shared.config import VM_DMI_MARKERS, Identity, VmConfig
+from qemu_bmc_shared.launcher import SMBIOS_TYPE0_FILE, RuntimeFiles, identity_args, managed_argv
 from qemu_bmc_shared.messages import Inventory, PowerRequest, PowerStatus
 
 UUID = "6f1c2a3e-8b4d-4e5f-9a0b-1c2d3e4f5a6b"

@@ -15,10 +15,10 @@ from clients import ipmitool
 from conftest import ServiceProcess, free_tcp_port, free_udp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from http_server import FileServer
-from qemu_bmc_machine.launcher import firmwares
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import parse
+from qemu_bmc_shared.launcher import firmwares
 from qemu_bmc_shared.messages import BootOverride, PowerStatus
 
 USER, PASSWORD = "admin", "s3cret-Pass"

@@ -26,8 +26,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 from qemu.qmp import QMPClient
-from qemu_bmc_machine import launcher
-from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared import bus, launcher, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config, VmConfig
 from qemu_bmc_shared.messages import PowerRequest, PowerStatus

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from qemu_bmc_shared import launcher
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import Disk, Hardware, MemoryModule, Nic, NicUpdate, Processor
 
-from . import command_line, launcher
+from . import command_line
 from .boot import DEVICE_CONTAINERS
 
 if TYPE_CHECKING:

@@ -13,9 +13,10 @@ from typing import Any
 
 import msgspec
 from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
-from qemu_bmc_shared import subjects
+from qemu_bmc_shared import launcher, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import VmConfig
+from qemu_bmc_shared.launcher import LaunchError, RuntimeFiles
 from qemu_bmc_shared.messages import (
     BootEvent,
     BootOption,
@@ -32,10 +33,9 @@ from qemu_bmc_shared.messages import (
     PowerStatus,
 )
 
-from . import boot, launcher
+from . import boot
 from .console import Console
 from .hardware import HardwareInventory
-from .launcher import LaunchError, RuntimeFiles
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
