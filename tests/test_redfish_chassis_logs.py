@@ -338,9 +338,9 @@ async def test_certificates_and_firmware_inventory(bmc: Bmc):
     shown = await bmc.get(CERTIFICATE)
     assert (shown["CertificateType"], shown["Issuer"]["CommonName"]) == ("PEMchain", "Lab CA")
 
-    # the firmware inventory: the BMC and the machine's system firmware, none updateable
+    # the firmware inventory: the BMC and the machine's system firmware, which SimpleUpdate can replace
     service = await bmc.get("/redfish/v1/UpdateService")
-    assert service["ServiceEnabled"] is False and "Actions" not in service
+    assert service["ServiceEnabled"] is True and "#UpdateService.SimpleUpdate" in service["Actions"]
     inventory = await bmc.get(service["FirmwareInventory"]["@odata.id"])
     items = {member["@odata.id"].rsplit("/", 1)[1]: await bmc.get(member["@odata.id"])
              for member in inventory["Members"]}
@@ -348,8 +348,9 @@ async def test_certificates_and_firmware_inventory(bmc: Bmc):
     assert items["BMC"]["Version"] == (await bmc.get(MANAGER))["FirmwareVersion"]
     hardware = await bus.request(bmc.nc, "n1", subjects.HARDWARE_GET, None, Hardware)
     assert items["BIOS-n1"]["Version"] == hardware.bios_version
+    assert items["BIOS-n1"]["Manufacturer"] == hardware.bios_manufacturer == "SeaBIOS"
     assert items["BIOS-n1"]["RelatedItem"] == [{"@odata.id": SYSTEM}]
-    assert not any(item["Updateable"] for item in items.values())
+    assert (items["BMC"]["Updateable"], items["BIOS-n1"]["Updateable"]) == (False, True)
     output = await bmc.tacklebox("rf_firmware_inventory.py")
     assert "qemu-bmc" in output and "System firmware of n1" in output, output
 

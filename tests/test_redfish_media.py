@@ -249,8 +249,9 @@ async def test_manager_network_and_reset(bmc: Bmc, services, short_dir: Path):
         interface = (await client.get(interface_uri)).json()
         assert interface["@odata.id"] == interface_uri and interface["InterfaceEnabled"] is True
         assert interface["@odata.type"] == "#EthernetInterface.v1_12_4.EthernetInterface"
+        # an unset gateway is null, never "0.0.0.0"
         assert interface["IPv4Addresses"] == [{"Address": "127.0.0.1", "SubnetMask": "255.255.255.0",
-                                               "Gateway": "0.0.0.0", "AddressOrigin": "Static"}]
+                                               "AddressOrigin": "Static", "Gateway": None}]
         lan = await bus.request(bmc.nc, "n1", subjects.LAN_GET, LanRef(), LanConfig)
         assert interface["MACAddress"] == lan.params[5].hex(":")
         for param, value in ((3, "10.1.2.3"), (6, "255.255.0.0"), (12, "10.1.0.1")):
@@ -265,7 +266,8 @@ async def test_manager_network_and_reset(bmc: Bmc, services, short_dir: Path):
 
         protocols = (await client.get(f"{MANAGER}/NetworkProtocol")).json()
         assert protocols["@odata.type"] == "#ManagerNetworkProtocol.v1_12_0.ManagerNetworkProtocol"
-        assert protocols["HTTPS"] == {"ProtocolEnabled": True, "Port": bmc.port}
+        assert protocols["HTTPS"] == {"ProtocolEnabled": True, "Port": bmc.port,
+                                      "Certificates": {"@odata.id": f"{MANAGER}/NetworkProtocol/HTTPS/Certificates"}}
         assert protocols["HTTP"] == {"ProtocolEnabled": False, "Port": None}
         assert protocols["IPMI"] == {"ProtocolEnabled": False, "Port": None}  # no IPMI over LAN service yet
         await services("ipmi-lan", short_dir / "qemu-bmc.toml")

@@ -75,7 +75,8 @@ async def test_up_runs_and_stops_the_whole_tree(short_dir: Path, images: GuestIm
         on = json.loads(cli("power", "on", "n1", "--json", *c).stdout)
         assert on["state"] == "On" and on["pid"]
         boot = json.loads(cli("boot", "n1", "--target", "cd", "--once", "--json", *c).stdout)
-        assert boot == {"target": "Cd", "enabled": "Once", "mode": "Legacy"}
+        assert boot == {"target": "Cd", "enabled": "Once", "mode": "Legacy",
+                        "alias": None, "boot_next": None, "uefi_target": None}
         media = json.loads(cli("media", "insert", "n1", str(images.iso), "--json", *c).stdout)
         assert media["inserted"] and media["image"] == str(images.iso)
         missing = cli("power", "status", "ghost", "--json", *c)

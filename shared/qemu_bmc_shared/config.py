@@ -16,6 +16,7 @@
     default_user = "admin"              # or IPMI_USER; the password comes from IPMI_PASS
     [redfish]
     listen = "0.0.0.0:8443"             # HTTPS; tls = false for HTTP; cert_file/key_file, or self-signed
+    password_change_required = false    # true: accounts made over Redfish must change their password first
     [ssh]                               # ssh_config options for every VM (`qemu-bmc vm ssh/put/get`)
     User = "root"
     StrictHostKeyChecking = "no"
@@ -26,6 +27,7 @@
     ipmi = "127.0.0.1:6230"
     vmwire = "127.0.0.1:9002"
     graceful_timeout = 60               # seconds a guest has to obey the ACPI power button
+    volume_space = 64                   # GiB of disks Redfish may create for the machine (0: none)
     bare_metal_identity = true          # SMBIOS strings below, no VM markers (managed mode only)
     [vm.node1.identity]                 # all optional: vendor, product, version, serial, sku, family,
     vendor = "Example Inc."             # board_vendor, board_product, chassis_vendor, bios_vendor,
@@ -69,6 +71,7 @@ OVMF_FILES = (("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.
               ("/usr/share/edk2/x64/OVMF_CODE.4m.fd", "/usr/share/edk2/x64/OVMF_VARS.4m.fd"),
               ("/usr/share/qemu/ovmf-x86_64-code.bin", "/usr/share/qemu/ovmf-x86_64-vars.bin"))
 DEFAULT_GRACEFUL_TIMEOUT = 60.0
+DEFAULT_VOLUME_SPACE_GIB = 64.0
 DEMO_CMD = ["-machine", "q35", "-accel", "tcg", "-m", "128", "-display", "none"]
 
 
@@ -169,6 +172,9 @@ class VmConfig:
     identity: Identity | None = None
     """Managed mode, ``bare_metal_identity = true``: the SMBIOS strings the guest sees instead of QEMU's,
     with the VM markers hidden (see the launcher's ``identity_args``)."""
+    volume_space_gib: float = 0.0
+    """Managed mode: how much disk (GiB, in all) the BMC may create for the machine as Redfish
+    Volumes (``volume_space``, 64 by default; 0: none)."""
 
     @property
     def bare_metal_identity(self) -> bool:
@@ -194,6 +200,9 @@ class RedfishConfig:
     key_file: Path | None = None
     session_timeout: int = 1800
     """Seconds a Redfish session lives without being used (SessionService.SessionTimeout)."""
+    password_change_required: bool = False
+    """Accounts created through Redfish start with PasswordChangeRequired: their first password is
+    only good for setting another (DSP0266 "Password change required handling")."""
 
 
 @dataclass(frozen=True)
@@ -331,7 +340,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
         raise ConfigError("IPMI_PASS: an IPMI password has at most 20 bytes")
 
     redfish = _Reader(file, "redfish", top.table_of("redfish"),
-                      {"listen", "tls", "cert_file", "key_file", "session_timeout"})
+                      {"listen", "tls", "cert_file", "key_file", "session_timeout", "password_change_required"})
     cert_file, key_file = redfish.str("cert_file"), redfish.str("key_file")
     if (cert_file is None) != (key_file is None):
         raise redfish.error("cert_file" if cert_file is None else "key_file", "give both cert_file and key_file")
@@ -369,7 +378,8 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
                               tls=redfish.bool("tls", True),
                               cert_file=_resolve(base, cert_file) if cert_file else None,
                               key_file=_resolve(base, key_file) if key_file else None,
-                              session_timeout=session_timeout),
+                              session_timeout=session_timeout,
+                              password_change_required=redfish.bool("password_change_required")),
         ipmi=ipmi,
     )
 
@@ -498,7 +508,7 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
               ovmf: tuple[Path, Path] | None = None) -> VmConfig:
     vm = _Reader(file, f"vm.{name}", table,
                  {"cmd", "vars", "bin", "qmp", "serial", "media_device", "ipmi", "vmwire", "uuid", "autostart",
-                  "bare_metal_identity", "identity", "ssh", "graceful_timeout", "environment"})
+                  "bare_metal_identity", "identity", "ssh", "graceful_timeout", "environment", "volume_space"})
     vm_runtime = runtime_dir / "vm" / name
     ssh = _parse_ssh(vm, global_ssh)
     variables = {**global_vars, **_vars_of(vm, "vars"), "name": name, "runtime_dir": str(vm_runtime),
@@ -525,11 +535,15 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
         identity = _parse_identity(vm, argv) if vm.bool("bare_metal_identity") else None
         if identity is None and "identity" in table:
             raise vm.error("identity", "only with bare_metal_identity = true")
-        return VmConfig(mode="managed", argv=argv, identity=identity, ovmf=ovmf, **common)
+        return VmConfig(mode="managed", argv=argv, identity=identity, ovmf=ovmf,
+                        volume_space_gib=_number(vm, "volume_space", DEFAULT_VOLUME_SPACE_GIB, 0, 1 << 20), **common)
     for key in ("bare_metal_identity", "identity"):
         if key in table:
             raise vm.error(key, "only for managed mode (cmd): qemu-bmc does not build an attached QEMU's command "
                            "line, give its -smbios and -cpu options there")
+    if "volume_space" in table:
+        raise vm.error("volume_space", "only for managed mode (cmd): qemu-bmc cannot add disks to a QEMU it does "
+                       "not launch")
     serial = vm.str("serial")
     return VmConfig(mode="attach", qmp=_resolve(base, _substitute(qmp or "", variables, vm, "qmp")),
                     serial=_resolve(base, serial) if serial else None, **common)

@@ -11,7 +11,9 @@ QEMU's own output. The launcher adds, before the operator's arguments:
 * an AHCI controller with an empty CD drive ``qbmc-cd0`` for virtual media;
 * ``-uuid`` (from the config, else one generated once and kept) unless the command has one;
 * with a ``vmwire`` address, the ipmi-bmc-extern BMC and its KCS interface (see vmwire_args);
-* with ``bare_metal_identity``, SMBIOS strings from the config and no VM markers (see identity_args).
+* with ``bare_metal_identity``, SMBIOS strings from the config and no VM markers (see identity_args);
+
+and after them the disks the BMC made for the machine, its Redfish Volumes (see volume_args).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import msgspec
 from qemu_bmc_shared.config import VmConfig
-from qemu_bmc_shared.messages import BootMode, BootOverride
+from qemu_bmc_shared.messages import BootMode, BootOverride, Volume
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,11 @@ class RuntimeFiles:
         """The LaunchProfile the running QEMU was started with."""
         self.ovmf_vars = directory / "ovmf-vars.fd"
         """The machine's UEFI variables (NVRAM) when qemu-bmc gives it OVMF: kept across boots."""
+        self.firmware = directory / "firmware"
+        """The system firmware images updates installed (UpdateService SimpleUpdate), at most one
+        per boot mode, each named by its content's digest."""
+        self.firmware_index = self.firmware / "installed.json"
+        """Boot mode → the name of the image installed for it."""
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -102,6 +109,59 @@ class LaunchProfile:
 
     firmware: BootMode
     kernel: bool = True
+    firmware_image: str | None = None
+    """The firmware file an update installed for this boot mode, in place of the configured one
+    (named by its digest: another image is another profile, so it takes effect at the next boot)."""
+    volumes: tuple[VolumeDisk, ...] = ()
+    """The disks the BMC made for the machine (Redfish Volumes), after the operator's devices."""
+
+
+@dataclass(frozen=True)
+class VolumeDisk:
+    """A disk the BMC gives the machine besides its command line's: a qcow2 image, as QEMU device
+    ``device`` with qdev id (and serial number) ``id``, on ``bus`` (None: QEMU's choice, a PCI slot)."""
+
+    id: str
+    image: str
+    device: str
+    bus: str | None = None
+
+
+VOLUMES_FILE = "volumes.json"
+"""The machine service's record of the volumes it made for the machine (and their tasks)."""
+
+
+class _SavedVolumes(msgspec.Struct):
+    volumes: list[Volume] = []
+
+
+def volume_image(files: RuntimeFiles, volume_id: str) -> Path:
+    return files.directory / "volumes" / f"{volume_id}.qcow2"
+
+
+def volume_disks(files: RuntimeFiles, volumes: list[Volume]) -> tuple[VolumeDisk, ...]:
+    """The disks of the next launch: the volumes the BMC made for the machine, but those being deleted."""
+    return tuple(VolumeDisk(id=volume.id, image=str(volume_image(files, volume.id)), device=volume.device,
+                            bus=volume.bus) for volume in volumes if volume.state != "deleting")
+
+
+def saved_volumes(files: RuntimeFiles) -> tuple[VolumeDisk, ...]:
+    try:
+        saved = msgspec.json.decode((files.directory / VOLUMES_FILE).read_bytes(), type=_SavedVolumes)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return ()
+    return volume_disks(files, saved.volumes)
+
+
+def volume_args(volumes: tuple[VolumeDisk, ...]) -> list[str]:
+    """The options of the BMC's disks. They come last, so that the devices of the operator's command
+    line that QEMU places itself (no ``bus=``) go where they go without them."""
+    args: list[str] = []
+    for volume in volumes:
+        bus = f",bus={volume.bus}" if volume.bus else ""
+        args += ["-drive", f"if=none,id={volume.id}-drive,format=qcow2,file={qemu_escape(volume.image)}",
+                 "-device", f"{volume.device},drive={volume.id}-drive,id={volume.id},serial={volume.id}{bus}"]
+    return args
 
 
 #: Options that direct-boot a kernel, each with its value.
@@ -154,20 +214,31 @@ def saved_override(files: RuntimeFiles) -> BootOverride | None:
         return None
 
 
+def installed_firmware(files: RuntimeFiles) -> dict[BootMode, str]:
+    """Boot mode → the firmware image (its path) an update installed for it, for the modes that have one."""
+    try:
+        names = msgspec.json.decode(files.firmware_index.read_bytes(), type=dict[BootMode, str])
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return {}
+    return {mode: str(files.firmware / name) for mode, name in names.items() if (files.firmware / name).is_file()}
+
+
 def default_profile(vm: VmConfig, files: RuntimeFiles) -> LaunchProfile:
     """The profile of a launch that knows nothing of the machine's devices (the VM manager's): the
-    boot mode last set, the kernel as the command line has it."""
+    boot mode last set, with the firmware an update installed for it, the kernel as the command line has it,
+    the volumes the BMC made."""
     override = saved_override(files)
     mode = override.mode if override is not None and override.mode in firmwares(vm) else native_firmware(vm.argv)
-    return LaunchProfile(firmware=mode)
+    return LaunchProfile(firmware=mode, firmware_image=installed_firmware(files).get(mode),
+                         volumes=saved_volumes(files))
 
 
 def profile_args(vm: VmConfig, files: RuntimeFiles, user_args: list[str], profile: LaunchProfile) -> list[str]:
     """The operator's arguments for ``profile``: without the direct-boot kernel options when it
-    has no kernel; without the operator's firmware options when it asks for the other firmware,
-    plus OVMF (its variables a copy of the template, kept in the runtime directory) for UEFI."""
-    native = native_firmware(vm.argv)
-    switch = profile.firmware != native
+    has no kernel; without the operator's firmware options when it asks for the other firmware or
+    an installed firmware image, plus that firmware: ``-bios`` for SeaBIOS, or OVMF (its variables
+    a copy of the template, kept in the runtime directory) for UEFI."""
+    replaced = profile.firmware != native_firmware(vm.argv) or profile.firmware_image is not None
     args: list[str] = []
     skip = False
     for flag, value in itertools.pairwise([*user_args, ""]):
@@ -175,31 +246,38 @@ def profile_args(vm: VmConfig, files: RuntimeFiles, user_args: list[str], profil
             skip = False
             continue
         option = _option(flag)
-        if (not profile.kernel and option in KERNEL_OPTIONS) or (switch and option == "bios") \
-                or (switch and option == "drive" and _pflash_drive(value)):
+        if (not profile.kernel and option in KERNEL_OPTIONS) or (replaced and option == "bios") \
+                or (replaced and option == "drive" and _pflash_drive(value)):
             skip = True
             continue
         args.append(flag)
-    if switch and profile.firmware == "UEFI":
+    if replaced and profile.firmware == "Legacy" and profile.firmware_image:
+        args += ["-bios", profile.firmware_image]
+    if replaced and profile.firmware == "UEFI":
         if vm.ovmf is None:
             raise LaunchError(f"{vm.name}: UEFI boot needs OVMF ([qemu] ovmf_code and ovmf_vars)")
         code, template = vm.ovmf
         if not files.ovmf_vars.exists():
             shutil.copyfile(template, files.ovmf_vars)
             files.ovmf_vars.chmod(0o600)
+        code = profile.firmware_image or code
         args += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_escape(str(code))}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={qemu_escape(str(files.ovmf_vars))}"]
     return args
 
 
 def save_profile(files: RuntimeFiles, profile: LaunchProfile) -> None:
-    files.launch.write_text(msgspec.json.encode({"firmware": profile.firmware, "kernel": profile.kernel}).decode())
+    files.launch.write_text(msgspec.json.encode({"firmware": profile.firmware, "kernel": profile.kernel,
+                                                 "firmware_image": profile.firmware_image,
+                                                 "volumes": profile.volumes}).decode())
 
 
 def load_profile(files: RuntimeFiles) -> LaunchProfile | None:
     try:
         saved = msgspec.json.decode(files.launch.read_bytes())
-        return LaunchProfile(firmware=saved["firmware"], kernel=bool(saved["kernel"]))
+        return LaunchProfile(firmware=saved["firmware"], kernel=bool(saved["kernel"]),
+                             firmware_image=saved.get("firmware_image"),
+                             volumes=tuple(VolumeDisk(**volume) for volume in saved.get("volumes", [])))
     except (OSError, msgspec.DecodeError, KeyError, TypeError):
         return None
 
@@ -227,7 +305,7 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | Non
         argv += ["-uuid", machine_uuid(vm, files)]
     argv += vmwire_args(vm)
     argv += identity_args(vm)
-    return argv + user_args
+    return argv + user_args + (volume_args(profile.volumes) if profile is not None else [])
 
 
 def vmwire_args(vm: VmConfig) -> list[str]:

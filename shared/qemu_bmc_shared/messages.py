@@ -250,11 +250,51 @@ class Hardware(Message):
     """A bare-metal identity's, else the firmware's (the SeaBIOS image's version, ``EDK II``)."""
     sku: str | None = None
     """A bare-metal identity's SKU, else QEMU's machine type (``pc-q35-7.2``)."""
+    bios_manufacturer: str | None = None
+    """Who made the firmware: a bare-metal identity's ``bios_vendor`` (else its ``vendor``: what the
+    guest's SMBIOS says), else the firmware's project (``SeaBIOS``, ``TianoCore`` for OVMF)."""
+    bios_updateable: bool = False
+    """A firmware image can be installed for the boot mode the machine runs in (``firmware.update``)."""
 
 
 class NicUpdate(Message):
     id: str
     enabled: bool
+
+
+class FirmwareUpdate(Message):
+    """Install a system firmware image (Redfish UpdateService SimpleUpdate): the machine service
+    downloads it, checks that it is firmware for the boot mode the machine runs in (a SeaBIOS ROM
+    for Legacy, OVMF code for UEFI), and launches the machine with it from its next boot on."""
+
+    image_uri: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    """An http(s) URL."""
+    username: str | None = None
+    password: str | None = None
+    """HTTP Basic credentials for the image's server (never sent to another host a redirect names)."""
+
+
+class FirmwareUpdated(Message):
+    """A firmware update done (a Redfish Task, completed when SimpleUpdate answers): the firmware
+    the machine boots in ``mode`` from its next boot on. The machine service keeps the last ones."""
+
+    number: int
+    """Unique for the machine."""
+    image_uri: str
+    """Without credentials."""
+    mode: BootMode
+    version: str | None
+    manufacturer: str | None
+    requested: float
+    finished: float
+    restored: bool = False
+    """The image is the machine's configured firmware: the installed update was removed."""
+    next_boot: bool = True
+    """The machine runs other firmware until its next boot (a reset or power-on launches QEMU again)."""
+
+
+class FirmwareUpdates(Message):
+    updates: list[FirmwareUpdated]
 
 
 class SystemView(Message):
@@ -265,6 +305,67 @@ class SystemView(Message):
     inventory: Inventory
     hardware: Hardware | None = None
     boot_options: BootOptions | None = None
+
+
+VolumeRaidType = Literal["None", "RAID0"]
+
+
+class Volume(Message):
+    """A disk the BMC made for the machine (a Redfish Volume created on one of its storage
+    controllers): a qcow2 image in its runtime directory, given to QEMU from the next boot on."""
+
+    id: str
+    """Its QEMU device id and serial number (``qbmc-vol<n>``): the Redfish Volume and Drive Id."""
+    controller: str
+    """The storage controller it was created on (a Disk's ``controller``)."""
+    capacity_bytes: int
+    raid_type: VolumeRaidType
+    name: str
+    state: Literal["creating", "attached", "deleting"]
+    """``creating``: QEMU gets it at the next boot; ``attached``: QEMU has it; ``deleting``: QEMU
+    has it until the next boot, which removes it."""
+    device: str
+    """The QEMU device it is (``virtio-blk-pci``, ``ide-hd`` on an AHCI port, ``scsi-hd``)."""
+    bus: str | None = None
+    """The QEMU bus it sits on (``sata.2``, ``scsi0.0``); None: a PCI slot QEMU picks."""
+
+
+class VolumeCreate(Message):
+    controller: str
+    capacity_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    """Rounded up to a whole 512-byte sector."""
+    raid_type: VolumeRaidType = "None"
+    name: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class VolumeDelete(Message):
+    id: str
+
+
+class VolumeTask(Message):
+    """A volume creation or deletion (a Redfish Task): Pending until the machine's next boot
+    applies it (DSP0266 "Operation apply time": OnReset), then Completed, or Exception when that
+    boot could not apply it (``message`` says why; the machine booted without the change)."""
+
+    number: int
+    """Unique for the machine."""
+    operation: Literal["create", "delete"]
+    volume: str
+    controller: str
+    state: Literal["Pending", "Completed", "Exception"]
+    requested: float
+    finished: float | None = None
+    message: str = ""
+
+
+class VolumeList(Message):
+    """The machine's volumes, its volume tasks (the pending ones and the last ones finished), and
+    the storage controllers on which no volume can be created, each with the reason (the others
+    of its hardware take new volumes)."""
+
+    volumes: list[Volume]
+    tasks: list[VolumeTask]
+    cannot_create: dict[str, str]
 
 
 WatchdogAction = Literal["none", "reset", "off", "cycle"]
@@ -376,6 +477,9 @@ class User(Message):
     channels: dict[int, UserChannelAccess] = {}
     changes: int = 0
     """Grows with every change of the slot (a version, for ETags and for sessions to notice it)."""
+    password_change_required: bool = False
+    """The user must change its password before anything else (Redfish ManagerAccount
+    PasswordChangeRequired); any new password clears it."""
 
 
 class UserList(Message):
@@ -390,6 +494,7 @@ class UserUpdate(Message):
     slot: UserSlot
     name: UserName | UnsetType = UNSET
     enabled: bool | UnsetType = UNSET
+    password_change_required: bool | UnsetType = UNSET
     if_name: UserName | UnsetType = UNSET
     """Apply only while the slot's name is this (``""``: a free slot), else the error
     ``invalid_state``: two front-ends taking the same free slot at once cannot both have it."""

@@ -151,7 +151,8 @@ class LanServer(asyncio.DatagramProtocol):
 
     async def user(self, name: bytes) -> tuple[Credentials, int] | None:
         """The user with this name (empty: the null user) and its privilege limit on the LAN
-        channel, if it may log in over LAN at all."""
+        channel, if it may log in over LAN at all: not while it must change its password (IPMI
+        cannot tell it so; it is refused as a disabled user is, see docs/ipmi.md)."""
         try:
             credentials, channel = await asyncio.gather(
                 self.state.get(("user", name), lambda: self._credentials(name)), self.channel_access())
@@ -161,7 +162,8 @@ class LanServer(asyncio.DatagramProtocol):
             return None
         user = credentials.user
         access = user.channels.get(LAN_CHANNEL)
-        if not user.enabled or access is None or not access.ipmi_messaging or access.privilege > Privilege.OEM:
+        if (not user.enabled or user.password_change_required or access is None or not access.ipmi_messaging
+                or access.privilege > Privilege.OEM):
             return None
         if channel.access_mode == 0 or (credentials.password is None and name):
             return None
@@ -351,8 +353,8 @@ class LanServer(asyncio.DatagramProtocol):
         found, kg = (None, None) if self.guard.locked(name) else await asyncio.gather(self.user(name), self.kg())
         if found is None:
             self.guard.failed(name)
-            log.warning("%s: RAKP 1 from %s for unknown, disabled or locked-out user %r", self.machine, address,
-                        name.decode("ascii", "replace"))
+            log.warning("%s: RAKP 1 from %s for unknown, disabled or locked-out user %r (or one that must change "
+                        "its password)", self.machine, address, name.decode("ascii", "replace"))
             return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_UNAUTHORIZED_NAME, session, address)
         credentials, limit = found
         if requested > limit or requested > session.max_privilege:

@@ -26,6 +26,7 @@ from qemu_bmc_shared.messages import Disk, Hardware, MemoryModule, Nic, NicUpdat
 
 from . import command_line
 from .boot import DEVICE_CONTAINERS
+from .firmware import OVMF_MANUFACTURER, OVMF_VERSION, FirmwareImage, seabios_image
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -64,8 +65,8 @@ class HardwareInventory:
         self._generation = 0
         self._lock = asyncio.Lock()
         self._links: dict[str, bool] | None = None
-        self._firmware: tuple[str, str | None] | None = None
-        """(firmware file, its version) as last read."""
+        self._firmware: tuple[str, FirmwareImage | None] | None = None
+        """(BIOS file, what it is) as last read."""
         self._uuid: str | None = None
 
     @property
@@ -158,11 +159,11 @@ class HardwareInventory:
         roms = await execute("human-monitor-command", {"command-line": "info roms"})
         bios = BIOS_ROM.search(str(roms))
         machine_type = str(await execute("qom-get", {"path": "/machine", "property": "type"})).removesuffix("-machine")
+        disks = self.machine.volumes.place(await read_disks(execute, skip))
         hardware = Hardware(machine=self.machine.name, processors=await read_processors(execute),
-                            memory=await read_memory(execute), disks=await read_disks(execute, skip),
+                            memory=await read_memory(execute), disks=disks,
                             nics=self._with_links(await read_nics(execute)),
-                            bios_version=await self._bios_version(bios.group(1) if bios else None),
-                            sku=self._sku(machine_type))
+                            sku=self._sku(machine_type), **await self._firmware_fields(bios.group(1) if bios else None))
         self._save(hardware)
         return hardware
 
@@ -185,18 +186,18 @@ class HardwareInventory:
         try:
             saved = msgspec.json.decode(self._files[0].read_bytes(), type=Saved)
             if saved.key == self._key():
-                return msgspec.structs.replace(saved.hardware, nics=self._with_links(saved.hardware.nics))
+                firmware = await self._firmware_fields(self._bios_file()) if self.machine.vm.mode == "managed" else {}
+                return msgspec.structs.replace(saved.hardware, nics=self._with_links(saved.hardware.nics), **firmware)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             pass
         if self.machine.vm.mode != "managed":  # attach mode, never seen: nothing is known
             return Hardware(machine=self.machine.name, processors=[], memory=[], disks=[], nics=[],
-                            bios_version=await self._bios_version(None))
+                            **await self._firmware_fields(None))
         identity = self.machine.vm.identity
         described = await command_line.read(self.machine.vm.argv, identity.cpu_model if identity else None)
         return Hardware(machine=self.machine.name, processors=described.processors, memory=described.memory,
                         disks=described.disks, nics=self._with_links(described.nics),
-                        bios_version=await self._bios_version(described.bios_file),
-                        sku=self._sku(described.machine_type))
+                        sku=self._sku(described.machine_type), **await self._firmware_fields(self._bios_file()))
 
     # ------------------------------------------------------------------ firmware and SKU
 
@@ -204,22 +205,32 @@ class HardwareInventory:
         identity = self.machine.vm.identity
         return identity.sku if identity is not None and identity.sku else machine_type or None
 
-    async def _bios_version(self, bios_file: str | None) -> str | None:
-        """A bare-metal identity's BIOS version, else EDK II for OVMF, else the version of the
-        SeaBIOS image QEMU loads (found as QEMU finds it, in its data directories)."""
-        identity = self.machine.vm.identity
+    def _bios_file(self) -> str:
+        """The BIOS file of the machine's next launch: an installed update, else the command line's."""
+        configured = (value for option, value in command_line.options(self.machine.vm.argv) if option == "bios")
+        return self.machine.system_firmware.images.get("Legacy") or next(configured, "bios-256k.bin")
+
+    async def _firmware_fields(self, bios_file: str | None) -> dict[str, Any]:
+        """The firmware's version and maker: a bare-metal identity's (what the guest's SMBIOS says),
+        else OVMF's, else those of the BIOS image QEMU loads (found as QEMU finds it, in its data
+        directories); and whether an update can replace it."""
+        machine = self.machine
+        fields: dict[str, Any] = {"bios_updateable": machine.system_firmware.updateable(machine.firmware)}
+        identity = machine.vm.identity
         if identity is not None:
-            return identity.bios_version
-        if self.machine.firmware == "UEFI":
-            return "EDK II"
+            return {**fields, "bios_version": identity.bios_version,
+                    "bios_manufacturer": identity.bios_vendor or identity.vendor}
+        if machine.firmware == "UEFI":
+            return {**fields, "bios_version": OVMF_VERSION, "bios_manufacturer": OVMF_MANUFACTURER}
         if bios_file is None:
-            return None
+            return fields
         if self._firmware is None or self._firmware[0] != bios_file:
-            argv = self.machine.vm.argv
+            argv = machine.vm.argv
             qemu = await command_line.qemu_binary(argv[0] if argv else "qemu-system-x86_64")
             path = command_line.find_firmware(bios_file, qemu.data_dirs)
-            self._firmware = (bios_file, command_line.seabios_version(path) if path else None)
-        return self._firmware[1]
+            self._firmware = (bios_file, seabios_image(path) if path else None)
+        image = self._firmware[1]
+        return {**fields, "bios_version": image.version, "bios_manufacturer": image.manufacturer} if image else fields
 
 
 # ---------------------------------------------------------------- QMP readers

@@ -35,7 +35,9 @@ from qemu_bmc_shared.messages import (
 
 from . import boot
 from .console import Console
+from .firmware import SystemFirmware
 from .hardware import HardwareInventory
+from .volumes import Volumes
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,8 @@ class Machine:
         self._media_image: str | None = self._load_media_image()
         self._closing = False
         self.hardware = HardwareInventory(self)
+        self.system_firmware = SystemFirmware(self)
+        self.volumes = Volumes(self)
         self.watchdog = Watchdog(self, publish)
         if vm.mode == "managed":
             self.console: Console | None = Console(self.name, self.files.serial, publish,
@@ -229,6 +233,7 @@ class Machine:
                 await self._reinsert_media()
             await self.hardware.connected()
             self._connected.set()
+            self._spawn(self.volumes.connected())
             await self._refresh_run_state("connected")
             log.info("%s: QMP connected (%s), bootable devices: %s", self.name, self._run_state,
                      ", ".join(f"{d.type}={d.kind}" for d in self._devices) or "none")
@@ -372,18 +377,41 @@ class Machine:
     # ------------------------------------------------------------------ boots and launches
 
     def _next_profile(self) -> launcher.LaunchProfile:
-        """What the next boot needs QEMU launched with: the boot mode of the override, and QEMU's
-        direct-boot kernel unless an override sends the boot to a device the machine has."""
+        """What the next boot needs QEMU launched with: the boot mode of the override, with the
+        firmware an update installed for it, and QEMU's direct-boot kernel unless an override sends
+        the boot to a device the machine has."""
         override = self._override
         mode = override.mode if override.mode in self.firmwares else self.native_firmware
         # devices not known yet (QEMU never connected): the override is taken to have one to go to
         to_device = override.enabled != "Disabled" and override.target not in ("None", "BiosSetup") and (
             not self._devices or bool(self._override_devices()))
         return launcher.LaunchProfile(firmware=mode,  # type: ignore[arg-type]
-                                      kernel=not (to_device and launcher.has_kernel(self.vm)))
+                                      kernel=not (to_device and launcher.has_kernel(self.vm)),
+                                      firmware_image=self.system_firmware.images.get(mode),
+                                      volumes=self.volumes.next_disks())
 
     def _relaunch_needed(self) -> bool:
         return self.vm.mode == "managed" and self._launched is not None and self._launched != self._next_profile()
+
+    async def firmware_changed(self) -> bool:
+        """An update installed (or removed) the firmware of a boot mode: the next boot, the guest's
+        own reboot included, launches QEMU with it. True when the machine runs other firmware until then."""
+        self.hardware.forget()
+        if not self._relaunch_needed():
+            return False
+        if self._qmp is not None:
+            self._next_boot_stale = True
+            with contextlib.suppress(BusError):  # QEMU went away: its next launch has the firmware anyway
+                await self._intercept_reboot(True)
+        return True
+
+    async def volumes_changed(self) -> None:
+        """A volume was made or is to be deleted: the next boot, the guest's own reboot included,
+        launches QEMU with the machine's volumes as they are then."""
+        if self._qmp is not None and self._relaunch_needed():
+            self._next_boot_stale = True
+            with contextlib.suppress(BusError):  # QEMU went away: its next launch has them anyway
+                await self._intercept_reboot(True)
 
     async def _boot(self) -> None:
         """Start the machine's next boot: launch QEMU (managed, no process), or launch it again when
@@ -396,7 +424,7 @@ class Machine:
             if self.vm.mode == "managed" and (not self._pid or relaunch):
                 if self._pid:
                     await self._hard_off()
-                await self._launch(self._next_profile())
+                await self._launch_next()
                 if self.console is not None:  # QEMU waits (-S): connected before the first byte, nothing lost
                     await self.console.attached(1.0)
             await self._reset_with_boot_order()
@@ -416,6 +444,21 @@ class Machine:
                         log.error("%s: could not start the boot after the guest's reboot: %s", self.name, exc)
         finally:
             self._between_boots = False
+
+    async def _launch_next(self) -> None:
+        """Launch QEMU for the next boot; when it does not start with the volume changes that boot
+        was to apply, those fail (their tasks say why) and it is launched without them."""
+        profile = self._next_profile()
+        try:
+            await self._launch(profile)
+        except BusError as exc:
+            if not self.volumes.launch_failed(profile, exc.message):
+                raise
+            log.error("%s: QEMU did not start with the volume changes, launching it without them: %s",
+                      self.name, exc.message)
+            profile = self._next_profile()
+            await self._launch(profile)
+        self.volumes.applied(profile)
 
     async def _launch(self, profile: launcher.LaunchProfile) -> None:
         try:
@@ -596,6 +639,8 @@ class Machine:
                 self._override = previous
                 raise
         self._save_override()
+        if new.mode != previous.mode:
+            self.hardware.forget()  # the firmware of the next boot changed: what it is, read again
         await self._publish(self.name, subjects.EVENT_BOOT,
                             BootEvent(machine=self.name, override=new, cause="set", timestamp=time.time()))
         return new

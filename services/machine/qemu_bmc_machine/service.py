@@ -19,11 +19,14 @@ from qemu_bmc_shared.messages import (
     ConsoleInput,
     ConsoleWritten,
     Empty,
+    FirmwareUpdate,
     MediaInsert,
     NicUpdate,
     PowerQuery,
     PowerRequest,
     SystemView,
+    VolumeCreate,
+    VolumeDelete,
     WatchdogSet,
 )
 from qemu_bmc_shared.service import argument_parser, run_service
@@ -75,6 +78,21 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
     async def nic_set(_: str, request: NicUpdate) -> msgspec.Struct:
         return await machine.hardware.set_nic(request)
 
+    async def volume_list(_: str, __: Empty) -> msgspec.Struct:
+        return await machine.volumes.listing()
+
+    async def volume_create(_: str, request: VolumeCreate) -> msgspec.Struct:
+        return await machine.volumes.create(request)
+
+    async def volume_delete(_: str, request: VolumeDelete) -> msgspec.Struct:
+        return await machine.volumes.delete(request)
+
+    async def firmware_update(_: str, request: FirmwareUpdate) -> msgspec.Struct:
+        return await machine.system_firmware.update(request)
+
+    async def firmware_updates(_: str, __: Empty) -> msgspec.Struct:
+        return machine.system_firmware.updates()
+
     async def watchdog_get(_: str, __: Empty) -> msgspec.Struct:
         return machine.watchdog.status()
 
@@ -118,6 +136,11 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
         (subjects.INVENTORY_GET, Empty, inventory_get),
         (subjects.HARDWARE_GET, Empty, hardware_get),
         (subjects.NIC_SET, NicUpdate, nic_set),
+        (subjects.VOLUME_LIST, Empty, volume_list),
+        (subjects.VOLUME_CREATE, VolumeCreate, volume_create),
+        (subjects.VOLUME_DELETE, VolumeDelete, volume_delete),
+        (subjects.FIRMWARE_UPDATE, FirmwareUpdate, firmware_update),
+        (subjects.FIRMWARE_UPDATES, Empty, firmware_updates),
         (subjects.WATCHDOG_GET, Empty, watchdog_get),
         (subjects.WATCHDOG_SET, WatchdogSet, watchdog_set),
         (subjects.WATCHDOG_RESET, Empty, watchdog_reset),

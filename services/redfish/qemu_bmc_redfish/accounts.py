@@ -17,14 +17,20 @@ machine the caller administers that has it (on all of them or, when one refuses,
 one of them already has is 409 ResourceAlreadyExists), and the account moves to its new URI (the
 answer is the renamed account, with a Location header). IPMI's Set User Name renames the same
 user. A session belongs to a user name: the renamed user's Redfish sessions end (by either rename,
-since a session's user must still be in its slot), and it logs in again with its new name."""
+since a session's user must still be in its slot), and it logs in again with its new name.
+
+PasswordChangeRequired is kept by the state service with each user slot (any new password clears
+it, IPMI's Set User Password too). An Administrator sets or clears it (PATCH, or POST of a new
+account); with ``[redfish] password_change_required = true`` every account created here starts
+with it, so that its first password is only good for choosing another. While an account has it,
+the user may only log in, GET its own account and PATCH its own Password (see auth.py); over
+IPMI it cannot log in at all (docs/ipmi.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
@@ -32,12 +38,11 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import Empty, PasswordSet, User, UserAccessUpdate, UserList, UserUpdate
 
-from .auth import PRIVILEGES, ROLES, Login, role_of
+from .auth import ACCOUNTS_PATH, PRIVILEGES, ROLES, Login, account_path, refuse_until_password_changed, role_of
 from .errors import RedfishError, message
 from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
 
 SERVICE_PATH = "/redfish/v1/AccountService"
-ACCOUNTS_PATH = f"{SERVICE_PATH}/Accounts"
 ROLES_PATH = f"{SERVICE_PATH}/Roles"
 #: RoleId → the user's IPMI privilege limit on the LAN channel.
 ROLE_IDS = {"Administrator": 4, "Operator": 3, "ReadOnly": 2, "NoAccess": 15}
@@ -50,10 +55,7 @@ FIRST_SLOT, LAST_SLOT = 2, 15
 SOL_PAYLOAD = 0x02
 NO_ACCESS = 15
 HIDDEN = "******"
-
-
-def account_path(name: str) -> str:
-    return f"{ACCOUNTS_PATH}/{quote(name, safe='')}"
+WRITABLE = ("UserName", "Password", "RoleId", "Enabled", "PasswordChangeRequired")
 
 
 def role_id(user: User) -> str:
@@ -74,6 +76,7 @@ def account_body(name: str, users: dict[str, User]) -> dict[str, Any]:
             "Id": name, "Name": f"Account {name}", "Description": f"BMC user on {', '.join(sorted(users))}",
             "UserName": name, "RoleId": role, "Enabled": any(user.enabled for user in users.values()),
             "Locked": False, "Password": None, "AccountTypes": ["Redfish", "IPMI"],
+            "PasswordChangeRequired": any(user.password_change_required for user in users.values()),
             "Links": {"Role": link(f"{ROLES_PATH}/{role}")}}
 
 
@@ -152,18 +155,17 @@ def check_role(role: Any) -> int:
     return ROLE_IDS[role]
 
 
-def check_enabled(enabled: Any) -> bool:
-    if not isinstance(enabled, bool):
-        raise RedfishError(400, "PropertyValueTypeError", enabled, "Enabled")
-    return enabled
+def check_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise RedfishError(400, "PropertyValueTypeError", value, key)
+    return value
 
 
-def refuse_unknown(body: dict[str, Any], writable: tuple[str, ...]) -> None:
+def refuse_unknown(body: dict[str, Any]) -> None:
     for key, value in body.items():
-        if key in writable or (key == "Locked" and value is False):
+        if key in WRITABLE or (key == "Locked" and value is False):
             continue
-        known = key in ("Id", "Name", "Description", "UserName", "RoleId", "Enabled", "Locked", "Password",
-                        "AccountTypes", "Links") or key.startswith("@odata.")
+        known = key in ("Id", "Name", "Description", "Locked", "AccountTypes", "Links") or key.startswith("@odata.")
         raise RedfishError(400, "PropertyNotWritable" if known else "PropertyUnknown", key)
 
 
@@ -184,8 +186,10 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         finally:
             redfish.auth.reads_of(machine).clear()  # this replica's next check sees the change
 
-    async def scope(request: Request) -> Scope:
-        logins = await redfish.auth.login(request.headers, await redfish.machines.list())
+    async def scope(request: Request, password_change: bool = False) -> Scope:
+        """The caller's view (``password_change``: also of a user that must change its password,
+        which the route then limits to its own account)."""
+        logins = await redfish.auth.login(request.headers, await redfish.machines.list(), password_change)
         machines = sorted(logins)
         lists = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(), UserList)
                                        for machine in machines))
@@ -233,7 +237,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
                 callback_only=False, payloads=0, oem_payloads=0), User)
         await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, name=""), User)
 
-    async def create_on(machine: str, slot: User, name: str, password: str, privilege: int, enabled: bool) -> None:
+    async def create_on(machine: str, slot: User, name: str, password: str, privilege: int, enabled: bool,
+                        password_change_required: bool) -> None:
         """Make ``name`` in the free ``slot``: named first (the state service refuses a name in use),
         enabled last, so it never works half made."""
         try:
@@ -255,7 +260,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             await request_on(machine, subjects.USERS_ACCESS, UserAccessUpdate(
                 slot=slot.slot, channel=LAN_CHANNEL, privilege=privilege, ipmi_messaging=True, link_auth=True,
                 callback_only=False, payloads=SOL_PAYLOAD, oem_payloads=0), User)
-            await request_on(machine, subjects.USERS_SET, UserUpdate(slot=slot.slot, enabled=enabled), User)
+            await request_on(machine, subjects.USERS_SET, UserUpdate(
+                slot=slot.slot, enabled=enabled, password_change_required=password_change_required), User)
         except BaseException:
             await asyncio.shield(clear_slot(machine, User(slot=slot.slot, channels=slot.channels)))
             raise
@@ -286,7 +292,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
 
     @app.post(ACCOUNTS_PATH)
     async def create_account(request: Request) -> Response:
-        """A new account on every machine the caller administers (ConfigureUsers)."""
+        """A new account on every machine the caller administers (ConfigureUsers); it must change
+        its password first when the body or else ``[redfish] password_change_required`` says so."""
         view = await scope(request)
         if not view.administered:
             raise RedfishError(403, "InsufficientPrivilege")
@@ -295,9 +302,11 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             if required not in body:
                 raise RedfishError(400, "CreateFailedMissingReqProperties", required,
                                    extra=[message("PropertyMissing", required)])
-        refuse_unknown(body, ("UserName", "Password", "RoleId", "Enabled"))
+        refuse_unknown(body)
         name, password = check_name(body["UserName"]), check_password(body["Password"])
-        privilege, enabled = check_role(body["RoleId"]), check_enabled(body.get("Enabled", True))
+        privilege, enabled = check_role(body["RoleId"]), check_bool(body.get("Enabled", True), "Enabled")
+        policy = redfish.config.redfish.password_change_required
+        change_required = check_bool(body.get("PasswordChangeRequired", policy), "PasswordChangeRequired")
         async with creating:
             for _ in range(CREATE_ATTEMPTS):
                 view = await scope(request)
@@ -312,7 +321,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
                 made: list[str] = []
                 try:
                     for machine, slot in slots.items():
-                        await create_on(machine, slot, name, password, privilege, enabled)
+                        await create_on(machine, slot, name, password, privilege, enabled, change_required)
                         made.append(machine)
                     break
                 except BaseException as exc:
@@ -330,31 +339,40 @@ def register(app: FastAPI, redfish: Redfish) -> None:
 
     @app.get(ACCOUNTS_PATH + "/{name}")
     async def account(request: Request, name: str) -> Response:
-        view = await scope(request)
+        """An account the caller may see; its own even while it must change its password."""
+        view = await scope(request, password_change=True)
+        if not view.own(name):
+            refuse_until_password_changed(view.logins)
         return json_response(account_body(name, view.account(name)))
 
     @app.patch(ACCOUNTS_PATH + "/{name}")
     async def patch_account(request: Request, name: str) -> Response:
-        """UserName, Password, RoleId, Enabled by an Administrator of the user's machines; the user
-        itself may change its own Password (ConfigureSelf). One PATCH of an account at a time here,
-        so that of simultaneous PATCHes with the same If-Match only the first is applied."""
+        """UserName, Password, RoleId, Enabled, PasswordChangeRequired by an Administrator of the
+        user's machines; the user itself may change its own Password (ConfigureSelf), which is all
+        it may do while it must change it. A new Password clears PasswordChangeRequired unless the
+        same PATCH sets it. One PATCH of an account at a time here, so that of simultaneous PATCHes
+        with the same If-Match only the first is applied. The answer is the account as changed
+        (at its new URI when renamed, with a Location header)."""
         async with patching.setdefault(name, asyncio.Lock()):
             return await patch_account_now(request, name)
 
     patching: dict[str, asyncio.Lock] = {}
 
     async def patch_account_now(request: Request, name: str) -> Response:
-        view = await scope(request)
+        view = await scope(request, password_change=True)
+        body = await patch_body(request)
+        if not view.own(name) or set(body) != {"Password"}:
+            refuse_until_password_changed(view.logins)
         users = view.account(name)
         check_if_match(request, account_body(name, users))
-        body = await patch_body(request)
-        refuse_unknown(body, ("UserName", "Password", "RoleId", "Enabled"))
+        refuse_unknown(body)
         new_name = check_name(body["UserName"]) if body.get("UserName", name) != name else None
         password = check_password(body["Password"]) if "Password" in body else None
         privilege = check_role(body["RoleId"]) if "RoleId" in body else None
-        enabled = check_enabled(body["Enabled"]) if "Enabled" in body else None
+        flags = {key: check_bool(body[field], field) for key, field in (
+            ("enabled", "Enabled"), ("password_change_required", "PasswordChangeRequired")) if field in body}
         managed = view.managed(name)
-        if privilege is not None or enabled is not None or new_name is not None:
+        if privilege is not None or flags or new_name is not None:
             if not managed:
                 raise RedfishError(403, "InsufficientPrivilege")
             targets = managed
@@ -365,7 +383,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         if privilege is not None and privilege != ROLE_IDS["Administrator"]:
             keep_an_administrator(view, targets, RedfishError(
                 409, "PropertyValueResourceConflict", "RoleId", body["RoleId"], account_path(name)))
-        if enabled is False:
+        if flags.get("enabled") is False:
             keep_an_administrator(view, targets, RedfishError(
                 409, "PropertyValueResourceConflict", "Enabled", "false", account_path(name)))
         if new_name is not None:
@@ -379,23 +397,20 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             if privilege is not None:
                 await request_on(machine, subjects.USERS_ACCESS,
                                  UserAccessUpdate(slot=user.slot, channel=LAN_CHANNEL, privilege=privilege), User)
-            if enabled is not None:
-                await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, enabled=enabled), User)
-        if new_name is not None:  # the account at its new URI, whoever asked (the caller may have been it)
-            lists = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(), UserList)
-                                           for machine in targets))
-            found_users = {machine: user for machine, found in zip(targets, lists, strict=True)
-                           if (user := named(found.users, new_name)) is not None}
-            if not found_users:  # renamed again meanwhile
-                raise RedfishError(404, "ResourceNotFound", "ManagerAccount", new_name)
-            return json_response(account_body(new_name, found_users), headers={"Location": account_path(new_name)})
-        try:
-            view = await scope(request)
-            return json_response(account_body(name, view.account(name)))
-        except RedfishError as exc:  # the caller changed itself out of its access
-            if exc.status in (401, 403):
-                return Response(status_code=204)
-            raise
+            if flags:  # after the password, which clears PasswordChangeRequired
+                await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, **flags), User)
+        return await changed_account(new_name or name, list(users), renamed=new_name is not None)
+
+    async def changed_account(name: str, machines: list[str], renamed: bool) -> Response:
+        """The account ``name`` as it now is on ``machines``, read from the state service (the
+        caller's credentials may no longer be what they were: a new password, a new name)."""
+        lists = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(), UserList)
+                                       for machine in machines))
+        users = {machine: user for machine, found in zip(machines, lists, strict=True)
+                 if (user := named(found.users, name)) is not None}
+        if not users:  # renamed or deleted again meanwhile
+            raise RedfishError(404, "ResourceNotFound", "ManagerAccount", name)
+        return json_response(account_body(name, users), headers={"Location": account_path(name)} if renamed else None)
 
     @app.delete(ACCOUNTS_PATH + "/{name}")
     async def delete_account(request: Request, name: str) -> Response:

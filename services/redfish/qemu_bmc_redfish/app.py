@@ -25,8 +25,10 @@ from . import (
     service_root,
     sessions,
     systems,
+    tasks,
     update_service,
     virtual_media,
+    volumes,
 )
 from .errors import RedfishError
 from .odata import ODataMiddleware
@@ -37,8 +39,8 @@ def create_app(nc: Client, config: Config) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
     redfish = Redfish(nc, config)
     app.state.redfish = redfish
-    for module in (service_root, systems, inventory, managers, chassis, environment, log_services, virtual_media,
-                   sessions, accounts, certificates, update_service, events, console):
+    for module in (service_root, systems, inventory, volumes, managers, chassis, environment, log_services,
+                   virtual_media, sessions, accounts, certificates, update_service, tasks, events, console):
         module.register(app, redfish)
 
     @app.exception_handler(RedfishError)

@@ -1,6 +1,13 @@
 """Who asks: a session token (``X-Auth-Token``, see sessions.py) or HTTP Basic credentials, checked
 against the machine's users in the state service, the same users IPMI has; the user's IPMI
-privilege on the LAN channel is its Redfish role (4 Administrator, 3 Operator, 2 ReadOnly)."""
+privilege on the LAN channel is its Redfish role (4 Administrator, 3 Operator, 2 ReadOnly).
+
+A user that must change its password (ManagerAccount PasswordChangeRequired, DSP0266 §13
+"Password change required handling") logs in, but every request it makes is 403 with the Base
+registry's PasswordChangeRequired message, except on the few routes that ask
+:meth:`Authenticator.login` for ``password_change=True``: the session login, a GET of its own
+account, a PATCH of its own Password, and its logout. Those routes call
+:func:`refuse_until_password_changed` for what else they serve."""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from nats.aio.client import Client
 from qemu_bmc_shared import bus, subjects
@@ -32,6 +40,7 @@ PRIVILEGES = {"ReadOnly": {"Login", "ConfigureSelf"},
                                 "ConfigureUsers"}}
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="qemu-bmc"'}
 TOKEN_HEADER = "x-auth-token"
+ACCOUNTS_PATH = "/redfish/v1/AccountService/Accounts"
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,8 @@ class Login:
     """The user's slot on the machine (0: not known)."""
     session: str | None = None
     """The Id of the Redfish session the request came with (None: Basic credentials)."""
+    password_change_required: bool = False
+    """The user must change its password before anything else."""
 
     def require(self, privilege: str) -> None:
         if privilege not in PRIVILEGES[self.role]:
@@ -59,6 +70,18 @@ def role_of(user: User) -> str | None:
 
 def no_session() -> RedfishError:
     return RedfishError(401, "NoValidSession", headers=CHALLENGE)
+
+
+def account_path(name: str) -> str:
+    return f"{ACCOUNTS_PATH}/{quote(name, safe='')}"
+
+
+def refuse_until_password_changed(logins: Mapping[str, Login]) -> None:
+    """403 PasswordChangeRequired (with the account to PATCH) when the caller must change its
+    password on any of the machines it logs in to (its account as a whole then requires it)."""
+    due = next((login for login in logins.values() if login.password_change_required), None)
+    if due is not None:
+        raise RedfishError(403, "PasswordChangeRequired", account_path(due.user))
 
 
 class Authenticator:
@@ -91,7 +114,7 @@ class Authenticator:
             if not result.ok or user is None:
                 return None
             role = role_of(user)
-            return Login(name, role, user.slot) if role else None
+            return Login(name, role, user.slot, None, user.password_change_required) if role else None
 
         try:
             return await self.reads_of(machine).get(key, ask)
@@ -115,19 +138,29 @@ class Authenticator:
             user = await self.reads_of(machine).get(("slot", slot), ask)
         except BusError as exc:
             raise RedfishError(503, "ServiceTemporarilyUnavailable", 1) from exc
-        role = role_of(user) if user is not None and user.name == name else None
-        return Login(name, role, slot, session) if role else None
+        if user is None or user.name != name or (role := role_of(user)) is None:
+            return None
+        return Login(name, role, slot, session, user.password_change_required)
 
-    async def login(self, credentials: Mapping[str, str] | str | None, machines: list[str]) -> dict[str, Login]:
+    async def login(self, credentials: Mapping[str, str] | str | None, machines: list[str],
+                    password_change: bool = False) -> dict[str, Login]:
         """The machines among ``machines`` the request's credentials log in to (401 when none).
         ``credentials`` are the request headers (a session token in X-Auth-Token is used before
-        an Authorization header), or the Authorization header alone."""
+        an Authorization header), or the Authorization header alone. A user that must change its
+        password is refused (403) unless ``password_change``: the route is one it may still use,
+        and checks the rest itself."""
         if credentials is None or isinstance(credentials, str):
             authorization, token = credentials, None
         else:
             authorization, token = credentials.get("authorization"), credentials.get(TOKEN_HEADER)
-        if token is not None:
-            return await self.token_login(token, machines)
+        granted = await (self.token_login(token, machines) if token is not None
+                         else self.basic_login(authorization, machines))
+        if not password_change:
+            refuse_until_password_changed(granted)
+        return granted
+
+    async def basic_login(self, authorization: str | None, machines: list[str]) -> dict[str, Login]:
+        """The machines among ``machines`` Basic credentials log in to (401 when none)."""
         name, password = basic_credentials(authorization)
         if len(name.encode()) > 16 or len(password.encode()) > 20:
             raise no_session()

@@ -8,16 +8,28 @@ links the NIC down (QMP ``set_link``), for every QEMU the machine starts. Resour
 DMTF schemas Processor v1_22, Memory v1_23, Storage v1_21, StorageController v1_11, Drive v1_22,
 Volume v1_10, SimpleStorage v1_3 and EthernetInterface v1_12 (DSP0268); the Storage of a
 controller lists its StorageControllers both inline (as sushy reads them) and as the Controllers
-collection, and each drive is also a Volume (no RAID: one volume per disk)."""
+collection, and each drive is also a Volume (no RAID: one volume per disk). The Volumes
+collections, where volumes are created and deleted, are in ``volumes``."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
-from qemu_bmc_shared.messages import Disk, Hardware, MemoryModule, Nic, NicUpdate, Processor, SystemView
+from qemu_bmc_shared.messages import (
+    Disk,
+    Hardware,
+    MemoryModule,
+    Nic,
+    NicUpdate,
+    Processor,
+    SystemView,
+    Volume,
+    VolumeList,
+)
 
 from .errors import RedfishError
 from .resources import ENABLED, Redfish, check_if_match, collection, json_response, link, patch_body
@@ -26,6 +38,8 @@ from .resources import ENABLED, Redfish, check_if_match, collection, json_respon
 ROLLED_UP = {**ENABLED, "HealthRollup": "OK"}
 #: What QEMU's RAM is to Redfish: no DDR generation of its own (MemoryDeviceType "Logical").
 MEMORY_DEVICE_TYPE = "Logical"
+#: The RAID types of a controller that makes volumes: each one new virtual disk (see ``volumes``).
+VOLUME_RAID_TYPES = ["None", "RAID0"]
 
 
 class Identified(Protocol):
@@ -94,19 +108,22 @@ def controllers_of(disks: list[Disk]) -> dict[str, list[Disk]]:
     return grouped
 
 
-def controller_properties(disks: list[Disk]) -> dict[str, Any]:
-    """What a StorageController says, inline in its Storage or as a resource of its own."""
-    return {"Name": f"{disks[0].controller_device} {disks[0].controller}", "Model": disks[0].controller_device,
-            "Status": ENABLED, "SupportedControllerProtocols": ["PCIe"], "SupportedRAIDTypes": [],
+def controller_properties(disks: list[Disk], listing: VolumeList) -> dict[str, Any]:
+    """What a StorageController says, inline in its Storage or as a resource of its own: RAID
+    types when volumes can be made on it (Ironic's RAID looks for them)."""
+    controller = disks[0].controller
+    return {"Name": f"{disks[0].controller_device} {controller}", "Model": disks[0].controller_device,
+            "Status": ENABLED, "SupportedControllerProtocols": ["PCIe"],
+            "SupportedRAIDTypes": [] if controller in listing.cannot_create else VOLUME_RAID_TYPES,
             "SupportedDeviceProtocols": sorted({disk.protocol for disk in disks if disk.protocol})}
 
 
-def storage(path: str, disks: list[Disk]) -> dict[str, Any]:
+def storage(path: str, disks: list[Disk], listing: VolumeList) -> dict[str, Any]:
     controller = disks[0].controller
     return {"@odata.id": path, "@odata.type": "#Storage.v1_21_0.Storage", "Id": controller,
             "Name": f"Storage of {controller}", "Status": ROLLED_UP,
             "StorageControllers": [{"@odata.id": f"{path}#/StorageControllers/0", "MemberId": "0",
-                                    **controller_properties(disks)}],
+                                    **controller_properties(disks, listing)}],
             "Controllers": link(f"{path}/Controllers"), "Volumes": link(f"{path}/Volumes"),
             "Drives": [link(f"{path}/Drives/{disk.id}") for disk in disks], "Drives@odata.count": len(disks)}
 
@@ -119,10 +136,15 @@ def drive(storage_path: str, disk: Disk) -> dict[str, Any]:
         "Links": {"Volumes": [link(f"{storage_path}/Volumes/{disk.id}")], "Storage": link(storage_path)}})
 
 
-def volume(storage_path: str, disk: Disk) -> dict[str, Any]:
+def volume(storage_path: str, disk: Disk, made: Volume | None = None) -> dict[str, Any]:
+    """The volume of a disk: one the BMC made (``made``) says its name and RAID type, and while
+    the machine's next boot is to take it away, that it is being deleted."""
+    deleting = made is not None and made.state == "deleting"
     return present({
         "@odata.id": f"{storage_path}/Volumes/{disk.id}", "@odata.type": "#Volume.v1_10_2.Volume", "Id": disk.id,
-        "Name": f"Volume on {disk.id}", "CapacityBytes": disk.capacity_bytes, "RAIDType": "None", "Status": ENABLED,
+        "Name": made.name if made else f"Volume on {disk.id}", "CapacityBytes": disk.capacity_bytes,
+        "RAIDType": made.raid_type if made else "None", "Status": ENABLED,
+        "Operations": [{"Operation": "Delete", "PercentageComplete": 0}] if deleting else None,
         "Links": {"Drives": [link(f"{storage_path}/Drives/{disk.id}")]}})
 
 
@@ -170,21 +192,51 @@ def interface_update(body: dict[str, Any], current: dict[str, Any]) -> bool:
     return bool(body["InterfaceEnabled"])
 
 
+# ---------------------------------------------------------------- what the machine service says
+
+def storage_path(machine: str, controller: str) -> str:
+    return f"{system_path(machine)}/Storage/{controller}"
+
+
+async def machine_hardware(redfish: Redfish, machine: str) -> Hardware:
+    return await bus.request(redfish.nc, machine, subjects.HARDWARE_GET, None, Hardware)
+
+
+async def machine_volumes(redfish: Redfish, machine: str) -> VolumeList:
+    return await bus.request(redfish.nc, machine, subjects.VOLUME_LIST, None, VolumeList)
+
+
+def disks_of(hardware: Hardware, controller: str) -> list[Disk]:
+    """The disks of a storage controller, else 404."""
+    disks = controllers_of(hardware.disks).get(controller)
+    if disks is None:
+        raise RedfishError(404, "ResourceNotFound", "Storage", controller)
+    return disks
+
+
+async def storage_view(redfish: Redfish, request: Request, machine: str, controller: str,
+                       privilege: str = "Login") -> tuple[list[Disk], VolumeList]:
+    """A controller's disks (404 for no such controller), and the machine's volumes (where
+    volumes can be made), for a caller with ``privilege`` on the machine."""
+    await redfish.login(request, machine, privilege)
+    found, listing = await asyncio.gather(machine_hardware(redfish, machine), machine_volumes(redfish, machine))
+    return disks_of(found, controller), listing
+
+
+def made_volume(listing: VolumeList, volume_id: str) -> Volume | None:
+    """The volume the BMC made with this id (None: a disk of the machine's command line)."""
+    return next((volume for volume in listing.volumes if volume.id == volume_id), None)
+
+
 # ---------------------------------------------------------------- routes
 
 def register(app: FastAPI, redfish: Redfish) -> None:
     async def hardware(request: Request, machine: str) -> Hardware:
         await redfish.login(request, machine)
-        return await bus.request(redfish.nc, machine, subjects.HARDWARE_GET, None, Hardware)
-
-    def storage_path(machine: str, controller: str) -> str:
-        return f"{system_path(machine)}/Storage/{controller}"
+        return await machine_hardware(redfish, machine)
 
     async def controller_disks(request: Request, machine: str, controller: str) -> list[Disk]:
-        disks = controllers_of((await hardware(request, machine)).disks).get(controller)
-        if disks is None:
-            raise RedfishError(404, "ResourceNotFound", "Storage", controller)
-        return disks
+        return disks_of(await hardware(request, machine), controller)
 
     @app.get("/redfish/v1/Systems/{machine}/Processors")
     async def processors(request: Request, machine: str) -> Response:
@@ -219,8 +271,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
 
     @app.get("/redfish/v1/Systems/{machine}/Storage/{controller}")
     async def storage_resource(request: Request, machine: str, controller: str) -> Response:
-        disks = await controller_disks(request, machine, controller)
-        return json_response(storage(storage_path(machine, controller), disks))
+        disks, listing = await storage_view(redfish, request, machine, controller)
+        return json_response(storage(storage_path(machine, controller), disks, listing))
 
     @app.get("/redfish/v1/Systems/{machine}/Storage/{controller}/Controllers")
     async def storage_controllers(request: Request, machine: str, controller: str) -> Response:
@@ -231,28 +283,17 @@ def register(app: FastAPI, redfish: Redfish) -> None:
 
     @app.get("/redfish/v1/Systems/{machine}/Storage/{controller}/Controllers/{controller_id}")
     async def storage_controller(request: Request, machine: str, controller: str, controller_id: str) -> Response:
-        disks = await controller_disks(request, machine, controller)
+        disks, listing = await storage_view(redfish, request, machine, controller)
         if controller_id != controller:
             raise RedfishError(404, "ResourceNotFound", "StorageController", controller_id)
         return json_response({"@odata.id": f"{storage_path(machine, controller)}/Controllers/{controller}",
                               "@odata.type": "#StorageController.v1_11_0.StorageController", "Id": controller,
-                              **controller_properties(disks)})
+                              **controller_properties(disks, listing)})
 
     @app.get("/redfish/v1/Systems/{machine}/Storage/{controller}/Drives/{disk_id}")
     async def drive_resource(request: Request, machine: str, controller: str, disk_id: str) -> Response:
         disk = find(await controller_disks(request, machine, controller), disk_id, "Drive")
         return json_response(drive(storage_path(machine, controller), disk))
-
-    @app.get("/redfish/v1/Systems/{machine}/Storage/{controller}/Volumes")
-    async def volumes(request: Request, machine: str, controller: str) -> Response:
-        disks = await controller_disks(request, machine, controller)
-        path = f"{storage_path(machine, controller)}/Volumes"
-        return json_response(collection(path, "VolumeCollection", "Volumes", [f"{path}/{disk.id}" for disk in disks]))
-
-    @app.get("/redfish/v1/Systems/{machine}/Storage/{controller}/Volumes/{disk_id}")
-    async def volume_resource(request: Request, machine: str, controller: str, disk_id: str) -> Response:
-        disk = find(await controller_disks(request, machine, controller), disk_id, "Volume")
-        return json_response(volume(storage_path(machine, controller), disk))
 
     @app.get("/redfish/v1/Systems/{machine}/SimpleStorage")
     async def simple_storage_collection(request: Request, machine: str) -> Response:

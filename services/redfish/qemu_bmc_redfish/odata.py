@@ -15,7 +15,9 @@ class ODataMiddleware:
     """Plain ASGI (no per-request streams), for every request: a trailing slash works on every URI;
     a request for another OData version gets 412; query options are applied (``query``: a GET
     without them takes the plain path); every response says ``OData-Version: 4.0``, and a
-    successful GET or HEAD also its ``Allow`` and ``Cache-Control`` (DSP0266 §8.1, §8.2, §7.3, §7.4)."""
+    successful GET or HEAD also its ``Allow`` (the methods of the path's routes, unless the
+    resource gives its own: one volume can be deleted, another not) and ``Cache-Control``
+    (DSP0266 §8.1, §8.2, §7.3, §7.4)."""
 
     def __init__(self, app: ASGIApp, router: Router) -> None:
         self.app = app
@@ -37,7 +39,9 @@ class ODataMiddleware:
             if message["type"] == "http.response.start":
                 extra = [(b"odata-version", b"4.0")]
                 if reading and message["status"] < 300:
-                    extra += [(b"allow", self.allow(resource)), (b"cache-control", b"no-cache")]
+                    extra.append((b"cache-control", b"no-cache"))
+                    if not any(name.lower() == b"allow" for name, _ in message.get("headers", [])):
+                        extra.append((b"allow", self.allow(resource)))  # unless the resource said its own
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 

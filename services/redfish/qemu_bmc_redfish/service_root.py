@@ -24,7 +24,8 @@ SCHEMAS = ("ServiceRoot", "EventService", "Event", "EventDestinationCollection",
            "ThermalSubsystem", "SensorCollection", "Sensor", "LogServiceCollection", "LogService",
            "LogEntryCollection", "LogEntry", "CertificateService", "CertificateCollection", "Certificate",
            "CertificateLocations", "UpdateService", "SoftwareInventoryCollection", "SoftwareInventory",
-           "ThermalMetrics", "EnvironmentMetrics", "BootOptionCollection", "BootOption")
+           "ThermalMetrics", "EnvironmentMetrics", "BootOptionCollection", "BootOption", "Settings", "TaskService",
+           "TaskCollection", "Task")
 ROOT_COLLECTIONS = {"Systems": "ComputerSystemCollection", "Managers": "ManagerCollection",
                     "Chassis": "ChassisCollection"}
 
@@ -54,6 +55,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "SessionService": link("/redfish/v1/SessionService"), "AccountService": link("/redfish/v1/AccountService"),
             "EventService": link("/redfish/v1/EventService"), "UpdateService": link("/redfish/v1/UpdateService"),
             "CertificateService": link("/redfish/v1/CertificateService"),
+            "Tasks": link("/redfish/v1/TaskService"),
             "Links": {"Sessions": link("/redfish/v1/SessionService/Sessions")},
             "ProtocolFeaturesSupported": PROTOCOL_FEATURES,
         })

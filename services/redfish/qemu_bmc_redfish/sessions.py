@@ -21,6 +21,10 @@ days, more than the longest time-out) removes the sessions nobody ends.
 
 Each replica keeps what it read for a few seconds (token hash → record), and forgets a session
 as soon as any replica deletes it (it listens to the bucket's delete markers).
+
+A user that must change its password (see auth.py) still gets a session, whose body carries the
+PasswordChangeRequired message in ``@Message.ExtendedInfo``; with it, it may log out, nothing else
+here.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from qemu_bmc_shared.bus import key_value, stored_keys
 
-from .auth import CHALLENGE, Login
-from .errors import RedfishError, not_found
+from .auth import CHALLENGE, Login, account_path, refuse_until_password_changed
+from .errors import RedfishError, message, not_found
 from .resources import ENABLED, Redfish, collection, json_body, json_response, link
 
 BUCKET = "qemu_bmc_redfish_sessions"
@@ -261,21 +265,26 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     store = SessionStore(redfish.nc, redfish.config.redfish.session_timeout)
     redfish.auth.sessions = store
 
-    async def logins(request: Request) -> dict[str, Login]:
-        return await redfish.auth.login(request.headers, await redfish.machines.list())
+    async def logins(request: Request, password_change: bool = False) -> dict[str, Login]:
+        return await redfish.auth.login(request.headers, await redfish.machines.list(), password_change)
+
+    def owns(record: SessionRecord, logins: dict[str, Login]) -> bool:
+        """The same session, or the same user on one of its machines."""
+        return any(login.session == record.id for login in logins.values()) or \
+            any(logins.get(machine) and logins[machine].user == record.user for machine in record.machines)
 
     def may_see(record: SessionRecord, logins: dict[str, Login]) -> bool:
-        """Its owner (the same session, or the same user on one of its machines), or an
-        Administrator of all its machines."""
-        if any(login.session == record.id for login in logins.values()):
-            return True
-        if any(logins.get(machine) and logins[machine].user == record.user for machine in record.machines):
-            return True
-        return all(machine in logins and logins[machine].role == "Administrator" for machine in record.machines)
+        """Its owner, or an Administrator of all its machines."""
+        return owns(record, logins) or \
+            all(machine in logins and logins[machine].role == "Administrator" for machine in record.machines)
 
-    async def visible(request: Request, session_id: str) -> SessionRecord:
-        caller = await logins(request)
+    async def visible(request: Request, session_id: str, logging_out: bool = False) -> SessionRecord:
+        """The session, if the caller may see it (``logging_out``: or end it, which a user that must
+        change its password may do to its own sessions)."""
+        caller = await logins(request, logging_out)
         record = await store.get(session_id)
+        if logging_out and (record is None or not owns(record, caller)):
+            refuse_until_password_changed(caller)
         if record is None:
             raise not_found("Session", session_id)
         if not may_see(record, caller):
@@ -318,12 +327,15 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
         machines = await redfish.machines.list()
         checked = await asyncio.gather(*(redfish.auth.check(machine, name, password) for machine in machines))
-        granted = {machine: login.slot for machine, login in zip(machines, checked, strict=True) if login}
+        granted = {machine: login for machine, login in zip(machines, checked, strict=True) if login}
         if not granted:
             raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
-        token, record = await store.create(name, granted, body.get("Context"))
-        return json_response(session_body(record), 201, headers={"X-Auth-Token": token,
-                                                                 "Location": session_path(record.id)})
+        token, record = await store.create(name, {machine: login.slot for machine, login in granted.items()},
+                                           body.get("Context"))
+        created = session_body(record)
+        if any(login.password_change_required for login in granted.values()):
+            created["@Message.ExtendedInfo"] = [message("PasswordChangeRequired", account_path(name))]
+        return json_response(created, 201, headers={"X-Auth-Token": token, "Location": session_path(record.id)})
 
     @app.get(SESSIONS_PATH + "/{session_id}")
     async def session(request: Request, session_id: str) -> Response:
@@ -332,6 +344,6 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     @app.delete(SESSIONS_PATH + "/{session_id}")
     async def logout(request: Request, session_id: str) -> Response:
         """Log out: by the session's owner or an Administrator of its machines."""
-        record = await visible(request, session_id)
+        record = await visible(request, session_id, logging_out=True)
         await store.delete(record)
         return Response(status_code=204)

@@ -75,10 +75,12 @@ class StoredUser(msgspec.Struct):
     """The sealed password (see sealing.py), never the cleartext."""
     channels: dict[int, UserChannelAccess] = {}
     changes: int = 0
+    password_change_required: bool = False
 
     def public(self) -> User:
         return User(slot=self.slot, name=self.name, enabled=self.enabled, password_set=self.password is not None,
-                    channels=self.channels, changes=self.changes)
+                    channels=self.channels, changes=self.changes,
+                    password_change_required=self.password_change_required)
 
 
 class StoredKg(msgspec.Struct):
@@ -272,11 +274,13 @@ class StateService:
         return await self._modify_user(machine, request.slot, change)
 
     async def users_password(self, machine: str, request: PasswordSet) -> User:
+        """Set or clear a password (from Redfish or IPMI Set User Password): either way, no
+        password change is required any more."""
         sealed = None
         if request.password is not None:
             sealed = self.box.seal(_password_bytes(request.password), self._user_key(machine, request.slot))
-        return await self._modify_user(machine, request.slot,
-                                       lambda user: msgspec.structs.replace(user, password=sealed))
+        return await self._modify_user(machine, request.slot, lambda user: msgspec.structs.replace(
+            user, password=sealed, password_change_required=False))
 
     async def users_check(self, machine: str, request: PasswordCheck) -> PasswordCheckResult:
         user = await self._find(machine, request.slot, request.name)

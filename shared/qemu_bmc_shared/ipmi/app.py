@@ -196,7 +196,7 @@ async def get_channel_authentication_capabilities(context: Context, data: bytes)
                                              context.call(subjects.KG_GET, None, KgKey))
     auth_types = auth_type_support(context)
     extended = bool(data[0] & 0x80)
-    can_log_in = [user for user in users.users if user.enabled and
+    can_log_in = [user for user in users.users if user.enabled and not user.password_change_required and
                   (grant := user.channels.get(LAN_CHANNEL)) is not None and grant.ipmi_messaging]
     login = ((0x04 if any(user.name for user in can_log_in) else 0)
              | (0x02 if any(not user.name and user.password_set for user in can_log_in) else 0)
