@@ -1,13 +1,10 @@
 """Redfish query parameters (DSP0266 §7.3) against the real services: $select, $filter, $top/$skip,
 only and $expand, alone and together, what they answer to invalid values, expansion across
-resources the caller may not read; then DMTF's use-case checker's "Query Parameters" category."""
+resources the caller may not read. DMTF's use-case checker's "Query Parameters" category runs in
+test_redfish_conformance.py."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
@@ -255,22 +252,3 @@ async def test_where_queries_do_not_apply(redfish: Service):
         assert (await client.get("/redfish/v1/NoSuchThing?$select=Id")).status_code == 404
     async with httpx.AsyncClient(base_url=redfish.url, verify=False) as anonymous:
         assert (await anonymous.get("/redfish/v1/Systems?$expand=.")).status_code == 401
-
-
-async def test_dmtf_use_case_checker_query_parameters(redfish: Service, short_dir: Path):
-    """redfish-use-case-checkers, category QueryParameters: every check passes, none is skipped."""
-    certificate = short_dir / "rt" / "redfish" / "cert.pem"
-    env = {**os.environ, "REQUESTS_CA_BUNDLE": str(certificate), "SSL_CERT_FILE": str(certificate)}
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "rf_use_case_checkers"), "--rhost", redfish.url, "--user", USER,
-        "--password", PASSWORD, "--test-list", "QueryParameters", "--report-dir", str(short_dir / "use-cases"),
-        env=env, cwd=short_dir, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    output, _ = await asyncio.wait_for(process.communicate(), 600)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", output.decode(errors="replace"))
-    counts = re.search(r"\|\s*PASS\s*\|\s*WARN\s*\|\s*FAIL\s*\|\s*NOT TESTED\s*\|\s*\n[+-]+\n"
-                       r"\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|", text)
-    assert counts, text[-3000:]
-    passed, warned, failed, skipped = (int(count) for count in counts.groups())
-    log = "\n".join(path.read_text() for path in (short_dir / "use-cases").rglob("*.log"))
-    problems = re.findall(r" - (?:ERROR|WARNING) - (.*)", log)
-    assert (warned, failed, skipped) == (0, 0, 0) and passed >= 20, "\n".join(problems) or text[-3000:]

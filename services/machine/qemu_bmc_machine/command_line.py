@@ -49,6 +49,17 @@ def architecture(target: str) -> tuple[str | None, str | None]:
     return ARCHITECTURES.get(target, (None, None))
 
 
+def disk_model(device: str, model: str | None) -> str | None:
+    """The model the guest reads from a disk: its ``model`` (or ``product``) property, else the
+    one QEMU's emulation answers (ATA IDENTIFY, SCSI INQUIRY, NVMe Identify). A virtio disk has
+    none."""
+    if model:
+        return model
+    if device.startswith(("ide-", "scsi-")):
+        return "QEMU HARDDISK"
+    return "QEMU NVMe Ctrl" if device.startswith("nvme") else None
+
+
 def protocol(device: str, controller_device: str) -> str | None:
     """The Redfish Protocol of a drive: the bus the guest sees it on. IDE only counts as SATA
     behind an AHCI controller (Redfish has no parallel ATA); SCSI disks as SAS, the SCSI
@@ -409,7 +420,7 @@ class _Reader:
         return Disk(id=disk_id, device=device, capacity_bytes=capacity,
                     protocol=protocol(device, controller_device), controller=controller,
                     controller_device=controller_device, media="SSD" if solid else "HDD",
-                    read_only=drive.get("readonly") == "on", model=properties.get("model") or None,
+                    read_only=drive.get("readonly") == "on", model=disk_model(device, properties.get("model")),
                     serial=properties.get("serial") or drive.get("serial") or None)
 
     # -- NICs

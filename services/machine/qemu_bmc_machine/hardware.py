@@ -328,7 +328,8 @@ async def read_disks(execute: Execute, skip: set[str | None]) -> list[Disk]:
         disks.append(Disk(id=disk_id, device=device, capacity_bytes=inserted.get("image", {}).get("virtual-size"),
                           protocol=command_line.protocol(device, controller_device), controller=controller,
                           controller_device=controller_device, media="SSD" if solid else "HDD",
-                          read_only=bool(inserted.get("ro")), model=model or None, serial=serial or None))
+                          read_only=bool(inserted.get("ro")), model=command_line.disk_model(device, model),
+                          serial=serial or None))
     return disks
 
 

@@ -40,7 +40,18 @@ from qemu_bmc_shared.messages import Empty, PasswordSet, User, UserAccessUpdate,
 
 from .auth import ACCOUNTS_PATH, PRIVILEGES, ROLES, Login, account_path, refuse_until_password_changed, role_of
 from .errors import RedfishError, message
-from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
+from .resources import (
+    ENABLED,
+    Redfish,
+    check_if_match,
+    collection,
+    etag_of,
+    json_body,
+    json_response,
+    link,
+    patch_body,
+    writable,
+)
 
 SERVICE_PATH = "/redfish/v1/AccountService"
 ROLES_PATH = f"{SERVICE_PATH}/Roles"
@@ -75,7 +86,7 @@ def account_body(name: str, users: dict[str, User]) -> dict[str, Any]:
             "@odata.etag": etag_of({"account": name, "version": version}),
             "Id": name, "Name": f"Account {name}", "Description": f"BMC user on {', '.join(sorted(users))}",
             "UserName": name, "RoleId": role, "Enabled": any(user.enabled for user in users.values()),
-            "Locked": False, "Password": None, "AccountTypes": ["Redfish", "IPMI"],
+            "Locked": False, "Password": None, "AccountTypes": ["Redfish", "IPMI"], **writable(*WRITABLE),
             "PasswordChangeRequired": any(user.password_change_required for user in users.values()),
             "Links": {"Role": link(f"{ROLES_PATH}/{role}")}}
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
-from qemu_bmc_shared.messages import PowerQuery, PowerStatus
+from qemu_bmc_shared.messages import Inventory, PowerQuery, PowerStatus
 
 from .environment import chassis_path
 from .resources import ENABLED, Redfish, collection, json_response, link
@@ -20,11 +22,14 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     @app.get("/redfish/v1/Chassis/{machine}")
     async def chassis(request: Request, machine: str) -> Response:
         await redfish.login(request, machine)
-        power = await bus.request(redfish.nc, machine, subjects.POWER_GET, PowerQuery(), PowerStatus)
+        power, inventory = await asyncio.gather(
+            bus.request(redfish.nc, machine, subjects.POWER_GET, PowerQuery(), PowerStatus),
+            bus.request(redfish.nc, machine, subjects.INVENTORY_GET, None, Inventory))
         path = chassis_path(machine)
         return json_response({
             "@odata.id": path, "@odata.type": "#Chassis.v1_28_0.Chassis",
             "Id": machine, "Name": f"Chassis of {machine}", "ChassisType": "Other", "PowerState": power.state,
+            "UUID": inventory.uuid,  # the machine's SMBIOS UUID (its chassis is the machine)
             "Status": ENABLED,
             **{name: link(f"{path}/{name}") for name in ("PowerSubsystem", "ThermalSubsystem", "EnvironmentMetrics",
                                                          "Sensors", "Power", "Thermal")},

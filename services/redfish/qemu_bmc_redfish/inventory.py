@@ -32,7 +32,7 @@ from qemu_bmc_shared.messages import (
 )
 
 from .errors import RedfishError
-from .resources import ENABLED, Redfish, check_if_match, collection, json_response, link, patch_body
+from .resources import ENABLED, Redfish, check_if_match, collection, json_response, link, patch_body, writable
 
 #: The Status of a summary whose parts are all working.
 ROLLED_UP = {**ENABLED, "HealthRollup": "OK"}
@@ -170,6 +170,7 @@ def ethernet_interface(path: str, nic: Nic) -> dict[str, Any]:
     return {"@odata.id": path, "@odata.type": "#EthernetInterface.v1_12_4.EthernetInterface", "Id": nic.id,
             "Name": f"{nic.device} {nic.id}", "MACAddress": nic.mac, "PermanentMACAddress": nic.mac,
             "InterfaceEnabled": nic.enabled, "LinkStatus": link_status(nic), "SpeedMbps": nic.speed_mbps,
+            **writable("InterfaceEnabled"),
             "HostName": None, "FQDN": None, "NameServers": [], "IPv4Addresses": [],
             "Status": {"State": "Enabled" if nic.enabled else "Disabled", "Health": "OK"}}
 

@@ -26,13 +26,14 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from msgspec import UNSET
 from qemu_bmc_shared import manager_settings as checks
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.ipmi.transport import LAN_PARAMS
 from qemu_bmc_shared.messages import Ipv6Address, LanConfig, ManagerSettings, ManagerSettingsUpdate
 
 from .errors import RedfishError
-from .resources import ENABLED
+from .resources import ENABLED, writable
 
 T = TypeVar("T")
 
@@ -46,8 +47,10 @@ STATIC, DHCP = 1, 2
 VLAN_ENABLED = 0x80
 MAX_VLAN_ID, MAX_VLAN_PRIORITY = 4094, 7
 SPEED_MBPS = 1000
-INTERFACE_WRITABLE = ("HostName", "FQDN", "StaticNameServers", "IPv4StaticAddresses", "DHCPv4",
-                      "IPv6StaticAddresses", "IPv6StaticDefaultGateways", "VLAN")
+#: NameServers and IPv4Addresses, the older forms of StaticNameServers and IPv4StaticAddresses
+#: (plus AddressOrigin), are writable too: OCP's baseline profile requires it.
+INTERFACE_WRITABLE = ("HostName", "FQDN", "StaticNameServers", "NameServers", "IPv4StaticAddresses", "IPv4Addresses",
+                      "DHCPv4", "IPv6StaticAddresses", "IPv6StaticDefaultGateways", "VLAN")
 
 
 # ---------------------------------------------------------------- reading
@@ -110,6 +113,7 @@ def ethernet_interface(path: str, lan: LanConfig, settings: ManagerSettings, lis
         "Name": f"BMC LAN channel {lan.channel}",
         "Description": "The BMC's network interface: the IPMI LAN configuration of the machine",
         "InterfaceEnabled": True, "LinkStatus": "LinkUp", "SpeedMbps": SPEED_MBPS, "Status": ENABLED,
+        **writable(*INTERFACE_WRITABLE),
         "MACAddress": mac, "HostName": settings.host_name, "FQDN": fqdn(settings),
         "NameServers": settings.name_servers, "StaticNameServers": settings.name_servers,
         "DHCPv4": {"DHCPEnabled": origin == "DHCP"},
@@ -218,11 +222,10 @@ def packed(value: Any, number: int, prop: str) -> bytes:
     return address
 
 
-def ipv4_static(static: list[dict[str, Any]], assigned: dict[str, Any], request: Any, lan: dict[int, bytes]
-                ) -> None:
+def ipv4_static(static: list[dict[str, Any]], assigned: dict[str, Any], request: Any, lan: dict[int, bytes],
+                prop: str = "IPv4StaticAddresses") -> None:
     """IPv4StaticAddresses (one address: parameters 3, 6 and 12) into ``lan``; none: 0.0.0.0. A new
     static address keeps the subnet mask and gateway ``assigned`` has, unless the request sets them."""
-    prop = "IPv4StaticAddresses"
     fields = {"Address": LAN_IP, "SubnetMask": LAN_NETMASK, "Gateway": LAN_GATEWAY}
 
     def element(value: Any, old: dict[str, Any] | None) -> dict[str, Any]:
@@ -242,6 +245,24 @@ def ipv4_static(static: list[dict[str, Any]], assigned: dict[str, Any], request:
         elif value is not None or key == "Address":
             lan[number] = packed(value, number, f"{prop}/{key}")
     lan[LAN_IP_SOURCE] = bytes([STATIC])
+
+
+def ipv4_assigned(current: dict[str, Any], request: Any, lan: dict[int, bytes]) -> None:
+    """IPv4Addresses, the older way to set the address: an element whose AddressOrigin is DHCP
+    turns DHCP on; otherwise (AddressOrigin Static, or none) it is IPv4StaticAddresses' element."""
+    prop = "IPv4Addresses"
+    assigned = current[prop][0] if current[prop] else {}
+    elements = of_type(request, list, prop)
+    first = elements[0] if elements else None
+    if isinstance(first, dict) and first.get("AddressOrigin", "Static") != "Static":
+        if first["AddressOrigin"] != "DHCP" or len(elements) > 1:
+            raise RedfishError(400, "PropertyValueNotInList", first["AddressOrigin"], f"{prop}/AddressOrigin")
+        lan[LAN_IP_SOURCE] = bytes([DHCP])  # the rest of the element is DHCP's to choose
+        return
+    static = [{key: value for key, value in element.items() if key != "AddressOrigin"}
+              if isinstance(element, dict) else element for element in elements]
+    ipv4_static([{key: assigned.get(key) for key in ("Address", "SubnetMask", "Gateway")}] if assigned else [],
+                assigned, static, lan, prop)
 
 
 def vlan_params(current: dict[str, Any], request: Any, lan: dict[int, bytes]) -> None:
@@ -268,9 +289,12 @@ def interface_changes(current: dict[str, Any], body: dict[str, Any], settings: M
     lan: dict[int, bytes] = {}
     update = ManagerSettingsUpdate()
     names(body, update)
-    if "StaticNameServers" in body:
-        update.name_servers = servers(settings.name_servers, body["StaticNameServers"], "StaticNameServers",
-                                      checks.address_ok)
+    for prop in ("StaticNameServers", "NameServers"):  # the same servers: every name server is static
+        if prop in body:
+            name_servers = servers(settings.name_servers, body[prop], prop, checks.address_ok)
+            if update.name_servers is not UNSET and update.name_servers != name_servers:
+                raise RedfishError(400, "PropertyValueConflict", "NameServers", "StaticNameServers")
+            update.name_servers = name_servers
     if "IPv6StaticAddresses" in body:
         update.ipv6_addresses = ipv6_entries(settings.ipv6_addresses, body["IPv6StaticAddresses"],
                                              "IPv6StaticAddresses", checks.MAX_IPV6_ADDRESSES)
@@ -279,9 +303,13 @@ def interface_changes(current: dict[str, Any], body: dict[str, Any], settings: M
                                             "IPv6StaticDefaultGateways", checks.MAX_IPV6_GATEWAYS)
     if "VLAN" in body:
         vlan_params(current["VLAN"], body["VLAN"], lan)
+    if "IPv4StaticAddresses" in body and "IPv4Addresses" in body:
+        raise RedfishError(400, "PropertyValueConflict", "IPv4Addresses", "IPv4StaticAddresses")
     if "IPv4StaticAddresses" in body:
         assigned = current["IPv4Addresses"][0] if current["IPv4Addresses"] else {}
         ipv4_static(current["IPv4StaticAddresses"], assigned, body["IPv4StaticAddresses"], lan)
+    if "IPv4Addresses" in body:
+        ipv4_assigned(current, body["IPv4Addresses"], lan)
     if "DHCPv4" in body and "DHCPEnabled" in only_keys(body["DHCPv4"], ("DHCPEnabled",), "DHCPv4"):
         dhcp = of_type(body["DHCPv4"]["DHCPEnabled"], bool, "DHCPv4/DHCPEnabled")
         if dhcp and lan.get(LAN_IP_SOURCE) == bytes([STATIC]):

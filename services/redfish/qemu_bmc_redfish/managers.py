@@ -42,7 +42,7 @@ from .manager_network import (
     refuse_others,
     servers,
 )
-from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_response, link, patch_body
+from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_response, link, patch_body, writable
 from .service_root import service_uuid
 from .virtual_media import action_body, collection_path
 
@@ -53,6 +53,9 @@ NETWORK_PROTOCOL_TYPE = "#ManagerNetworkProtocol.v1_12_0.ManagerNetworkProtocol"
 RESET = "#Manager.Reset"
 RESET_TYPES = ["GracefulRestart", "ForceRestart"]
 NTP_PORT = 123
+#: What a PATCH may change: the Manager's clock, and the network protocols' names and NTP.
+MANAGER_WRITABLE = ("DateTime", "DateTimeLocalOffset")
+PROTOCOL_WRITABLE = ("HostName", "FQDN", "NTP")
 #: SOL configuration parameter 1, SOL Enable (IPMI v2.0 §26.3).
 SOL_ENABLE = 1
 
@@ -124,7 +127,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "Id": machine, "Name": f"BMC of {machine}", "ManagerType": "BMC", "Model": "qemu-bmc",
             "FirmwareVersion": __version__, "UUID": manager_uuid(machine),
             "ServiceEntryPointUUID": service_uuid(),  # the service root this manager is reached through
-            "DateTimeLocalOffset": settings.local_offset,
+            "DateTimeLocalOffset": settings.local_offset, **writable(*MANAGER_WRITABLE),
             "Status": ENABLED, "PowerState": "On",
             # IPMI SOL when enabled, and always the web console (/console/<machine>, console.py): the
             # schema has no WebSocket connect type, "Oem" stands for it
@@ -159,7 +162,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         return {
             "@odata.id": f"{manager_path(machine)}/NetworkProtocol", "@odata.type": NETWORK_PROTOCOL_TYPE,
             "Id": "NetworkProtocol", "Name": f"Network protocols of the BMC of {machine}", "Status": ENABLED,
-            "HostName": bmc.host_name, "FQDN": fqdn(bmc),
+            "HostName": bmc.host_name, "FQDN": fqdn(bmc), **writable(*PROTOCOL_WRITABLE),
             "HTTP": {"ProtocolEnabled": not settings.tls, "Port": None if settings.tls else port},
             "HTTPS": {"ProtocolEnabled": settings.tls, "Port": port if settings.tls else None,
                       "Certificates": link(f"{manager_path(machine)}/NetworkProtocol/HTTPS/Certificates")},
@@ -184,7 +187,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         body = await patch_body(request)
         current = await manager_body(machine)
         check_if_match(request, current)
-        refuse_others(body, current, ("DateTime", "DateTimeLocalOffset"))
+        refuse_others(body, current, MANAGER_WRITABLE)
         await change_settings(machine, clock_changes(body))
         return json_response(await manager_body(machine))
 
@@ -247,7 +250,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         body = await patch_body(request)
         current = await network_protocol_body(machine)
         check_if_match(request, current)
-        refuse_others(body, current, ("HostName", "FQDN", "NTP"))
+        refuse_others(body, current, PROTOCOL_WRITABLE)
         update = ManagerSettingsUpdate()
         names(body, update)
         if "NTP" in body:

@@ -113,5 +113,11 @@ def link(path: str) -> dict[str, str]:
     return {"@odata.id": path}
 
 
+def writable(*names: str) -> dict[str, list[str]]:
+    """The Redfish.WriteableProperties annotation: which properties of the object it is in a PATCH
+    may change here (the interoperability profiles' write requirements are checked against it)."""
+    return {"@Redfish.WriteableProperties": list(names)}
+
+
 def error_response(error: RedfishError) -> Response:
     return json_response(error.body(), error.status, error.headers)

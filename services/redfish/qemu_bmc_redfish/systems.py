@@ -22,13 +22,27 @@ from qemu_bmc_shared.messages import (
 
 from . import inventory, system_settings
 from .errors import RedfishError
-from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, link, patch_body
+from .resources import (
+    ENABLED,
+    Redfish,
+    check_if_match,
+    collection,
+    etag_of,
+    json_body,
+    json_response,
+    link,
+    patch_body,
+    writable,
+)
 
 log = logging.getLogger(__name__)
 
 BOOT_TARGETS = ["None", "Pxe", "Hdd", "Cd", "BiosSetup", "UefiTarget", "UefiBootNext"]
 BOOT_OPTION_TYPE = "#BootOption.v1_0_5.BootOption"
 BOOT_ENABLED = ["Disabled", "Once", "Continuous"]
+#: The Boot properties a PATCH may change (BootOrder is the machine's command line's).
+BOOT_WRITABLE = ("BootSourceOverrideTarget", "BootSourceOverrideEnabled", "BootSourceOverrideMode",
+                 "UefiTargetBootSourceOverride", "BootNext")
 #: Reset types → the machine's power requests. The graceful ones press the ACPI power button
 #: and fall back after the machine's graceful time-out (the machine service keeps that promise);
 #: ForceRestart of a machine that is off powers it on, as real BMCs do.
@@ -61,9 +75,11 @@ async def computer_system(redfish: Redfish, machine: str) -> dict[str, Any]:
         "SerialNumber": identity.serial or identity.uuid,
         "PowerState": power.state,
         "Status": ENABLED,
+        **writable("Boot", *system_settings.WRITABLE),
         **inventory.system_properties(path, view),
         **system_settings.properties(chassis),
         "Boot": {
+            **writable(*BOOT_WRITABLE),
             "BootSourceOverrideTarget": boot.target, "BootSourceOverrideEnabled": boot.enabled,
             "BootSourceOverrideMode": boot.mode,
             "BootSourceOverrideTarget@Redfish.AllowableValues": BOOT_TARGETS,
@@ -91,11 +107,10 @@ def boot_update(boot: Any, modes: list[str], options: BootOptions | None) -> Boo
         raise RedfishError(400, "PropertyValueTypeError", boot, "Boot")
     known = options.options if options else []
     update = BootOverrideUpdate()
-    allowed = {"BootSourceOverrideTarget": ("target", BOOT_TARGETS),
-               "BootSourceOverrideEnabled": ("enabled", BOOT_ENABLED),
-               "BootSourceOverrideMode": ("mode", modes),
-               "UefiTargetBootSourceOverride": ("uefi_target", [None, *(option.uefi_path for option in known)]),
-               "BootNext": ("boot_next", [None, *(option.reference for option in known)])}
+    allowed = dict(zip(BOOT_WRITABLE, (
+        ("target", BOOT_TARGETS), ("enabled", BOOT_ENABLED), ("mode", modes),
+        ("uefi_target", [None, *(option.uefi_path for option in known)]),
+        ("boot_next", [None, *(option.reference for option in known)])), strict=True))
     for key, value in boot.items():
         if key not in allowed:
             raise RedfishError(400, "PropertyNotWritable" if key == "BootOrder" else "PropertyUnknown", f"Boot/{key}")

@@ -34,7 +34,17 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import MediaInsert, MediaStatus
 
 from .errors import BASE_REGISTRY, RedfishError, message
-from .resources import ENABLED, Redfish, check_if_match, collection, etag_of, json_body, json_response, patch_body
+from .resources import (
+    ENABLED,
+    Redfish,
+    check_if_match,
+    collection,
+    etag_of,
+    json_body,
+    json_response,
+    patch_body,
+    writable,
+)
 
 VIRTUAL_MEDIA_TYPE = "#VirtualMedia.v1_6_5.VirtualMedia"
 MEDIA_ID = "Cd"
@@ -137,6 +147,7 @@ def virtual_media(path: str, status: MediaStatus) -> dict[str, Any]:
         "ImageName": (unquote(PurePosixPath(parts.path).name) or None) if parts else None,
         "Inserted": status.inserted,
         "WriteProtected": status.write_protected,
+        **writable("Image", "Inserted"),
         "ConnectedVia": "URI" if status.inserted else "NotConnected",
         "TransferProtocolType": PROTOCOLS.get(parts.scheme) if parts else None,
         "TransferMethod": "Stream" if status.inserted else None,
