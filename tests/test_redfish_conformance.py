@@ -64,6 +64,15 @@ async def run(*argv: str, env: dict[str, str], cwd: Path) -> str:
     return output.decode(errors="replace")
 
 
+def summary(output: str) -> tuple[int, int, int, int]:
+    """PASS, WARN, FAIL and NOT TESTED from the table DMTF's tools print last (colours left out)."""
+    counts = re.search(r"PASS\s*\|\s*WARN\s*\|\s*FAIL\s*\|\s*NOT TESTED\s*\|\s*\n[+-]+\n\|"
+                       + r"\s*(\d+)\s*\|" * 4, re.sub(r"\x1b\[[0-9;]*m", "", output))
+    assert counts, output[-3000:]
+    passed, warned, failed, skipped = (int(count) for count in counts.groups())
+    return passed, warned, failed, skipped
+
+
 def documented() -> str:
     return (REPO / "docs" / "conformance.md").read_text()
 
@@ -74,10 +83,7 @@ async def test_service_validator(service: tuple[str, dict[str, str]], short_dir:
     output = await run(str(BIN / "rf_service_validator"), "--rhost", url, "--user", USER, "--password", PASSWORD,
                        "--authtype", "Session", "--schema_directory", str(CSDL), "--logdir", str(logs), env=env,
                        cwd=short_dir)
-    counts = re.search(r"PASS\s*\|\s*WARN\s*\|\s*FAIL\s*\|\s*NOT TESTED\s*\|\s*\n[+-]+\n\|\s*(\d+)\s*\|\s*(\d+)\s*\|"
-                       r"\s*(\d+)\s*\|\s*(\d+)", output)
-    assert counts, output[-3000:]
-    passed, _, failed, _ = (int(group) for group in counts.groups())
+    passed, _, failed, _ = summary(output)
     debug = "\n".join(path.read_text() for path in logs.rglob("RedfishServiceValidatorDebug*.log"))
     failures = sorted(set(re.findall(r" - ERROR - (FAIL - .*)", debug)))
     assert failed == 0 and passed > 300, "\n".join(failures) or output[-3000:]
@@ -135,10 +141,7 @@ async def test_interop_validator(service: tuple[str, dict[str, str]], short_dir:
     output = await run(str(BIN / "rf_interop_validator"), "--rhost", url, "--user", USER, "--password", PASSWORD,
                        "--authtype", "Session", "--logdir", str(logs), str(profiles / f"{profile}.json"), env=env,
                        cwd=short_dir)
-    counts = re.search(r"PASS\s*\|\s*WARN\s*\|\s*FAIL\s*\|\s*NOT TESTED\s*\|\s*\n[+-]+\n\|\s*(\d+)\s*\|\s*(\d+)\s*\|"
-                       r"\s*(\d+)\s*\|\s*(\d+)", output)
-    assert counts, output[-3000:]
-    passed, _, failed, _ = (int(group) for group in counts.groups())
+    passed, _, failed, _ = summary(output)
     debug = "\n".join(path.read_text() for path in logs.rglob("RedfishInteropValidatorDebug*.log"))
     failures = sorted(set(re.findall(r" - ERROR - (FAIL - .*)", debug)))
     assert failed == 0 and passed > 0, "\n".join(failures) or output[-3000:]
@@ -167,14 +170,10 @@ async def test_use_case_checkers(service: tuple[str, dict[str, str]], short_dir:
     reports = short_dir / "use-cases"
     output = await run(str(BIN / "rf_use_case_checkers"), "--rhost", url, "--user", USER, "--password", PASSWORD,
                        "--report-dir", str(reports), env=env, cwd=short_dir)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", output)
-    counts = re.search(r"\|\s*PASS\s*\|\s*WARN\s*\|\s*FAIL\s*\|\s*NOT TESTED\s*\|\s*\n[+-]+\n"
-                       r"\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|", text)
-    assert counts, text[-3000:]
-    passed, warned, failed, skipped = (int(count) for count in counts.groups())
+    passed, warned, failed, skipped = summary(output)
     log = "\n".join(path.read_text() for path in reports.rglob("RedfishUseCaseCheckersDebug*.log"))
     problems = re.findall(r" - (?:ERROR|WARNING) - (.*)", log)
-    assert (warned, failed) == (0, 0), "\n".join(problems) or text[-3000:]
+    assert (warned, failed) == (0, 0), "\n".join(problems) or output[-3000:]
     skips = re.findall(r" - INFO - Skipping the (.*) test\.\.\.\n.* - INFO - (.*)", log)
     assert [test for test, _ in skips] == ["Enable User"] and "already enabled" in skips[0][1], skips
-    assert skipped == 1 and passed > 80, text[-3000:]
+    assert skipped == 1 and passed > 80, output[-3000:]

@@ -282,7 +282,7 @@ class SystemFirmware:
             update = FirmwareUpdated(
                 number=max((update.number for update in updates), default=0) + 1, image_uri=without_credentials(uri),
                 mode=image.mode, version=image.version, manufacturer=image.manufacturer, requested=requested,
-                finished=time.time(), restored=restored, next_boot=await machine.firmware_changed())
+                finished=time.time(), restored=restored, next_boot=await machine.launch_changed(firmware=True))
             self._updates = FirmwareUpdates(updates=[*updates, update][-KEPT_UPDATES:])
             replace_file(self._updates_file, msgspec.json.encode(self._updates))
         return update

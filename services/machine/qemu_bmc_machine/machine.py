@@ -393,25 +393,19 @@ class Machine:
     def _relaunch_needed(self) -> bool:
         return self.vm.mode == "managed" and self._launched is not None and self._launched != self._next_profile()
 
-    async def firmware_changed(self) -> bool:
-        """An update installed (or removed) the firmware of a boot mode: the next boot, the guest's
-        own reboot included, launches QEMU with it. True when the machine runs other firmware until then."""
-        self.hardware.forget()
+    async def launch_changed(self, *, firmware: bool = False) -> bool:
+        """What QEMU is launched with changed (an update installed or removed the ``firmware`` of a
+        boot mode, a volume was made or is to be deleted): the next boot, the guest's own reboot
+        included, launches QEMU with it. True when the running QEMU has the old until then."""
+        if firmware:
+            self.hardware.forget()
         if not self._relaunch_needed():
             return False
         if self._qmp is not None:
             self._next_boot_stale = True
-            with contextlib.suppress(BusError):  # QEMU went away: its next launch has the firmware anyway
+            with contextlib.suppress(BusError):  # QEMU went away: its next launch has the change anyway
                 await self._intercept_reboot(True)
         return True
-
-    async def volumes_changed(self) -> None:
-        """A volume was made or is to be deleted: the next boot, the guest's own reboot included,
-        launches QEMU with the machine's volumes as they are then."""
-        if self._qmp is not None and self._relaunch_needed():
-            self._next_boot_stale = True
-            with contextlib.suppress(BusError):  # QEMU went away: its next launch has them anyway
-                await self._intercept_reboot(True)
 
     async def _boot(self) -> None:
         """Start the machine's next boot: launch QEMU (managed, no process), or launch it again when

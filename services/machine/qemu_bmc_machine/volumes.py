@@ -213,7 +213,7 @@ class Volumes:
             self._saved.volumes.append(volume)
             task = self._new_task("create", volume)
         log.info("%s: volume %s (%s) made on %s, for the next boot", name, volume.id, size(capacity), volume.controller)
-        await self.machine.volumes_changed()
+        await self.machine.launch_changed()
         return task
 
     async def delete(self, request: VolumeDelete) -> VolumeTask:
@@ -231,7 +231,7 @@ class Volumes:
             volume.state = "deleting"
             task = self._new_task("delete", volume)
         log.info("%s: volume %s goes at the next boot", name, volume.id)
-        await self.machine.volumes_changed()
+        await self.machine.launch_changed()
         return task
 
     def _new_task(self, operation: Literal["create", "delete"], volume: Volume) -> VolumeTask:
