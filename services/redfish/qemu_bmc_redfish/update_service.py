@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
@@ -44,7 +43,7 @@ from .errors import RedfishError, message
 from .resources import ENABLED, Redfish, collection, json_body, json_response, link
 from .systems import system_path
 from .tasks import firmware_task_path
-from .virtual_media import Parameters
+from .virtual_media import PROTOCOLS, Parameters, image_url_ok
 
 SERVICE_PATH = "/redfish/v1/UpdateService"
 INVENTORY_PATH = f"{SERVICE_PATH}/FirmwareInventory"
@@ -56,7 +55,6 @@ BMC = "BMC"
 BIOS_PREFIX = "BIOS-"
 PRIVILEGE = "ConfigureComponents"
 #: URL schemes → TransferProtocol (what the machine service downloads with).
-PROTOCOLS = {"http": "HTTP", "https": "HTTPS"}
 PARAMETERS = ("ImageURI", "TransferProtocol", "Targets", "Username", "Password")
 #: The schema's other parameters: staging, local image stores, exclusions are not done here.
 #: (ForceUpdate bypasses update policies, and there are none: it is taken, and changes nothing.)
@@ -118,12 +116,7 @@ def image_uri(body: dict[str, Any], params: Parameters) -> str:
         if protocol is not None and protocol not in PROTOCOLS.values():
             raise params.not_in_list(protocol, "TransferProtocol")
         uri = f"{(protocol or 'HTTP').lower()}://{value}"
-    try:
-        parts = urlsplit(uri)
-        valid = parts.scheme.lower() in PROTOCOLS and bool(parts.hostname) and uri.isprintable()
-    except ValueError:
-        valid = False
-    if not valid:
+    if not image_url_ok(uri):
         raise params.format_error(value, "ImageURI")
     return uri
 

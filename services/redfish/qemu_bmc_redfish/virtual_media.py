@@ -163,16 +163,20 @@ def virtual_media(path: str, status: MediaStatus) -> dict[str, Any]:
     return body
 
 
+def image_url_ok(uri: str) -> bool:
+    """An absolute http(s) URL with a host, printable."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in PROTOCOLS and bool(parts.hostname) and uri.isprintable()
+
+
 def checked_image(value: Any, params: Parameters) -> str:
     """An absolute http(s) URL, else 400."""
     if not isinstance(value, str):
         raise params.type_error(value, "Image")
-    try:
-        parts = urlsplit(value)
-        valid = parts.scheme.lower() in PROTOCOLS and bool(parts.hostname) and value.isprintable()
-    except ValueError:
-        valid = False
-    if not valid:
+    if not image_url_ok(value):
         raise params.format_error(value, "Image")
     return value
 
