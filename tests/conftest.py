@@ -131,6 +131,11 @@ def write_config(directory: Path, text: str) -> Path:
     return path
 
 
+#: A ``[redfish]`` line for the tests whose image servers and event receivers are on 127.0.0.1,
+#: which the Redfish service refuses to reach by default.
+INTERNAL_TARGETS = "allow_internal_targets = true\n"
+
+
 def toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 

@@ -12,7 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 from clients import ipmitool
-from conftest import ServiceProcess, free_tcp_port, free_udp_port, serial_log, toml_list, wait_for, write_config
+from conftest import (
+    INTERNAL_TARGETS,
+    ServiceProcess,
+    free_tcp_port,
+    free_udp_port,
+    serial_log,
+    toml_list,
+    wait_for,
+    write_config,
+)
 from guest_images import GuestImages
 from http_server import FileServer
 from qemu_bmc_shared import bus, subjects
@@ -80,8 +89,8 @@ async def start_lab(nc, services, directory: Path, cmd: list[str], extra: str = 
     """``extra``: more keys of the machine's table. ``stop_vms``: the machine service powers the
     machine off when it stops."""
     port, ipmi_port = free_tcp_port(), free_udp_port()
-    config = write_config(directory, f'[redfish]\nlisten = "127.0.0.1:{port}"\n[vm.n1]\ncmd = {toml_list(cmd)}\n'
-                                     f'ipmi = "127.0.0.1:{ipmi_port}"\n{extra}')
+    config = write_config(directory, f'[redfish]\nlisten = "127.0.0.1:{port}"\n{INTERNAL_TARGETS}'
+                                     f'[vm.n1]\ncmd = {toml_list(cmd)}\nipmi = "127.0.0.1:{ipmi_port}"\n{extra}')
     env = {"IPMI_USER": USER, "IPMI_PASS": PASSWORD}
     await services("state", config, env=env)
     machine = await services("machine", config, *(["--stop-vms-on-exit"] if stop_vms else []))

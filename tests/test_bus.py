@@ -103,3 +103,26 @@ async def test_a_bucket_watch_gives_every_stored_key_before_saying_so(nc):
     assert sorted(await bus.stored_keys(nc, "watch_test", "k.>")) == sorted(
         [f"k.{number}" for number in range(20)] + [f"k.new{number}" for number in range(30)])
     assert await bus.stored_keys(nc, "watch_test", "nothing.>") == []
+
+
+async def test_a_bucket_watch_says_all_in_with_other_keys_in_the_bucket(nc):
+    """Other keys than the watched ones in the bucket (after them, or none watched at all): the
+    watch still says that all are in (it once waited for a stream sequence no watched key had)."""
+    kv = await bus.key_value(nc, "watch_other_keys", "test bucket")
+    await kv.put("sub.a", b"v")
+    await kv.delete("sub.a")
+    for number in range(3):
+        await kv.put(f"x.{number}", b"v")
+
+    async def stored(keys: str) -> int:
+        count = 0
+        async with contextlib.aclosing(bus.watch(kv, keys)) as entries:
+            async for entry in entries:
+                if entry is None:
+                    return count
+                count += 1
+        raise AssertionError("the watch ended")
+
+    assert await asyncio.wait_for(stored("sub.>"), 60) == 1  # the delete marker
+    assert await asyncio.wait_for(stored("x.>"), 60) == 3
+    assert await asyncio.wait_for(stored("none.>"), 60) == 0

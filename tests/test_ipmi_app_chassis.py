@@ -352,11 +352,12 @@ async def test_user_passwords(state):
     async def password(slot: int, operation: int, value: bytes, twenty: bool = False) -> int:
         return await completion(ctx, APP, 0x47, [(0x80 if twenty else 0) | slot, operation, *value])
 
-    short = b"pass-16".ljust(16, b"\0")
+    assert await password(3, 0x02, b"pass-16".ljust(16, b"\0")) == 0xCC  # shorter than MinPasswordLength 8
+    short = b"passwd-16".ljust(16, b"\0")
     assert await password(3, 0x02, short) == 0x00
     assert await password(3, 0x03, short) == 0x00
-    assert await password(3, 0x03, b"pass-17".ljust(16, b"\0")) == 0x80  # does not match
-    assert await password(3, 0x03, b"pass-1".ljust(16, b"\0")) == 0x80
+    assert await password(3, 0x03, b"passwd-17".ljust(16, b"\0")) == 0x80  # does not match
+    assert await password(3, 0x03, b"passwd-1".ljust(16, b"\0")) == 0x80
     full = b"sixteen-byte-key"
     assert await password(3, 0x02, full) == 0x00  # all 16 bytes, no terminator
     assert await password(3, 0x03, full) == 0x00

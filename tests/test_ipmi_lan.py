@@ -53,7 +53,8 @@ class Bmc:
 
 async def start_bmc(nc, services, directory: Path, images: GuestImages, nic: bool = False, uefi: bool = False) -> Bmc:
     port = free_udp_port()
-    config = write_config(directory, f'[ipmi]\nlockout_failures = 3\nlockout_time = 5\n'
+    config = write_config(directory, '[ipmi]\nauth_types = ["MD5", "straight"]\ncipher_suites = [1, 2, 3, 15, 16, 17]\n'
+                                     '[state]\nlockout_threshold = 3\nlockout_duration = 5\n'
                                      f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=nic, uefi=uefi))}\n'
                                      f'ipmi = "127.0.0.1:{port}"\n')
     await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 from conftest import free_udp_port, write_config
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from qemu_bmc_ipmi_lan import framing
 from qemu_bmc_ipmi_lan.lan_commands import lan_registry
 from qemu_bmc_ipmi_lan.server import LanServer
+from qemu_bmc_ipmi_lan.sessions import PENDING_CAPACITY, PENDING_PER_SOURCE
 from qemu_bmc_shared import ipmi
 from qemu_bmc_shared.config import IpmiConfig
 
@@ -27,6 +29,7 @@ SEEDS = [
     framing.rmcp_header(framing.CLASS_ASF) + struct.pack(">IBBBB", framing.ASF_IANA, framing.ASF_PING, 7, 0, 0),
     framing.build_v15(0, 0, 0, b"", framing.build_lan_request(0x06, 0x38, bytes([0x8E, 0x04]))),
     framing.build_v15(0, 0, 0, b"", framing.build_lan_request(0x06, 0x39, bytes([2]) + b"admin".ljust(16, b"\0"))),
+    framing.build_v15(0, 0, 0, b"", framing.build_lan_request(0x06, 0x39, bytes([4]) + b"admin".ljust(16, b"\0"))),
     framing.build_v20(framing.PAYLOAD_OPEN_SESSION_REQUEST, 0, 0, OPEN_SESSION),
     framing.build_v20(framing.PAYLOAD_RAKP1, 0, 0, bytes(28) + b"admin"),
     framing.build_v20(framing.PAYLOAD_RAKP3, 0, 0, bytes(28)),
@@ -54,6 +57,8 @@ datagrams = (st.binary(max_size=300)
              | st.builds(mutate, st.sampled_from(SEEDS), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)),
                                                                    max_size=4), st.integers(0, 12))
              | st.sampled_from(SEEDS))
+#: Several source addresses, so that the pending handshakes' quotas per source are exercised.
+sources = st.sampled_from([f"127.0.0.{host}" for host in range(1, 6)])
 
 
 async def test_fuzzed_datagrams_never_break_the_server(nc, services, short_dir: Path):
@@ -68,15 +73,16 @@ async def test_fuzzed_datagrams_never_break_the_server(nc, services, short_dir: 
 
     @settings(max_examples=1500, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(datagrams)
-    def fuzz(datagram: bytes) -> None:
-        asyncio.run_coroutine_threadsafe(server.handle(datagram, ("127.0.0.1", 9)), loop).result(10)
-        assert len(server.sessions.sessions) <= 8
+    @given(datagrams, sources)
+    def fuzz(datagram: bytes, source: str) -> None:
+        asyncio.run_coroutine_threadsafe(server.handle(datagram, (source, 9)), loop).result(10)
+        assert len(server.sessions.established) <= 8 and len(server.sessions.pending) <= PENDING_CAPACITY
+        per_source = Counter(session.source for session in server.sessions.pending.values())
+        assert max(per_source.values(), default=0) <= PENDING_PER_SOURCE
         handled.append(len(datagram))
 
     await loop.run_in_executor(None, fuzz)
     assert len(handled) >= 1500
-    assert len(server.guard.attempts) <= 1024
 
     # the real service, fuzzed over UDP, still serves a real client afterwards
     await services("ipmi-lan", config)

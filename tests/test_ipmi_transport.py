@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 from conftest import write_config
-from qemu_bmc_shared import ipmi
+from qemu_bmc_shared import bus, ipmi, subjects
+from qemu_bmc_shared.config import IpmiConfig
 from qemu_bmc_shared.ipmi import Context, NetFn, Privilege, Request, Response
+from qemu_bmc_shared.ipmi.transport import front_end
+from qemu_bmc_shared.messages import AccountPolicy, AccountPolicyUpdate
 
 SET_LAN, GET_LAN, SET_SOL, GET_SOL = 0x01, 0x02, 0x21, 0x22
 REGISTRY = ipmi.load()
@@ -94,11 +97,13 @@ async def test_lan_errors(nc_with_state):
     for param in (17, 19, 56, 0xC0, 0xFF):  # not supported
         assert (await get(ctx, param)).completion == 0x80, param
         assert (await put(ctx, param, b"\x00")).completion == 0x80, param
-    # the bad password threshold is the LAN front-end's login lockout: read-only, absent elsewhere
-    assert (await get(ctx, 26)).completion == 0x80
-    lan = context(nc_with_state, login_lockout=(3, 30.0, 65.0))
-    assert await value_of(lan, 26) == bytes([0, 3, 3, 0, 7, 0])
-    assert (await put(lan, 26, bytes(6))).completion == 0x82
+    # the bad password threshold is the state service's account policy (5 failures, reset after 60 s,
+    # locked out for 60 s by default; 10 s units), the same for every front-end: read-only here
+    assert await value_of(ctx, 26) == bytes([0, 5, 6, 0, 6, 0])
+    assert (await put(ctx, 26, bytes(6))).completion == 0x82
+    policy = AccountPolicyUpdate(lockout_threshold=3, lockout_reset_after=30, lockout_duration=65)
+    await bus.request(nc_with_state, "n1", subjects.ACCOUNT_POLICY_SET, policy, AccountPolicy)
+    assert await value_of(ctx, 26) == bytes([0, 3, 3, 0, 7, 0])
     for request in (bytes([1, 3, 10, 0, 0]), bytes([1, 3, 10, 0, 0, 1, 2]), bytes([1, 4]), b"\x01"):
         assert (await run(ctx, SET_LAN, request)).completion == 0xC7, request
     for request in (bytes([1, 3, 0]), bytes([1, 3, 0, 0, 0])):
@@ -137,6 +142,15 @@ async def test_values_from_the_lan_front_end(nc_with_state):
     assert await value_of(ctx, 22) == b"\x07"
     assert await value_of(ctx, 23) == bytes([0, 0, 1, 2, 3, 15, 16, 17])
     assert await value_of(ctx, 24) == bytes([0, 0x44, 0x44, 0, 0, 0, 0, 0, 0x40])  # nibble n: suite id n
+    # what the LAN front-end reports by default ([ipmi]: MD5 only, suites 3 and 17), and as configured
+    default = context(nc_with_state, **front_end(IpmiConfig()))
+    assert await value_of(default, 1) == b"\x04" and await value_of(default, 2) == b"\x04" * 5
+    assert await value_of(default, 23) == bytes([0, 3, 17])
+    assert await value_of(default, 24) == bytes([0, 0, 0x40, 0, 0, 0, 0, 0, 0])  # nibble 3: Administrator
+    opened = context(nc_with_state, **front_end(IpmiConfig(auth_types=("MD5", "straight", "none"),
+                                                           cipher_suites=(1, 3, 15, 17))))
+    assert await value_of(opened, 1) == b"\x15"
+    assert await value_of(opened, 23) == bytes([0, 1, 3, 15, 17])
     offered = context(nc_with_state, cipher_suites=[17, 3])
     assert await value_of(offered, 22) == b"\x02"
     assert await value_of(offered, 23) == bytes([0, 3, 17])

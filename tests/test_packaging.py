@@ -26,7 +26,8 @@ def test_compose_files_validate():
 
 def test_every_subject_is_documented():
     text = (REPO / "docs" / "subjects.md").read_text()
-    for operation in (*subjects.MACHINE_ENDPOINTS, *subjects.STATE_ENDPOINTS, *subjects.EVENTS):
+    for operation in (*subjects.MACHINE_ENDPOINTS, *subjects.STATE_ENDPOINTS, *subjects.VMWIRE_ENDPOINTS,
+                      *subjects.EVENTS):
         assert f"`bmc.<m>.{operation}`" in text, operation
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_tcp_port, serial_log, toml_list, wait_for, write_config
+from conftest import INTERNAL_TARGETS, free_tcp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import BootOverride, PasswordSet, PowerStatus, User, UserAccessUpdate, UserUpdate
@@ -30,7 +30,7 @@ class Service:
 @pytest.fixture
 async def redfish(nc, services, short_dir: Path, images: GuestImages) -> Service:
     port = free_tcp_port()
-    config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\n'
+    config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\n{INTERNAL_TARGETS}'
                                      f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=False))}\n')
     await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
     await services("machine", config, "--stop-vms-on-exit")

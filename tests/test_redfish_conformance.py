@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_tcp_port, toml_list, wait_for, write_config
+from conftest import INTERNAL_TARGETS, REPO, free_tcp_port, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from http_server import FileServer
 from qemu_bmc_shared import bus, subjects
@@ -36,6 +36,7 @@ async def service(nc, services, short_dir: Path, images: GuestImages) -> tuple[s
     assert (CSDL / "ServiceRoot_v1.xml").exists(), f"the DMTF CSDL bundle is not at {CSDL} (set REDFISH_CSDL)"
     port = free_tcp_port()
     config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\npassword_change_required = true\n'
+                                     f'{INTERNAL_TARGETS}'
                                      f'[vm.n1]\ncmd = {toml_list(images.qemu_args())}\nipmi = "127.0.0.1:6230"\n')
     await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
     await services("machine", config, "--stop-vms-on-exit")

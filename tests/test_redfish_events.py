@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import httpx
-from conftest import free_tcp_port, wait_for, write_config
+from conftest import INTERNAL_TARGETS, free_tcp_port, wait_for, write_config
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PasswordSet, User, UserAccessUpdate, UserUpdate
 from test_redfish import PASSWORD, USER, Service, redfish  # noqa: F401  (the fixture)
@@ -97,7 +97,7 @@ async def second_replica(first: Service, services) -> Service:
     port = free_tcp_port()
     directory = first.directory / "replica"
     directory.mkdir()
-    await services("redfish", write_config(directory, f'[redfish]\nlisten = "127.0.0.1:{port}"\n'))
+    await services("redfish", write_config(directory, f'[redfish]\nlisten = "127.0.0.1:{port}"\n{INTERNAL_TARGETS}'))
     replica = Service(first.nc, Path(directory), f"https://127.0.0.1:{port}")
 
     async def answers() -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_tcp_port, free_udp_port, serial_log, toml_list, wait_for, write_config
+from conftest import INTERNAL_TARGETS, free_tcp_port, free_udp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from http_server import FileServer
 from qemu_bmc_shared import bus, subjects
@@ -60,7 +60,7 @@ class Bmc:
 @pytest.fixture
 async def bmc(nc, services, short_dir: Path, images: GuestImages) -> Bmc:
     port, ipmi_port = free_tcp_port(), free_udp_port()
-    config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\n'
+    config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\n{INTERNAL_TARGETS}'
                                      f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=False))}\n'
                                      f'ipmi = "127.0.0.1:{ipmi_port}"\n')
     await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})

@@ -58,7 +58,7 @@ class Bmc:
 async def bmc(nc, services, short_dir: Path, images: GuestImages) -> AsyncIterator[Bmc]:
     port, ipmi_port = free_tcp_port(), free_udp_port()
     config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\npassword_change_required = true\n'
-                                     f'[ipmi]\nlockout_failures = 20\n'
+                                     f''
                                      f'[vm.n1]\ncmd = {toml_list(images.qemu_args(nic=False))}\n'
                                      f'ipmi = "127.0.0.1:{ipmi_port}"\n')
     await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import sushy
-from conftest import free_tcp_port, serial_log, toml_list, wait_for, write_config
+from conftest import INTERNAL_TARGETS, free_tcp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import OVMF_VARS, GuestImages
 from http_server import FileServer
 from qemu_bmc_shared import bus, subjects
@@ -67,7 +67,7 @@ def qemu_command(directory: Path, machine: str = "n1") -> str:
 
 async def start(nc, services, short_dir: Path, cmd: list[str], qemu: str = "") -> Service:
     port = free_tcp_port()
-    config = write_config(short_dir, f'{qemu}[redfish]\nlisten = "127.0.0.1:{port}"\n'
+    config = write_config(short_dir, f'{qemu}[redfish]\nlisten = "127.0.0.1:{port}"\n{INTERNAL_TARGETS}'
                                      f'[vm.n1]\ncmd = {toml_list(cmd)}\n')
     await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})
     await services("machine", config, "--stop-vms-on-exit")

@@ -213,7 +213,7 @@ async def test_fuzzed_sol_payloads_never_break_the_sol_session(nc, services, sho
                                              and session.in_flight[1] <= sol.MAX_DATA)
         assert session.last_inbound is None or (1 <= session.last_inbound[0] <= 15
                                                 and 0 <= session.last_inbound[1] <= 300)
-        assert len(server.sessions.sessions) <= 8
+        assert len(server.sessions.established) <= 8
         sent, capture.sent[:] = list(capture.sent), []
         for packet in sent:  # what the BMC sends back are SOL packets of at most the announced size
             assert len(sol_payload_of(client, packet)) <= sol.MAX_PAYLOAD

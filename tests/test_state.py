@@ -12,15 +12,22 @@ from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import (
+    AccountPolicy,
+    AccountPolicyUpdate,
     ChannelAccess,
     ChannelAccessUpdate,
     ChannelRef,
     Credentials,
     CredentialsRequest,
+    Empty,
     KgKey,
     LanConfig,
     LanParamSet,
     LanRef,
+    LoginAttempt,
+    LoginOutcome,
+    LoginUnlock,
+    LoginVerdict,
     PasswordCheck,
     PasswordCheckResult,
     PasswordSet,
@@ -201,3 +208,50 @@ async def test_bad_requests_get_structured_errors(nc, services, state_config: Pa
     assert refused.value.error == "bad_request"
     # still serving
     assert (await request(nc, subjects.USERS_GET, UserRef(slot=2), User)).name == "admin"
+
+
+async def test_lockout_is_per_user_and_source_and_does_not_re_arm(nc, services, state_config: Path):
+    """Failed logins lock a user out only from the source that failed; refused attempts while
+    locked do not extend the lockout; a success from another source is never refused."""
+    await services("state", state_config)
+    await request(nc, subjects.ACCOUNT_POLICY_SET,
+                  AccountPolicyUpdate(lockout_threshold=3, lockout_duration=1), AccountPolicy)
+
+    async def login(password: str, source: str) -> PasswordCheckResult:
+        return await request(nc, subjects.USERS_CHECK, PasswordCheck(name="admin", password=password, source=source),
+                             PasswordCheckResult)
+
+    for _ in range(3):
+        assert not (await login("wrong-one", "192.0.2.9")).ok
+    refused = await login("password", "192.0.2.9")
+    assert not refused.ok and refused.locked
+    assert (await login("password", "192.0.2.10")).ok  # another source is not locked out
+    locked = await request(nc, subjects.LOGIN_CHECK, LoginAttempt(name="admin"), LoginVerdict)
+    assert not locked.allowed and 0 < locked.retry_after <= 1.0
+    # the front-ends that check passwords themselves (RAKP) report failures the same way
+    verdict = await request(nc, subjects.LOGIN_RESULT, LoginOutcome(name="admin", source="192.0.2.9", ok=False),
+                            LoginVerdict)
+    assert not verdict.allowed and verdict.retry_after <= 1.0  # not re-armed
+    async def logs_in() -> bool:
+        return (await login("password", "192.0.2.9")).ok
+
+    await wait_for(logs_in, timeout=30, interval=0.2, message="the lockout to end after its duration")
+    # an administrator can end a lockout at once
+    for _ in range(3):
+        await login("wrong-one", "192.0.2.9")
+    assert (await login("password", "192.0.2.9")).locked
+    await request(nc, subjects.LOGIN_UNLOCK, LoginUnlock(name="admin"), Empty)
+    assert (await login("password", "192.0.2.9")).ok
+
+
+async def test_password_policy_and_password_changes(nc, services, state_config: Path):
+    await services("state", state_config)
+    with pytest.raises(BusError, match="at least 8 characters"):
+        await request(nc, subjects.USERS_PASSWORD, PasswordSet(slot=3, password="short"), User)
+    before = await request(nc, subjects.USERS_GET, UserRef(slot=2), User)
+    after = await request(nc, subjects.USERS_PASSWORD, PasswordSet(slot=2, password="long-enough"), User)
+    assert after.password_changes == before.password_changes + 1
+    policy = await request(nc, subjects.ACCOUNT_POLICY_SET, AccountPolicyUpdate(min_password_length=4), AccountPolicy)
+    assert policy.min_password_length == 4 and policy.lockout_threshold == 5
+    await request(nc, subjects.USERS_PASSWORD, PasswordSet(slot=3, password="four"), User)
+    assert (await request(nc, subjects.ACCOUNT_POLICY_GET, None, AccountPolicy, machine="m2")).min_password_length == 8

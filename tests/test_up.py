@@ -43,7 +43,7 @@ async def start_up(*args: str, env: dict[str, str], log: Path) -> asyncio.subpro
     output = log.open("wb")
     process = await asyncio.create_subprocess_exec(*QEMU_BMC, "up", *args, stdout=output, stderr=output,
                                                    env={**os.environ, **env})
-    await wait_for(lambda: "qemu-bmc is up" in log.read_text(), timeout=30, message="qemu-bmc up")
+    await wait_for(lambda: "qemu-bmc is up" in log.read_text(), timeout=90, message="qemu-bmc up")
     return process
 
 

@@ -107,12 +107,18 @@ async def test_web_console_shell(nc, services, short_dir: Path, tmp_path: Path, 
                                                 ignore_https_errors=True)
             page = await context.new_page()
             await page.goto(f"{url}/console/n1")
-            await page.wait_for_function("document.body.dataset.state === 'connected'", timeout=20_000)
-            await page.wait_for_function(f"({BUFFER_TEXT})().includes('GUEST-SHELL')", timeout=20_000)
+            # the page's Content-Security-Policy forbids eval, which page.wait_for_function uses: a
+            # selector, and page.evaluate (the DevTools protocol's, which the page's CSP does not bind)
+            await page.wait_for_selector("body[data-state='connected']", timeout=20_000)
+
+            async def shown(text: str) -> bool:
+                return text in await page.evaluate(BUFFER_TEXT)
+
+            await wait_for(lambda: shown("GUEST-SHELL"), timeout=20, message="the guest's shell on the page")
             await page.click("#terminal")
             await page.keyboard.type("echo SOL-OK-$((6*7))")
             await page.keyboard.press("Enter")
-            await page.wait_for_function(f"({BUFFER_TEXT})().includes('SOL-OK-42')", timeout=30_000)
+            await wait_for(lambda: shown("SOL-OK-42"), timeout=30, message="the command's output on the page")
             text = await page.evaluate(BUFFER_TEXT)
             assert "echo SOL-OK-$((6*7))" in text and "SOL-OK-42" in text, text
             screenshot = tmp_path / "web-console.png"

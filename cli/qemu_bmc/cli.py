@@ -6,15 +6,17 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import uvloop
 from qemu_bmc_shared import bus, subjects
-from qemu_bmc_shared.bus import BusError
-from qemu_bmc_shared.config import ConfigError, find_config, load
-from qemu_bmc_shared.discovery import service_infos
+from qemu_bmc_shared.bus import BusError, BusUnreachable
+from qemu_bmc_shared.config import Config, ConfigError, find_config, load
+from qemu_bmc_shared.discovery import service_infos, unserved
 from qemu_bmc_shared.messages import (
     BootOverride,
     BootOverrideUpdate,
@@ -26,7 +28,11 @@ from qemu_bmc_shared.messages import (
 from qemu_bmc_shared.service import nats_url, run, setup_logging
 
 from . import __version__, vm
-from .up import up
+from .up import AlreadyUp, hold_runtime_lock, up
+
+CONNECT_TIMEOUT = 5.0
+#: Exit status of a command that could not reach the bus.
+NO_BUS = 2
 
 BOOT_TARGETS = {"none": "None", "pxe": "Pxe", "hdd": "Hdd", "disk": "Hdd", "cd": "Cd", "cdrom": "Cd",
                 "bios": "BiosSetup", "biossetup": "BiosSetup"}
@@ -38,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
                         help="TOML config file (default: ./qemu-bmc.toml, else ~/.config/qemu-bmc/config.toml)")
     common.add_argument("--nats", default=os.environ.get("NATS_URL"), help="NATS URL")
     common.add_argument("--json", action="store_true", help="print the reply as JSON")
+    on_bus = argparse.ArgumentParser(add_help=False)
+    on_bus.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT,
+                        help=f"seconds to wait for the bus before giving up (default {CONNECT_TIMEOUT:g})")
 
     top = argparse.ArgumentParser(prog="qemu-bmc", description="A real BMC for QEMU virtual machines.")
     top.add_argument("--version", action="version", version=f"qemu-bmc {__version__}")
@@ -47,13 +56,13 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--keep-vms", action="store_true", help="leave managed VMs running when stopping")
     start.add_argument("--log-level", default="INFO")
 
-    commands.add_parser("services", parents=[common], help="the services on the bus ($SRV discovery)")
+    commands.add_parser("services", parents=[common, on_bus], help="the services on the bus ($SRV discovery)")
 
-    power = commands.add_parser("power", parents=[common], help="power status and control")
+    power = commands.add_parser("power", parents=[common, on_bus], help="power status and control")
     power.add_argument("action", choices=["status", "on", "off", "soft", "reset", "cycle", "nmi"])
     power.add_argument("machine")
 
-    boot = commands.add_parser("boot", parents=[common], help="show or set the boot override")
+    boot = commands.add_parser("boot", parents=[common, on_bus], help="show or set the boot override")
     boot.add_argument("machine")
     boot.add_argument("--target", choices=sorted(BOOT_TARGETS))
     how = boot.add_mutually_exclusive_group()
@@ -64,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--uefi", action="store_const", dest="mode", const="UEFI")
     mode.add_argument("--legacy", action="store_const", dest="mode", const="Legacy")
 
-    media = commands.add_parser("media", parents=[common], help="virtual media (CD)")
+    media = commands.add_parser("media", parents=[common, on_bus], help="virtual media (CD)")
     media.add_argument("action", choices=["status", "insert", "eject"])
     media.add_argument("machine")
     media.add_argument("image", nargs="?", help="local path or http(s) URL (insert)")
@@ -89,7 +98,7 @@ def show(reply: msgspec.Struct | Any, as_json: bool) -> None:
 
 
 async def client_command(args: argparse.Namespace, url: str) -> int:
-    nc = await bus.connect(url, "qemu-bmc-cli")
+    nc = await bus.connect(url, "qemu-bmc-cli", timeout=args.timeout)
     try:
         if args.command == "services":
             infos = sorted(await service_infos(nc, first=0.5, quiet=0.2, verb="INFO"),
@@ -100,6 +109,8 @@ async def client_command(args: argparse.Namespace, url: str) -> int:
                 machines = info.get("metadata", {}).get("machines", "")
                 print(f"{info['name']} {info['version']} id={info['id']} endpoints={len(info.get('endpoints') or [])}"
                       + (f" machines={machines}" if machines else ""))
+            for what, why in [] if args.json else sorted(unserved(infos).items()):
+                print(f"NOT SERVED {what}: {why}")
             return 0
         reply: msgspec.Struct
         machine = args.machine
@@ -141,6 +152,28 @@ async def client_command(args: argparse.Namespace, url: str) -> int:
         await nc.close()
 
 
+def run_command(command: Callable[[], Awaitable[int]]) -> int:
+    """Run one CLI command to its exit status; Ctrl-C or SIGTERM ends it at once (status 130)."""
+
+    async def runner() -> int:
+        task = asyncio.ensure_future(command())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return 130
+
+    return uvloop.run(runner())
+
+
+def unreachable(exc: BusUnreachable, config: Config) -> str:
+    """One line for a bus that does not answer: where, why, and what would start it (no credentials)."""
+    start = f"qemu-bmc up -c {config.path}" if config.path else "qemu-bmc up"
+    return f"qemu-bmc: {exc}; is qemu-bmc up running? ({start})"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
@@ -153,26 +186,33 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
     if args.command == "up":
+        try:
+            lock = hold_runtime_lock(config.runtime_dir)
+        except AlreadyUp as exc:
+            print(f"qemu-bmc: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
         setup_logging(args.log_level)
 
         async def run_up(stop: asyncio.Event) -> None:
             await up(config, args.nats or config.nats_url, args.keep_vms, stop)
 
-        run(run_up)
+        try:
+            run(run_up)
+        finally:
+            lock.close()
         return
 
-    outcome: list[int] = []
+    url = nats_url(args.nats, config)
 
-    async def run_client(_: asyncio.Event) -> None:
+    async def command() -> int:
         if args.command == "vm":
-            outcome.append(await vm.vm_command(args, config, nats_url(args.nats, config)))
-        else:
-            outcome.append(await client_command(args, nats_url(args.nats, config)))
+            return await vm.vm_command(args, config, url)
+        try:
+            return await client_command(args, url)
+        except BusUnreachable as exc:
+            if args.json:
+                print(json.dumps({"error": "unreachable", "message": str(exc)}))
+            print(unreachable(exc, config), file=sys.stderr)
+            return NO_BUS
 
-    runner: Callable[[asyncio.Event], Awaitable[None]] = run_client
-    try:
-        run(runner)
-    except (TimeoutError, OSError) as exc:
-        print(f"qemu-bmc: cannot reach NATS at {nats_url(args.nats, config)}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    raise SystemExit(outcome[0] if outcome else 1)
+    raise SystemExit(run_command(command))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
+
+from .parent_death import die_with_parent
 
 
 def binary() -> str:
@@ -22,12 +25,17 @@ def binary() -> str:
 class NatsServer:
     """``nats-server -js`` on a loopback port (a free one the first time), data under ``directory``;
     clients must present ``token`` when one is given. With ``cluster_port``, a node of the
-    cluster ``cluster`` that routes to ``routes`` (``nats://host:port`` of the other nodes)."""
+    cluster ``cluster`` that routes to ``routes`` (``nats://host:port`` of the other nodes).
+
+    With ``owned``, the server is its owner's to stop (``qemu-bmc up``): it runs in a process group
+    of its own, so that a Ctrl-C or a signal to the owner's group does not stop it before the
+    services that use it, and it ends (SIGTERM) when its owner does, however that ends."""
 
     def __init__(self, directory: Path, port: int = -1, host: str = "127.0.0.1", token: str | None = None,
                  cluster_port: int | None = None, routes: list[str] | None = None, name: str | None = None,
-                 cluster: str = "qemu-bmc") -> None:
+                 cluster: str = "qemu-bmc", owned: bool = False) -> None:
         self.directory = directory
+        self.owned = owned
         self.host = host
         self.port = port
         self.token = token
@@ -65,7 +73,8 @@ class NatsServer:
             arguments += ["-c", str(config)]
         log = (self.directory / "nats-server.log").open("ab")
         self.process = await asyncio.create_subprocess_exec(
-            binary(), *arguments, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+            binary(), *arguments, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=self.owned, preexec_fn=die_with_parent(signal.SIGTERM) if self.owned else None)
         log.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -117,7 +117,7 @@ def vm_status(vm: VmConfig) -> dict[str, Any]:
 
     return {"name": vm.name, "mode": vm.mode, "state": state, "pid": pid, "runtime": runtime,
             "ports": {"ssh": vm.ssh.port if vm.ssh else None, "ssh_vm": vm.ssh.vm_port if vm.ssh else None,
-                      "ipmi": address(vm.ipmi), "vmwire": address(vm.vmwire)},
+                      "ipmi": address(vm.ipmi), "vmwire": address(vm.vmwire) if vm.mode == "attach" else None},
             "stale_files_removed": cleaned}
 
 

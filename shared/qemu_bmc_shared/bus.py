@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -71,16 +72,84 @@ def decode(data: bytes, message_type: type[T]) -> T:
     return msgspec.json.decode(data or b"{}", type=message_type)
 
 
-async def connect(url: str, name: str) -> Client:
-    """Connect to NATS, retrying for ever when the server goes away."""
-    return await nats.connect(
-        url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        allow_reconnect=True,
-    )
+class BusUnreachable(Exception):
+    """No NATS server answered at ``address`` (a URL without credentials) in time."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot reach NATS at {address}: {reason}")
+        self.address, self.reason = address, reason
+
+
+def without_credentials(url: str) -> str:
+    """``url`` (one or several, comma-separated) with any ``user:password@`` or ``token@`` left out."""
+    return re.sub(r"//[^@/,]*@", "//", url)
+
+
+#: What nats-py reports for each failed attempt to reach a server (one an outage makes every 0.5 s).
+CONNECTION_ERRORS = (OSError, TimeoutError, nats.errors.StaleConnectionError, nats.errors.NoServersError,
+                     nats.errors.ConnectionClosedError)
+
+
+def _reason(error: BaseException | None, timeout: float) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, nats.errors.AuthorizationError) or "authorization" in str(error).lower():
+        return "authorization refused (wrong or missing token)"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    if error is None or isinstance(error, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    return str(error) or type(error).__name__
+
+
+async def connect(url: str, name: str, *, timeout: float | None = None) -> Client:
+    """Connect to NATS.
+
+    A service (no ``timeout``) waits for the server as long as it takes, at the start and whenever
+    the server goes away, logging one line when the connection is lost and one when it is back
+    (not a traceback per attempt). A client with a ``timeout`` (the CLI) logs nothing and raises
+    :class:`BusUnreachable` when no server has taken the connection within ``timeout`` seconds."""
+    nc = Client()
+    last_error: list[BaseException] = []
+    connected, waiting_logged = False, False
+
+    async def error(exc: Exception) -> None:
+        nonlocal waiting_logged
+        last_error[:] = [exc]
+        if timeout is not None:
+            return
+        if not isinstance(exc, CONNECTION_ERRORS):
+            log.warning("bus: %s: %s", type(exc).__name__, exc)
+        elif not connected and not waiting_logged:  # the first connection: say once what it waits for
+            waiting_logged = True
+            log.warning("bus %s: %s; waiting for it", without_credentials(url), _reason(exc, 0))
+        else:
+            log.debug("bus %s: %s", without_credentials(url), _reason(exc, 0))
+
+    async def disconnected() -> None:
+        if timeout is None and not nc.is_closed:
+            log.warning("bus connection to %s lost; reconnecting", without_credentials(url))
+
+    async def reconnected() -> None:
+        if timeout is None:
+            log.info("bus connection back (%s)", without_credentials(str(nc.connected_url.geturl())
+                                                                       if nc.connected_url else url))
+
+    options: dict[str, Any] = dict(name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                   connect_timeout=5 if timeout is None else min(5, timeout), allow_reconnect=True,
+                                   error_cb=error, disconnected_cb=disconnected, reconnected_cb=reconnected)
+    if timeout is None:
+        await nc.connect(url, **options)
+        connected = True
+        return nc
+    try:
+        await asyncio.wait_for(nc.connect(url, **options), timeout)
+    except (TimeoutError, *CONNECTION_ERRORS, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        cause = exc if isinstance(exc, nats.errors.AuthorizationError) or not last_error else last_error[0]
+        raise BusUnreachable(without_credentials(url), _reason(cause, timeout)) from None
+    return nc
 
 
 async def request(
@@ -214,8 +283,9 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncIterator[KeyValue.Entry |
     all in, then every change (deletes included), until the caller stops iterating.
 
     nats-py's own None can come before the last stored entries (the server has sent them, the
-    client has not read them yet): this one waits for the stream sequence the watch's consumer
-    had delivered when nats-py said it was done."""
+    client has not read them yet): this one waits until as many entries have come as the watch's
+    consumer had delivered when nats-py said it was done (its consumer sequence: the stream
+    sequence may be past the last entry that matches ``keys``)."""
     watcher = await kv.watch(keys)
     try:
         seen, delivered = 0, None
@@ -223,12 +293,12 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncIterator[KeyValue.Entry |
             if entry is None:
                 try:
                     info = await watcher._sub.consumer_info()  # nats-py keeps its subscription there
-                    delivered = info.delivered.stream_seq if info.delivered else 0
+                    delivered = info.delivered.consumer_seq if info.delivered else 0
                 except Exception as exc:  # take nats-py's word for it
                     log.warning("watching %s: no consumer info (%s)", keys, type(exc).__name__)
                     delivered = 0
             else:
-                seen = max(seen, entry.revision or 0)
+                seen += 1
                 yield entry
             if delivered is not None and seen >= delivered:
                 delivered = None

@@ -17,6 +17,8 @@
     [redfish]
     listen = "0.0.0.0:8443"             # HTTPS; tls = false for HTTP; cert_file/key_file, or self-signed
     password_change_required = false    # true: accounts made over Redfish must change their password first
+    max_body_bytes = 1048576            # larger request bodies: 413
+    allow_internal_targets = false      # true: images and event destinations on loopback, link-local… too
     [ssh]                               # ssh_config options for every VM (`qemu-bmc vm ssh/put/get`)
     User = "root"
     StrictHostKeyChecking = "no"
@@ -25,7 +27,7 @@
     cmd = ["-machine", "q35", "-m", "{{.mem}}", "-drive", "file={{.images}}/{{.name}}.qcow2",
            "-nic", "user,hostfwd=tcp:127.0.0.1:{{.vm.ssh.port}}-:{{.vm.ssh.vm_port}}"]
     ipmi = "127.0.0.1:6230"
-    vmwire = "127.0.0.1:9002"
+    vmwire = true                       # in-band IPMI (KCS), carried over the bus (docs/vmwire.md)
     graceful_timeout = 60               # seconds a guest has to obey the ACPI power button
     volume_space = 64                   # GiB of disks Redfish may create for the machine (0: none)
     bare_metal_identity = true          # SMBIOS strings below, no VM markers (managed mode only)
@@ -40,6 +42,7 @@
     qmp = "/run/node2/qmp.sock"
     serial = "/run/node2/serial.sock"
     media_device = "cd0"
+    vmwire = "127.0.0.1:9003"           # attach: where QEMU's ipmi-bmc-extern chardev connects
     [vm.node1.ssh]                      # the VM's sshd: port on the host (mandatory), vm_port in the
     port = 2201                         # guest (22), and ssh_config options over the global ones
     IdentityFile = "~/.ssh/lab"
@@ -53,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import itertools
+import logging
 import os
 import re
 import tomllib
@@ -62,6 +66,7 @@ from typing import Any, Literal
 
 from .subjects import valid_machine_name
 
+log = logging.getLogger(__name__)
 TEMPLATE = re.compile(r"\{\{\s*\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\}\}")
 DEFAULT_QEMU = "qemu-system-x86_64"
 #: Where distributions install OVMF (code, variables template): Debian and Ubuntu, Fedora, Arch, openSUSE.
@@ -159,6 +164,11 @@ class VmConfig:
     """The qdev id of the CD drive for virtual media (the managed launcher adds its own)."""
     ipmi: tuple[str, int] | None = None
     vmwire: tuple[str, int] | None = None
+    """``vmwire = "host:port"``: in attach mode, where the VM-wire service listens for QEMU's
+    ipmi-bmc-extern chardev; on a managed machine it only turns in-band IPMI on (nothing listens)."""
+    inband: bool = False
+    """In-band IPMI (a KCS interface whose BMC is the VM-wire service): ``vmwire = true`` or an
+    address. A managed machine's goes over the bus (the machine service owns QEMU's chardev)."""
     uuid: str | None = None
     autostart: bool = False
     """Power the machine on when the machine service starts and finds it off."""
@@ -186,6 +196,16 @@ class StateConfig:
     key_file: Path
     default_user: str
     default_password: str = field(repr=False)
+    lockout_threshold: int = 5
+    """The account policy a machine starts with (AccountService; ``[state]`` keys of the same names)."""
+    lockout_duration: int = 60
+    lockout_reset_after: int = 60
+    min_password_length: int = 8
+
+
+#: ``[state]`` account policy keys: (smallest, largest) value.
+POLICY_RANGES = {"lockout_threshold": (0, 1000), "lockout_duration": (0, 86400), "lockout_reset_after": (0, 86400),
+                 "min_password_length": (1, 20)}
 
 
 @dataclass(frozen=True)
@@ -203,19 +223,34 @@ class RedfishConfig:
     password_change_required: bool = False
     """Accounts created through Redfish start with PasswordChangeRequired: their first password is
     only good for setting another (DSP0266 "Password change required handling")."""
+    max_sessions: int = 64
+    """Redfish sessions open at once, all users together."""
+    max_sessions_per_user: int = 16
+    max_body_bytes: int = 1 << 20
+    """The largest request body: a larger one is answered 413 (PayloadTooLarge) before it is read."""
+    allow_internal_targets: bool = False
+    """Virtual media and firmware images and event destinations may be on loopback, link-local,
+    multicast or unspecified addresses, or on the BMC's own (refused by default)."""
+
+
+#: IPMI 1.5 session authentication types by their ``[ipmi] auth_types`` name: the session header's
+#: auth type code (IPMI v2.0 §13.6); §22.13 reports type n as bit n. MD2 is not implemented.
+IPMI_AUTH_TYPES = {"none": 0x00, "MD5": 0x02, "straight": 0x04}
+#: ``[ipmi]`` keys of earlier versions: auth_none and cipher_suite_0 are mapped to auth_types and
+#: cipher_suites; the lockout is the state service's account policy now (``[state]``).
+DEPRECATED_IPMI_KEYS = {"auth_none", "cipher_suite_0", "lockout_failures", "lockout_window", "lockout_time"}
 
 
 @dataclass(frozen=True)
 class IpmiConfig:
     """``[ipmi]``: IPMI over LAN security settings (the same for every machine)."""
 
-    cipher_suite_0: bool = False
-    auth_none: bool = False
+    auth_types: tuple[str, ...] = ("MD5",)
+    """IPMI 1.5 authentication types allowed (names of :data:`IPMI_AUTH_TYPES`); RMCP+ always is."""
+    cipher_suites: tuple[int, ...] = (3, 17)
+    """RMCP+ cipher suites offered (IPMI v2.0 table 22-20; those qemu-bmc implements)."""
     session_timeout: float = 60.0
     max_sessions: int = 32
-    lockout_failures: int = 5
-    lockout_window: float = 30.0
-    lockout_time: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -330,7 +365,8 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
     global_vars = _vars_of(top, "vars")
     global_ssh = _ssh_options(_Reader(file, "ssh", top.table_of("ssh"), set(top.table_of("ssh"))), set())
 
-    state = _Reader(file, "state", top.table_of("state"), {"key_file", "default_user"})
+    state = _Reader(file, "state", top.table_of("state"), {"key_file", "default_user", *POLICY_RANGES})
+    policy = _policy(state)
     key_file = state.str("key_file")
     default_user = state.str("default_user") or os.environ.get("IPMI_USER") or "admin"
     if len(default_user.encode()) > 16:
@@ -340,14 +376,16 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
         raise ConfigError("IPMI_PASS: an IPMI password has at most 20 bytes")
 
     redfish = _Reader(file, "redfish", top.table_of("redfish"),
-                      {"listen", "tls", "cert_file", "key_file", "session_timeout", "password_change_required"})
+                      {"listen", "tls", "cert_file", "key_file", "session_timeout", "password_change_required",
+                       "max_sessions", "max_sessions_per_user", "max_body_bytes", "allow_internal_targets"})
     cert_file, key_file = redfish.str("cert_file"), redfish.str("key_file")
     if (cert_file is None) != (key_file is None):
         raise redfish.error("cert_file" if cert_file is None else "key_file", "give both cert_file and key_file")
     session_timeout = redfish.table.get("session_timeout", RedfishConfig.session_timeout)
     if isinstance(session_timeout, bool) or not isinstance(session_timeout, int) or not 30 <= session_timeout <= 86400:
         raise redfish.error("session_timeout", f"must be seconds from 30 to 86400, not {session_timeout!r}")
-    ipmi_reader = _Reader(file, "ipmi", top.table_of("ipmi"), {*IpmiConfig.__dataclass_fields__, "range"})
+    ipmi_reader = _Reader(file, "ipmi", top.table_of("ipmi"),
+                          {*IpmiConfig.__dataclass_fields__, "range", *DEPRECATED_IPMI_KEYS})
     ipmi = _parse_ipmi(ipmi_reader)
 
     vms: dict[str, VmConfig] = {}
@@ -373,13 +411,20 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
             key_file=_resolve(base, key_file) if key_file else runtime_dir / "state" / "secret.key",
             default_user=default_user,
             default_password=default_password,
+            **policy,
         ),
         redfish=RedfishConfig(listen=redfish_listen,
                               tls=redfish.bool("tls", True),
                               cert_file=_resolve(base, cert_file) if cert_file else None,
                               key_file=_resolve(base, key_file) if key_file else None,
                               session_timeout=session_timeout,
-                              password_change_required=redfish.bool("password_change_required")),
+                              password_change_required=redfish.bool("password_change_required"),
+                              max_sessions=_whole_number(redfish, "max_sessions", RedfishConfig.max_sessions, 1, 10000),
+                              max_sessions_per_user=_whole_number(redfish, "max_sessions_per_user",
+                                                                  RedfishConfig.max_sessions_per_user, 1, 10000),
+                              max_body_bytes=_whole_number(redfish, "max_body_bytes", RedfishConfig.max_body_bytes,
+                                                           1024, 1 << 30),
+                              allow_internal_targets=redfish.bool("allow_internal_targets")),
         ipmi=ipmi,
     )
 
@@ -422,19 +467,60 @@ def _allocate_ipmi(reader: _Reader, vms: dict[str, VmConfig]) -> dict[str, VmCon
     return allocated
 
 
+def _whole_number(reader: _Reader, key: str, default: int, low: int, high: int) -> int:
+    value = reader.table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise reader.error(key, f"must be a whole number from {low} to {high}, not {value!r}")
+    return value
+
+
+def _policy(reader: _Reader) -> dict[str, Any]:
+    return {name: _whole_number(reader, name, 0, low, high) for name, (low, high) in POLICY_RANGES.items()
+            if name in reader.table}
+
+
 def _parse_ipmi(reader: _Reader) -> IpmiConfig:
+    from .ipmi.core import CIPHER_SUITES  # (here: the IPMI package imports this module)
+
     values: dict[str, Any] = {}
-    for name, default in IpmiConfig().__dict__.items():
+    for name in ("session_timeout", "max_sessions"):
         if name not in reader.table:
             continue
         value = reader.table[name]
-        if isinstance(default, bool):
-            values[name] = reader.bool(name)
-        elif isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise reader.error(name, f"must be a positive number, not {value!r}")
+        values[name] = type(getattr(IpmiConfig, name))(value)
+    if values.get("max_sessions", 0) > 63:  # Get Session Info and Get Channel Info count them in 6 bits
+        raise reader.error("max_sessions", f"must be at most 63, not {values['max_sessions']}")
+    names = {name.lower(): name for name in IPMI_AUTH_TYPES} | {"password": "straight"}
+    auth_types = list(IpmiConfig.auth_types)
+    if "auth_types" in reader.table:
+        listed = reader.str_list("auth_types") or []
+        unknown = [name for name in listed if name.lower() not in names]
+        if unknown:
+            raise reader.error("auth_types", f"unknown or unimplemented authentication type {unknown[0]!r} "
+                               f"(known: {', '.join(IPMI_AUTH_TYPES)})")
+        auth_types = [names[name.lower()] for name in listed]
+    suites = list(IpmiConfig.cipher_suites)
+    if "cipher_suites" in reader.table:
+        suites = reader.table["cipher_suites"]
+        if not isinstance(suites, list) or not all(type(suite) is int and suite in CIPHER_SUITES for suite in suites):
+            raise reader.error("cipher_suites", f"must be a list of cipher suite ids among "
+                               f"{', '.join(map(str, CIPHER_SUITES))}, not {suites!r}")
+    for name in sorted(DEPRECATED_IPMI_KEYS & set(reader.table)):
+        value = reader.table[name]
+        if name == "auth_none":
+            auth_types += ["none"] if reader.bool(name) else []
+            instead = 'auth_types = [..., "none"]'
+        elif name == "cipher_suite_0":
+            suites = [*suites, 0] if reader.bool(name) else suites
+            instead = "cipher_suites = [0, ...]"
         else:
-            values[name] = type(default)(value)
-    return IpmiConfig(**values)
+            instead = "the account policy ([state] lockout_threshold, lockout_duration, lockout_reset_after)"
+        log.warning("%s: ipmi.%s = %r is deprecated%s; use %s", reader.file, name, value,
+                    "" if name in ("auth_none", "cipher_suite_0") else " and ignored", instead)
+    return IpmiConfig(auth_types=tuple(dict.fromkeys(auth_types)), cipher_suites=tuple(sorted(set(suites))),
+                      **values)
 
 
 def _ssh_options(reader: _Reader, own: set[str]) -> dict[str, SshValue]:
@@ -523,7 +609,9 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     if uuid is not None and not re.fullmatch(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}", uuid):
         raise vm.error("uuid", f"not a UUID: {uuid!r}")
     common: dict[str, Any] = dict(name=name, runtime_dir=vm_runtime, ipmi=vm.address("ipmi"),
-                                  vmwire=vm.address("vmwire"), uuid=uuid, media_device=vm.str("media_device"),
+                                  vmwire=_vmwire_address(vm, managed=cmd is not None),
+                                  inband=vm.table.get("vmwire", False) is not False, uuid=uuid,
+                                  media_device=vm.str("media_device"),
                                   autostart=vm.bool("autostart"), ssh=ssh,
                                   graceful_timeout=_number(vm, "graceful_timeout", DEFAULT_GRACEFUL_TIMEOUT, 1, 3600),
                                   environment=_parse_environment(vm))
@@ -547,6 +635,19 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     serial = vm.str("serial")
     return VmConfig(mode="attach", qmp=_resolve(base, _substitute(qmp or "", variables, vm, "qmp")),
                     serial=_resolve(base, serial) if serial else None, **common)
+
+
+def _vmwire_address(vm: _Reader, managed: bool) -> tuple[str, int] | None:
+    """``vmwire``: true (managed machines only), false, or "host:port"."""
+    value = vm.table.get("vmwire")
+    if isinstance(value, bool):
+        if value and not managed:
+            raise vm.error("vmwire", 'attach mode needs the "host:port" QEMU\'s ipmi-bmc-extern chardev '
+                           "connects to (true is for managed machines: over the bus)")
+        return None
+    if value is not None and not isinstance(value, str):
+        raise vm.error("vmwire", f'must be true, false or "host:port", not {value!r}')
+    return vm.address("vmwire")
 
 
 WILDCARD_HOSTS = {"", "0.0.0.0", "::", "*"}

@@ -55,6 +55,19 @@ def announced_machines(info: dict[str, Any]) -> list[str]:
     return [name for name in str(metadata(info).get("machines", "")).split(",") if name]
 
 
+UNSERVED = "unserved."
+
+
+def unserved(infos: list[dict[str, Any]]) -> dict[str, str]:
+    """The addresses services should serve and cannot, from their metadata: ``<kind>.<machine>``
+    (``ipmi.n1``) or ``<kind>`` (``redfish``) → ``<host>:<port>: <reason>``. A service announces
+    ``unserved.ipmi.n1`` when it cannot bind that address; one that is served by another replica
+    (``ipmi.n1`` in its metadata) is left out."""
+    served = {key for info in infos for key in metadata(info) if not key.startswith(UNSERVED)}
+    return {key.removeprefix(UNSERVED): str(value) for info in infos for key, value in metadata(info).items()
+            if key.startswith(UNSERVED) and key.removeprefix(UNSERVED) not in served}
+
+
 class Machines:
     """Machine names, asked of every machine service (and, with ``ipmi_addresses``, each machine's
     IPMI over LAN address, of every IPMI over LAN service); answered from the last answer while a newer one is asked

@@ -1,7 +1,8 @@
 """The managed launcher: the QEMU command line qemu-bmc adds to, starting and stopping the process.
 
-Each managed VM gets a runtime directory with its QMP socket, serial socket and log, pid file and
-QEMU's own output. The launcher adds, before the operator's arguments:
+Each managed VM gets a runtime directory (0700: its sockets are its owner's alone) with its QMP
+socket, serial pipes and log, in-band IPMI socket, pid file and QEMU's own output. The launcher
+adds, before the operator's arguments:
 
 * ``-qmp`` on ``qmp.sock``, ``-pidfile qemu.pid``, ``-no-shutdown`` (a guest power-off leaves
   QEMU in run state ``shutdown``, reported Off) and ``-S`` (the machine service applies the boot
@@ -10,7 +11,8 @@ QEMU's own output. The launcher adds, before the operator's arguments:
   to ``serial.log`` (the machine service's console reads and writes them);
 * an AHCI controller with an empty CD drive ``qbmc-cd0`` for virtual media;
 * ``-uuid`` (from the config, else one generated once and kept) unless the command has one;
-* with a ``vmwire`` address, the ipmi-bmc-extern BMC and its KCS interface (see vmwire_args);
+* with in-band IPMI (``vmwire``), the ipmi-bmc-extern BMC on ``ipmi.sock`` and its KCS interface
+  (see vmwire_args);
 * with ``bare_metal_identity``, SMBIOS strings from the config and no VM markers (see identity_args);
 
 and after them the disks the BMC made for the machine, its Redfish Volumes (see volume_args).
@@ -54,6 +56,8 @@ class RuntimeFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.qmp = directory / "qmp.sock"
+        self.ipmi = directory / "ipmi.sock"
+        """QEMU's ipmi-bmc-extern chardev (QEMU listens, the machine service connects): in-band IPMI."""
         self.serial = directory / "serial"
         """The serial port's pipes: ``serial.out`` (what the machine writes) and ``serial.in``."""
         self.serial_log = directory / "serial.log"
@@ -78,11 +82,12 @@ class RuntimeFiles:
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory.chmod(0o700)  # made by an older version or another umask: its sockets are no one else's
         for pipe in (self.serial.with_suffix(".in"), self.serial.with_suffix(".out")):
             if not pipe.is_fifo():
                 pipe.unlink(missing_ok=True)
                 os.mkfifo(pipe, 0o600)
-        longest = len(str(self.qmp))
+        longest = max(len(str(self.qmp)), len(str(self.ipmi)))
         if longest > UNIX_PATH_MAX:
             raise LaunchError(f"runtime directory {self.directory} is too long for a unix socket path "
                               f"({longest} > {UNIX_PATH_MAX} bytes): set a shorter runtime_dir")
@@ -303,20 +308,24 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | Non
     ]
     if "-uuid" not in user_args:
         argv += ["-uuid", machine_uuid(vm, files)]
-    argv += vmwire_args(vm)
+    argv += vmwire_args(vm, files)
     argv += identity_args(vm)
     return argv + user_args + (volume_args(profile.volumes) if profile is not None else [])
 
 
-def vmwire_args(vm: VmConfig) -> list[str]:
-    """With a ``vmwire`` address, an IPMI KCS interface whose BMC is the VM-wire service: QEMU
-    connects to it, and reconnects every second while it is not there. Not when the operator's
-    own arguments have an ipmi-bmc-extern device already."""
-    if vm.vmwire is None or any("ipmi-bmc-extern" in arg for arg in vm.argv):
+def owns_ipmi_chardev(vm: VmConfig) -> bool:
+    """The launcher gives the machine its in-band IPMI interface (see vmwire_args)."""
+    return vm.mode == "managed" and vm.inband and not any("ipmi-bmc-extern" in arg for arg in vm.argv)
+
+
+def vmwire_args(vm: VmConfig, files: RuntimeFiles) -> list[str]:
+    """With in-band IPMI, an IPMI KCS interface whose BMC is behind a unix socket of the runtime
+    directory: QEMU listens on it, the machine service connects and carries the frames over the
+    bus to the VM-wire service (no TCP port, nothing another user can reach). Not when the
+    operator's own arguments have an ipmi-bmc-extern device already."""
+    if not owns_ipmi_chardev(vm):
         return []
-    host, port = vm.vmwire
-    return ["-chardev", f"socket,id={IPMI_CHARDEV},host={'127.0.0.1' if host == '0.0.0.0' else host},port={port},"
-                        "reconnect=1",
+    return ["-chardev", f"socket,id={IPMI_CHARDEV},path={qemu_escape(str(files.ipmi))},server=on,wait=off",
             "-device", f"ipmi-bmc-extern,id=qbmc-bmc0,chardev={IPMI_CHARDEV}",
             "-device", "isa-ipmi-kcs,bmc=qbmc-bmc0"]
 
@@ -445,7 +454,7 @@ def running_pid(files: RuntimeFiles) -> int | None:
 
 def _launch_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile) -> list[str]:
     files.prepare()
-    for stale in (files.pid, files.qmp):
+    for stale in (files.pid, files.qmp, files.ipmi):
         stale.unlink(missing_ok=True)
     argv = managed_argv(vm, files, profile)
     save_profile(files, profile)

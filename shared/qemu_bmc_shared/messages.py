@@ -24,6 +24,7 @@ Privilege = Annotated[int, msgspec.Meta(ge=1, le=15)]
 Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
 UserName = Annotated[str, msgspec.Meta(max_length=16)]
 Password = Annotated[str, msgspec.Meta(max_length=20)]
+SourceAddress = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class Message(msgspec.Struct, forbid_unknown_fields=True):
@@ -452,6 +453,38 @@ class ConsoleWritten(Message):
     written: int
 
 
+# ---------------------------------------------------------------- VM-wire service (in-band IPMI over the bus)
+
+class VmWireFrame(Message):
+    """A message frame QEMU's ``ipmi-bmc-extern`` device sent on a managed machine's in-band link
+    (``vmwire.frame``), as it came: escapes kept, its end marker included. ``link`` names the
+    connection (a new one at every connect), ``number`` counts its frames: a retry of an
+    unanswered frame sends the same pair, and the VM-wire service that runs it still answers it
+    without running it twice. ``enables``: the system interface's BMC Global Enables (IPMI v2.0
+    §22.1), which the link keeps, so that any VM-wire service (a restarted one, a replica) has them."""
+
+    link: Annotated[str, msgspec.Meta(max_length=64)]
+    number: int
+    frame: Annotated[bytes, msgspec.Meta(max_length=605)]  # vmwire.MAX_WIRE_FRAME
+    enables: Byte = 0x08
+
+
+class VmWireGreeting(Message):
+    """The bytes QEMU gets when its in-band link (re)connects (``vmwire.greeting``), for the
+    link's BMC Global Enables."""
+
+    enables: Byte = 0x08
+
+
+class VmWireAnswer(Message):
+    """What to write back to QEMU's chardev: a response frame and any control commands (the
+    interrupt enable), or nothing for a malformed frame (QEMU answers the guest 0xC3 itself);
+    and the link's BMC Global Enables after the request."""
+
+    data: bytes
+    enables: Byte
+
+
 # ---------------------------------------------------------------- state service
 
 class UserChannelAccess(Message):
@@ -480,6 +513,8 @@ class User(Message):
     password_change_required: bool = False
     """The user must change its password before anything else (Redfish ManagerAccount
     PasswordChangeRequired); any new password clears it."""
+    password_changes: int = 0
+    """Grows with every change of the password: a session made before it ends."""
 
 
 class UserList(Message):
@@ -518,16 +553,69 @@ class PasswordSet(Message):
 
 
 class PasswordCheck(Message):
-    """Check a password by slot or by user name (exactly one of the two)."""
+    """Check a password by slot or by user name (exactly one of the two). With ``source`` (the
+    client's address) the check is a login: refused while that user is locked out from that
+    source, and counted towards the lockout when it fails (see :class:`AccountPolicy`)."""
 
     password: Password
     slot: UserSlot | None = None
     name: UserName | None = None
+    source: SourceAddress | None = None
 
 
 class PasswordCheckResult(Message):
     ok: bool
     user: User | None = None
+    locked: bool = False
+    """Refused without checking: the user is locked out from this source."""
+
+
+class AccountPolicy(Message):
+    """A machine's account policy (Redfish AccountService; the IPMI front-ends apply it too)."""
+
+    lockout_threshold: int = 5
+    """Failed logins of one user from one source that lock it out from there (0: never)."""
+    lockout_duration: int = 60
+    """Seconds the first lockout lasts; each following one, without a success between, twice as long
+    (at most 16 times)."""
+    lockout_reset_after: int = 60
+    """Seconds after a user's last failed login from a source that its failure count restarts."""
+    min_password_length: int = 8
+
+
+class AccountPolicyUpdate(Message):
+    lockout_threshold: Annotated[int, msgspec.Meta(ge=0, le=1000)] | UnsetType = UNSET
+    lockout_duration: Annotated[int, msgspec.Meta(ge=0, le=86400)] | UnsetType = UNSET
+    lockout_reset_after: Annotated[int, msgspec.Meta(ge=0, le=86400)] | UnsetType = UNSET
+    min_password_length: Annotated[int, msgspec.Meta(ge=1, le=20)] | UnsetType = UNSET
+
+
+class LoginAttempt(Message):
+    """May ``name`` try to log in from ``source`` now? With no source: is it locked out anywhere?"""
+
+    name: str
+    source: SourceAddress | None = None
+
+
+class LoginOutcome(Message):
+    """A login a front-end checked itself (RAKP, IPMI 1.5 auth codes): a failure counts towards the
+    lockout of (name, source), a success clears it."""
+
+    name: str
+    source: SourceAddress
+    ok: bool
+
+
+class LoginVerdict(Message):
+    allowed: bool
+    retry_after: float = 0.0
+    """Seconds until the lockout ends (0 when allowed)."""
+
+
+class LoginUnlock(Message):
+    """End every lockout of a user (an administrator's ManagerAccount ``Locked: false``)."""
+
+    name: UserName
 
 
 class CredentialsRequest(Message):

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +24,7 @@ from .config import Config, ConfigError, load
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 NATS_URL_FILE = "nats.url"
+WILDCARDS = {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")}
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
@@ -85,3 +90,81 @@ def run_service(name: str, args: argparse.Namespace, serve: Callable[[Client, Co
                 await nc.drain()
 
     run(main)
+
+
+# ---------------------------------------------------------------------- listeners that cannot bind
+
+
+def _proc_net_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``0100007F:1A0A`` (IPv4) or 32 hex digits (IPv6) from /proc/net/*: 32-bit words in host order."""
+    address, port = text.split(":")
+    words = [int(address[i:i + 8], 16) for i in range(0, len(address), 8)]
+    packed = struct.pack(f"={len(words)}I", *words)
+    found = ipaddress.ip_address(packed)
+    if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped:
+        return found.ipv4_mapped, int(port, 16)
+    return found, int(port, 16)
+
+
+def address_holder(protocol: str, host: str, port: int) -> int | None:
+    """The pid of a process that has a ``protocol`` ("udp" or "tcp") socket bound to (listening on,
+    for TCP) ``host:port`` or to the wildcard address on that port: the socket's inode in
+    /proc/net/{udp,tcp}{,6}, then the process with that inode among its file descriptors. None
+    when not found (another user's process, or another network namespace)."""
+    try:
+        wanted = ipaddress.ip_address(host or "0.0.0.0")
+    except ValueError:
+        return None
+    inodes = set()
+    for table in (protocol, protocol + "6"):
+        try:
+            lines = Path("/proc/net", table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or (protocol == "tcp" and fields[3] != "0A"):  # 0A: LISTEN
+                continue
+            with contextlib.suppress(ValueError):
+                address, bound_port = _proc_net_address(fields[1])
+                if bound_port == port and (address == wanted or address in WILDCARDS or wanted in WILDCARDS):
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for descriptor in (process / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(descriptor) in inodes:
+                        return int(process.name)
+    return None
+
+
+def bind_failure(exc: OSError, protocol: str, host: str, port: int) -> str:
+    """Why ``host:port`` could not be bound, in words, naming the process that holds it:
+    ``address in use (held by pid 1234)``."""
+    if exc.errno is None and isinstance(exc.__cause__, OSError):  # uvloop: "could not bind to local_addr"
+        exc = exc.__cause__
+    if exc.errno == errno.EADDRINUSE:
+        holder = address_holder(protocol, host, port)
+        return "address in use" + (f" (held by pid {holder})" if holder else " (by a process not visible here)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available (not an address of this host)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (a port below 1024 needs root or CAP_NET_BIND_SERVICE)"
+    return (exc.strerror or str(exc)).lower()
+
+
+def unserved_key(kind: str, machine: str | None = None) -> str:
+    """The service metadata key that tells an address a service should serve and cannot:
+    ``unserved.<kind>.<machine>`` (``unserved.redfish``); its value is ``<host>:<port>: <reason>``."""
+    return f"unserved.{kind}" + (f".{machine}" if machine else "")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (IPv6 when ``host`` is), for a server given it
+    ready-made, so that a failure to bind is the caller's to report."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)

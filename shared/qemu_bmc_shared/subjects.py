@@ -39,6 +39,11 @@ WATCHDOG_PRETIMEOUT_CLEAR = "watchdog.pretimeout.clear"
 CONSOLE_GET = "console.get"
 CONSOLE_IN = "console.in"
 
+# VM-wire service: a managed machine's in-band IPMI, which the machine service carries over the
+# bus (one endpoint per machine of the service's config, queue group: any replica answers).
+VMWIRE_FRAME = "vmwire.frame"
+VMWIRE_GREETING = "vmwire.greeting"
+
 # State service (one wildcard endpoint each, queue group, for every machine).
 USERS_LIST = "state.users.list"
 USERS_GET = "state.users.get"
@@ -47,6 +52,11 @@ USERS_ACCESS = "state.users.access"
 USERS_PASSWORD = "state.users.password"
 USERS_CHECK = "state.users.check"
 USERS_CREDENTIALS = "state.users.credentials"
+LOGIN_CHECK = "state.login.check"
+LOGIN_RESULT = "state.login.result"
+LOGIN_UNLOCK = "state.login.unlock"
+ACCOUNT_POLICY_GET = "state.policy.get"
+ACCOUNT_POLICY_SET = "state.policy.set"
 CHANNEL_GET = "state.channel.get"
 CHANNEL_SET = "state.channel.set"
 LAN_GET = "state.lan.get"
@@ -78,8 +88,10 @@ MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, BOOT_OPTIONS, MED
                      FIRMWARE_UPDATE, FIRMWARE_UPDATES, SYSTEM_GET, WATCHDOG_GET, WATCHDOG_SET,
                      WATCHDOG_RESET, WATCHDOG_PRETIMEOUT_CLEAR, CONSOLE_GET, CONSOLE_IN)
 STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
-                   USERS_CREDENTIALS, CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
+                   USERS_CREDENTIALS, LOGIN_CHECK, LOGIN_RESULT, LOGIN_UNLOCK, ACCOUNT_POLICY_GET, ACCOUNT_POLICY_SET,
+                   CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
                    KG_GET, KG_SET, CHASSIS_GET, CHASSIS_SET, MANAGER_GET, MANAGER_SET, SEL_GET, SEL_ADD, SEL_CLEAR)
+VMWIRE_ENDPOINTS = (VMWIRE_FRAME, VMWIRE_GREETING)
 EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA, EVENT_WATCHDOG, EVENT_STATE, CONSOLE_OUT)
 
 

@@ -9,6 +9,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from qemu_bmc_shared import subjects
+from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.ipmi import Completion, Context, IpmiError, NetFn, Privilege, Registry
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL, expect_length, lan_channel
 from qemu_bmc_shared.ipmi.transport import SOL_PARAMS
@@ -35,20 +36,35 @@ def session_of(context: Context) -> Session:
     return context.session
 
 
+#: Get Session Challenge completion codes (§22.16)
+INVALID_USER_NAME, NULL_USER_DISABLED = 0x81, 0x82
+#: Activate Session completion codes (§22.17)
+NO_SESSION_SLOT, INVALID_SESSION_ID, PRIVILEGE_ABOVE_LIMIT = 0x81, 0x85, 0x86
+
+
 @command(NetFn.APP, 0x39, Privilege.CALLBACK, sessionless=True)
 async def get_session_challenge(context: Context, data: bytes) -> bytes:
-    """Get Session Challenge (§22.16): a temporary IPMI 1.5 session and its challenge."""
+    """Get Session Challenge (§22.16): a pending IPMI 1.5 session and its challenge, for an
+    authentication type ``[ipmi] auth_types`` allows (others: 0xCC) and a user that may log in from
+    the requester's address now (0x81 for an unknown, disabled or locked-out name; 0x82 for the
+    null user); 0xC0 when the state service cannot tell."""
     expect_length(data, 17, 17)
     auth_type, name = data[0] & 0x0F, data[1:17].rstrip(b"\0")
     server = server_of(context)
-    allowed = {framing.AUTH_MD5, framing.AUTH_PASSWORD} | ({framing.AUTH_NONE} if server.options.auth_none else set())
-    if auth_type not in allowed:
+    if auth_type not in server.auth_types:
         raise IpmiError(Completion.INVALID_FIELD, "authentication type not enabled")
-    found = None if server.guard.locked(name) else await server.user(name)
+    address: tuple[str, int] = context.extra["address"]
+    try:
+        verdict, found = await asyncio.gather(server.login_allowed(name, address[0]), server.user(name))
+    except BusError as exc:
+        raise IpmiError(Completion.NODE_BUSY, f"the login cannot be checked: {exc}") from None
+    if not verdict.allowed:
+        raise IpmiError(INVALID_USER_NAME, f"locked out from {address[0]} for {verdict.retry_after:.0f} s")
     if found is None:
-        server.guard.failed(name)
-        raise IpmiError(0x81 if name else 0x82, "invalid user name" if name else "null user not enabled")
-    session = server.sessions.open(0, False, ("", 0))
+        await server.record_login(name, address[0], False)
+        raise IpmiError(INVALID_USER_NAME if name else NULL_USER_DISABLED,
+                        "invalid user name" if name else "null user not enabled")
+    session = server.sessions.open(0, False, address)
     if session is None:
         raise IpmiError(Completion.OUT_OF_SPACE, "no session slot")
     credentials, limit = found
@@ -65,17 +81,19 @@ async def activate_session(context: Context, data: bytes) -> bytes:
     must match. The session starts at the requested maximum privilege."""
     expect_length(data, 22, 22)
     session = session_of(context)
+    server = server_of(context)
     if session.v2 or session.active:
         raise IpmiError(Completion.NOT_SUPPORTED_IN_STATE)
     auth_type, requested = data[0] & 0x0F, data[1] & 0x0F
-    if auth_type != session.auth_type:
-        raise IpmiError(0x84, "authentication type does not match the challenge")
+    if auth_type != session.auth_type or auth_type not in server.auth_types:
+        raise IpmiError(Completion.INVALID_FIELD, "authentication type does not match the challenge or is not enabled")
     if data[2:18] != session.challenge:
-        raise IpmiError(0x85, "invalid session challenge")
+        raise IpmiError(INVALID_SESSION_ID, "invalid session challenge")
     if not Privilege.CALLBACK <= requested <= Privilege.ADMINISTRATOR or requested > session.max_privilege:
-        raise IpmiError(0x86, "requested privilege exceeds the user's or channel's limit")
-    server_of(context).guard.succeeded(session.user_name)
-    session.active = True
+        raise IpmiError(PRIVILEGE_ABOVE_LIMIT, "requested privilege exceeds the user's or channel's limit")
+    if not server.sessions.establish(session):
+        raise IpmiError(NO_SESSION_SLOT, "no session slot available")
+    server.in_background(server.record_login(session.user_name, session.source, True))
     session.max_privilege = session.privilege = Privilege(requested)
     session.outbound = (struct.unpack("<I", data[18:22])[0] - 1) & 0xFFFFFFFF
     first_inbound = secrets.randbits(31) + 1
@@ -108,7 +126,7 @@ async def close_session(context: Context, data: bytes) -> bytes:
     if bmc_id == 0:
         if len(data) < 5:
             raise IpmiError(Completion.LENGTH_INVALID)
-        target = next((s for s in server.sessions.sessions.values() if s.handle == data[4] and s.active), None)
+        target = next((s for s in server.sessions.active if s.handle == data[4]), None)
         if target is None:
             raise IpmiError(0x88, "invalid session handle")
     else:

@@ -12,20 +12,36 @@ import logging
 import os
 import struct
 import time
+from collections import Counter
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
+import msgspec
+import nats.errors
 from nats.aio.client import Client
 from qemu_bmc_shared import subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.bus import request as bus_request
-from qemu_bmc_shared.config import IpmiConfig
+from qemu_bmc_shared.config import IPMI_AUTH_TYPES, IpmiConfig
 from qemu_bmc_shared.ipmi import Completion, Context, Privilege, Registry, Request, Response
 from qemu_bmc_shared.ipmi.core import CIPHER_SUITES, LAN_CHANNEL, StateReads
-from qemu_bmc_shared.ipmi.transport import front_end
-from qemu_bmc_shared.messages import ChannelAccess, ChannelRef, Credentials, CredentialsRequest, KgKey
+from qemu_bmc_shared.ipmi.transport import LAN_PARAMS, cipher_suite_privileges, front_end
+from qemu_bmc_shared.messages import (
+    ChannelAccess,
+    ChannelRef,
+    Credentials,
+    CredentialsRequest,
+    KgKey,
+    LanConfig,
+    LanRef,
+    LoginAttempt,
+    LoginOutcome,
+    LoginVerdict,
+)
 
 from . import crypto, framing
 from .framing import FrameError
-from .sessions import LoginGuard, Session, SessionTable
+from .sessions import Session, SessionTable
 from .sol import SolSession
 
 log = logging.getLogger(__name__)
@@ -46,6 +62,14 @@ STATUS_NO_CIPHER_SUITE_MATCH = 0x11
 STATUS_ILLEGAL_PARAMETER = 0x12
 
 MAX_PENDING_PACKETS = 256
+#: Datagrams of one source address handled at once at most: a flood from one address cannot take
+#: every place of ``MAX_PENDING_PACKETS``.
+MAX_PENDING_PER_SOURCE = 64
+#: Seconds a login waits for the state service (the user, K_G, the lockout) before it is refused as
+#: "no resources": well within a console's retry time-out.
+LOGIN_BUS_TIMEOUT = 3.0
+
+T = TypeVar("T", bound=msgspec.Struct)
 
 
 def machine_guid(machine: str) -> bytes:
@@ -61,13 +85,17 @@ class LanServer(asyncio.DatagramProtocol):
         self.options = options
         self.sessions = SessionTable(options.max_sessions, options.session_timeout, self.handshake_abandoned)
         self.state = StateReads()
-        self.guard = LoginGuard(options.lockout_failures, options.lockout_window, options.lockout_time)
         self.guid = machine_guid(machine)
         self.extra: dict[str, object] = {"lan": self, **front_end(options)}
         """What the command layer may know of this front-end (see ipmi.transport and ipmi.app)."""
-        self.cipher_suites = {suite: CIPHER_SUITES[suite] for suite in self.extra["cipher_suites"]}  # type: ignore
+        self.cipher_suites = {suite: CIPHER_SUITES[suite] for suite in options.cipher_suites}
+        self.auth_types = {IPMI_AUTH_TYPES[name] for name in options.auth_types}
+        """The IPMI 1.5 session authentication types allowed (session header codes, §13.6)."""
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: set[asyncio.Task[None]] = set()
+        self.pending_by_source: Counter[str] = Counter()
+        self.background: set[asyncio.Task[Any]] = set()
+        """Login outcomes being recorded in the state service."""
         self.sol: SolSession | None = None
         """The active Serial over LAN payload instance (one per machine), see sol.py."""
 
@@ -78,11 +106,19 @@ class LanServer(asyncio.DatagramProtocol):
         self.extra.update(front_end(self.options, (transport.get_extra_info("sockname") or ("0.0.0.0", 623))[:2]))
 
     def datagram_received(self, data: bytes, address: tuple[str, int]) -> None:
-        if len(self.pending) >= MAX_PENDING_PACKETS:
+        source = address[0]
+        if len(self.pending) >= MAX_PENDING_PACKETS or self.pending_by_source[source] >= MAX_PENDING_PER_SOURCE:
             return  # overloaded: drop, as a busy BMC does; clients retry
         task = asyncio.ensure_future(self.handle(data, address))
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        self.pending_by_source[source] += 1
+        task.add_done_callback(lambda done: self._handled(done, source))
+
+    def _handled(self, task: asyncio.Task[None], source: str) -> None:
+        self.pending.discard(task)
+        self.pending_by_source[source] -= 1
+        if self.pending_by_source[source] <= 0:
+            del self.pending_by_source[source]
 
     def send(self, packet: bytes, address: tuple[str, int]) -> None:
         if self.transport is not None:
@@ -106,8 +142,8 @@ class LanServer(asyncio.DatagramProtocol):
         except Exception:
             log.exception("%s: packet from %s", self.machine, address)
 
-    async def run(self, session: Session | None, message: framing.LanMessage) -> bytes:
-        """Run one IPMI request; the LAN response message."""
+    async def run(self, session: Session | None, message: framing.LanMessage, address: tuple[str, int]) -> bytes:
+        """Run one IPMI request from ``address``; the LAN response message."""
         command = self.registry.find(message.netfn, message.cmd)
         if session is None and (command is None or not command.sessionless):
             completion = Completion.INVALID_COMMAND if command is None else Completion.INSUFFICIENT_PRIVILEGE
@@ -116,7 +152,8 @@ class LanServer(asyncio.DatagramProtocol):
         context = Context(machine=self.machine, nc=self.nc, channel=LAN_CHANNEL,
                           privilege=session.privilege if session else Privilege.ADMINISTRATOR,
                           user_slot=session.user_slot if session else None, session=session,
-                          extra={**self.extra, "active_sessions": len(self.sessions.active)}, reads=self.state)
+                          extra={**self.extra, "active_sessions": len(self.sessions.active), "address": address},
+                          reads=self.state)
         request = Request(message.netfn, message.cmd, message.data, message.responder_lun)
         if session is None:
             response = await self.registry.dispatch(context, request)
@@ -149,15 +186,28 @@ class LanServer(asyncio.DatagramProtocol):
 
     # ------------------------------------------------------------------ users
 
+    async def ask(self, operation: str, message: msgspec.Struct | None, reply_type: type[T]) -> T:
+        """A state service request of a login: :class:`BusError` ``unavailable`` at once while the
+        bus is down (a request would wait for the reconnection), ``timeout`` after
+        ``LOGIN_BUS_TIMEOUT``."""
+        if not self.nc.is_connected:
+            raise BusError("unavailable", "the bus is unreachable")
+        try:
+            return await bus_request(self.nc, self.machine, operation, message, reply_type, timeout=LOGIN_BUS_TIMEOUT)
+        except nats.errors.Error as exc:
+            raise BusError("unavailable", f"the bus: {exc}") from None
+
     async def user(self, name: bytes) -> tuple[Credentials, int] | None:
         """The user with this name (empty: the null user) and its privilege limit on the LAN
         channel, if it may log in over LAN at all: not while it must change its password (IPMI
-        cannot tell it so; it is refused as a disabled user is, see docs/ipmi.md)."""
+        cannot tell it so; it is refused as a disabled user is, see docs/ipmi.md). Raises
+        :class:`BusError` when the state service cannot tell."""
         try:
-            credentials, channel = await asyncio.gather(
-                self.state.get(("user", name), lambda: self._credentials(name)), self.channel_access())
-        except (BusError, UnicodeDecodeError):
+            name.decode("ascii")
+        except UnicodeDecodeError:
             return None
+        credentials, channel = await asyncio.gather(
+            self.state.get(("user", name), lambda: self._credentials(name)), self.channel_access())
         if credentials is None:
             return None
         user = credentials.user
@@ -171,25 +221,59 @@ class LanServer(asyncio.DatagramProtocol):
 
     async def _credentials(self, name: bytes) -> Credentials | None:
         try:
-            return await bus_request(self.nc, self.machine, subjects.USERS_CREDENTIALS,
-                                     CredentialsRequest(name=name.decode("ascii")), Credentials)
+            return await self.ask(subjects.USERS_CREDENTIALS, CredentialsRequest(name=name.decode("ascii")),
+                                  Credentials)
         except BusError as exc:
-            if exc.error == "not_found":
+            if exc.error in ("not_found", "bad_request"):  # no such user; a name no user can have
                 return None
             raise
 
     async def channel_access(self) -> ChannelAccess:
-        return await self.state.get("channel", lambda: bus_request(
-            self.nc, self.machine, subjects.CHANNEL_GET, ChannelRef(channel=LAN_CHANNEL), ChannelAccess))
+        return await self.state.get("channel", lambda: self.ask(
+            subjects.CHANNEL_GET, ChannelRef(channel=LAN_CHANNEL), ChannelAccess))
 
     async def kg(self) -> bytes | None:
-        try:
-            return await self.state.get("kg", self._kg)
-        except BusError:
-            return None
+        return await self.state.get("kg", self._kg)
 
     async def _kg(self) -> bytes | None:
-        return (await bus_request(self.nc, self.machine, subjects.KG_GET, None, KgKey)).key
+        return (await self.ask(subjects.KG_GET, None, KgKey)).key
+
+    async def suite_privilege_limit(self, suite: int) -> int:
+        """The highest privilege a session of this cipher suite may have: LAN parameter 24 (§23.2,
+        nibble n for suite id n; 0 when the suite is unused); suites above 15 have no nibble, no limit."""
+        if suite > 15:
+            return Privilege.OEM
+        params = (await self.state.get("lan", lambda: self.ask(subjects.LAN_GET, LanRef(channel=LAN_CHANNEL),
+                                                                  LanConfig))).params
+        stored = params.get(24)
+        if stored is None or len(stored) != LAN_PARAMS[24].size:
+            return Privilege.ADMINISTRATOR  # the default: Administrator for every offered suite
+        return cipher_suite_privileges(stored)[suite]
+
+    # ------------------------------------------------------------------ login lockout (state service)
+
+    async def login_allowed(self, name: bytes, source: str) -> LoginVerdict:
+        """May ``name`` try to log in from ``source`` now (the lockout is the state service's, per
+        user and source, shared by every front-end and replica)? Raises :class:`BusError`."""
+        return await self.ask(subjects.LOGIN_CHECK, LoginAttempt(name=_text(name), source=source), LoginVerdict)
+
+    async def record_login(self, name: bytes, source: str, ok: bool) -> None:
+        """Count a login this front-end checked itself (RAKP 3, IPMI 1.5 auth codes)."""
+        try:
+            verdict = await self.ask(subjects.LOGIN_RESULT, LoginOutcome(name=_text(name), source=source, ok=ok),
+                                     LoginVerdict)
+        except BusError as exc:
+            log.warning("%s: the login of user %r from %s could not be recorded: %s", self.machine, _text(name),
+                        source, exc)
+            return
+        if not verdict.allowed:
+            log.warning("%s: user %r is locked out from %s for %.0f s", self.machine, _text(name), source,
+                        verdict.retry_after)
+
+    def in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     # ------------------------------------------------------------------ IPMI 1.5
 
@@ -199,7 +283,7 @@ class LanServer(asyncio.DatagramProtocol):
         if packet.session_id == 0:
             if packet.auth_type != framing.AUTH_NONE:
                 return
-            response = await self.run(None, message)
+            response = await self.run(None, message, address)
             self.send(framing.build_v15(framing.AUTH_NONE, 0, 0, b"", response), address)
             return
         session = self.sessions.get(packet.session_id)
@@ -208,8 +292,8 @@ class LanServer(asyncio.DatagramProtocol):
         if not self.v15_authentic(session, packet):
             log.warning("%s: IPMI 1.5 packet with a bad auth code from %s", self.machine, address)
             if not session.active:  # Activate Session with another password: a failed login
-                self.guard.failed(session.user_name)
                 self.sessions.close(session.bmc_id)
+                await self.record_login(session.user_name, address[0], False)
             return
         if session.active:
             if not session.inbound.accept(packet.sequence):
@@ -217,10 +301,10 @@ class LanServer(asyncio.DatagramProtocol):
         elif not (message.netfn == 0x06 and message.cmd == 0x3A):
             return  # only Activate Session on a session that is not active yet
         session.last_activity = time.monotonic()
-        response = await self.run(session, message)
+        response = await self.run(session, message, address)
         # outbound numbers start with the Activate Session response (at the number the console
         # asked for); a refused activation and a closed session answer with 0
-        sequence = session.next_outbound() if session.active and session.bmc_id in self.sessions.sessions else 0
+        sequence = session.next_outbound() if session.bmc_id in self.sessions.established else 0
         session_id = packet.session_id
         code = b""
         if session.auth_type != framing.AUTH_NONE:
@@ -247,7 +331,7 @@ class LanServer(asyncio.DatagramProtocol):
             elif header.payload_type == framing.PAYLOAD_RAKP3:
                 await self.rakp3(header.payload, address)
             elif header.payload_type == framing.PAYLOAD_IPMI and not header.authenticated:
-                response = await self.run(None, framing.parse_lan_message(header.payload))
+                response = await self.run(None, framing.parse_lan_message(header.payload), address)
                 self.send(framing.build_v20(framing.PAYLOAD_IPMI, 0, 0, response), address)
             return
         session = self.sessions.get(header.session_id)
@@ -275,7 +359,7 @@ class LanServer(asyncio.DatagramProtocol):
             return
         if packet.payload_type != framing.PAYLOAD_IPMI:
             return
-        response = await self.run(session, framing.parse_lan_message(payload))
+        response = await self.run(session, framing.parse_lan_message(payload), address)
         self.send_v20(session, framing.PAYLOAD_IPMI, response, address)
 
     async def close(self) -> None:
@@ -296,7 +380,9 @@ class LanServer(asyncio.DatagramProtocol):
         self.send(framing.build_v20(payload_type, 0, 0, payload), address)
 
     async def open_session(self, payload: bytes, address: tuple[str, int]) -> None:
-        """RMCP+ Open Session Request → Response (IPMI v2.0 §13.17, §13.18)."""
+        """RMCP+ Open Session Request → Response (IPMI v2.0 §13.17, §13.18): only the cipher suites
+        ``[ipmi] cipher_suites`` enables, a session at most at the privilege LAN parameter 24 gives
+        its suite. The session is pending (sessions.py) until RAKP 3 proves the password."""
         if len(payload) < 32:
             raise FrameError("short Open Session Request")
         tag, requested = payload[0], payload[1] & 0x0F
@@ -310,20 +396,27 @@ class LanServer(asyncio.DatagramProtocol):
         suites = self.cipher_suites
         if not any(algorithms[0] == auth for algorithms in suites.values()):
             return self.open_session_failure(tag, STATUS_INVALID_AUTH_ALGORITHM, console_id, address)
-        if (auth, integrity, confidentiality) not in suites.values():
+        suite = next((suite for suite, algorithms in suites.items() if list(algorithms) == proposed), None)
+        if suite is None:
             status = STATUS_INVALID_INTEGRITY_ALGORITHM if not any(
                 a[:2] == (auth, integrity) for a in suites.values()) else STATUS_INVALID_CONFIDENTIALITY_ALGORITHM
             return self.open_session_failure(tag, status, console_id, address)
         if requested > Privilege.OEM:
             return self.open_session_failure(tag, STATUS_INVALID_ROLE, console_id, address)
+        try:
+            channel, suite_limit = await asyncio.gather(self.channel_access(), self.suite_privilege_limit(suite))
+            limit = Privilege(min(channel.privilege_limit, suite_limit)) if suite_limit else None
+        except (BusError, ValueError) as exc:
+            log.warning("%s: Open Session from %s refused: the state service cannot tell the limits (%s)",
+                        self.machine, address, exc)
+            return self.open_session_failure(tag, STATUS_NO_RESOURCES, console_id, address)
+        if limit is None:  # parameter 24 marks the suite unused
+            return self.open_session_failure(tag, STATUS_NO_CIPHER_SUITE_MATCH, console_id, address)
         session = self.sessions.open(struct.unpack("<I", console_id)[0], True, address)
         if session is None:
             return self.open_session_failure(tag, STATUS_NO_RESOURCES, console_id, address)
         session.keys = crypto.SessionKeys(auth, integrity, confidentiality)
-        try:
-            limit = Privilege((await self.channel_access()).privilege_limit)
-        except (BusError, ValueError):
-            limit = Privilege.ADMINISTRATOR
+        session.cipher_suite = suite
         session.max_privilege = Privilege(min(requested or limit, limit))
         response = bytes([tag, STATUS_OK, session.max_privilege, 0]) + console_id + struct.pack("<I", session.bmc_id)
         response += algorithm_payload(0, auth) + algorithm_payload(1, integrity) + algorithm_payload(2, confidentiality)
@@ -334,7 +427,8 @@ class LanServer(asyncio.DatagramProtocol):
                               bytes([tag, status, 0, 0]) + console_id, address)
 
     async def rakp1(self, payload: bytes, address: tuple[str, int]) -> None:
-        """RAKP Message 1 → 2 (IPMI v2.0 §13.20, §13.21)."""
+        """RAKP Message 1 → 2 (IPMI v2.0 §13.20, §13.21). A user locked out from this source, unknown
+        or disabled gets status 0x0D; a login the state service cannot check, 0x01 (no resources)."""
         if len(payload) < 28:
             raise FrameError("short RAKP 1")
         tag = payload[0]
@@ -349,12 +443,25 @@ class LanServer(asyncio.DatagramProtocol):
         requested = Privilege(role & 0x0F) if role & 0x0F in (1, 2, 3, 4, 5) else None
         if requested is None:
             return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_INVALID_ROLE, session, address)
-        self.sessions.sweep_abandoned(name)
-        found, kg = (None, None) if self.guard.locked(name) else await asyncio.gather(self.user(name), self.kg())
+        source = address[0]
+        for abandoned in self.sessions.sweep_abandoned(name):  # counted before this login is checked
+            await self.record_login(name, abandoned.source, False)
+            self.log_abandoned(abandoned)
+        try:
+            verdict, found, kg = await asyncio.gather(self.login_allowed(name, source), self.user(name), self.kg())
+        except BusError as exc:
+            log.warning("%s: RAKP 1 from %s for user %r refused: the login cannot be checked (%s)", self.machine,
+                        address, _text(name), exc)
+            return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_NO_RESOURCES, session, address)
+        if not verdict.allowed:
+            log.warning("%s: RAKP 1 from %s for user %r refused: locked out from there for %.0f s more",
+                        self.machine, address, _text(name), verdict.retry_after)
+            return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_UNAUTHORIZED_NAME, session, address)
         if found is None:
-            self.guard.failed(name)
-            log.warning("%s: RAKP 1 from %s for unknown, disabled or locked-out user %r (or one that must change "
-                        "its password)", self.machine, address, name.decode("ascii", "replace"))
+            log.warning("%s: RAKP 1 from %s for unknown or disabled user %r (or one that must change its "
+                        "password)", self.machine, address, _text(name))
+            self.sessions.close(session.bmc_id)
+            await self.record_login(name, source, False)  # counted before the console hears of it
             return self.rakp_failure(framing.PAYLOAD_RAKP2, tag, STATUS_UNAUTHORIZED_NAME, session, address)
         credentials, limit = found
         if requested > limit or requested > session.max_privilege:
@@ -389,28 +496,31 @@ class LanServer(asyncio.DatagramProtocol):
         console_id = struct.pack("<I", session.console_id)
         if not keys.rakp3_valid(payload[8:], session.password, console_id, session.bmc_random, session.role,
                                 session.user_name):
-            self.guard.failed(session.user_name)
-            self.sessions.close(session.bmc_id)
             log.warning("%s: failed RMCP+ login of user %r from %s (wrong password)", self.machine,
-                        session.user_name.decode("ascii", "replace"), address)
+                        _text(session.user_name), address)
+            self.sessions.close(session.bmc_id)
+            await self.record_login(session.user_name, address[0], False)  # counted before the console hears
             return self.rakp_failure(framing.PAYLOAD_RAKP4, tag, STATUS_INVALID_INTEGRITY_CHECK, session, address)
-        self.guard.succeeded(session.user_name)
+        if not self.sessions.establish(session):
+            return self.rakp_failure(framing.PAYLOAD_RAKP4, tag, STATUS_NO_RESOURCES, session, address)
         keys.derive(session.kg or session.password, session.console_random, session.bmc_random, session.role,
                     session.user_name)
-        session.active = True
         session.privilege = session.max_privilege
-        session.last_activity = time.monotonic()
         code = keys.rakp4_code(session.console_random, struct.pack("<I", session.bmc_id), self.guid)
         self.send_unsessioned(framing.PAYLOAD_RAKP4, bytes([tag, STATUS_OK, 0, 0]) + console_id + code, address)
-        log.info("%s: RMCP+ session for user %r from %s", self.machine, session.user_name.decode("ascii", "replace"),
-                 address)
+        log.info("%s: RMCP+ session for user %r from %s (cipher suite %d)", self.machine, _text(session.user_name),
+                 address, session.cipher_suite)
+        self.in_background(self.record_login(session.user_name, address[0], True))
 
     def handshake_abandoned(self, session: Session) -> None:
         """A console gave up after RAKP 2 (real consoles do when its code shows another password):
         a failed login."""
-        self.guard.failed(session.user_name)
+        self.log_abandoned(session)
+        self.in_background(self.record_login(session.user_name, session.source, False))
+
+    def log_abandoned(self, session: Session) -> None:
         log.warning("%s: failed RMCP+ login of user %r from %s (handshake given up after RAKP 2)", self.machine,
-                    session.user_name.decode("ascii", "replace"), session.address[0])
+                    _text(session.user_name), session.source)
 
     def rakp_failure(self, payload_type: int, tag: int, status: int, session: Session | int,
                      address: tuple[str, int]) -> None:
@@ -418,6 +528,11 @@ class LanServer(asyncio.DatagramProtocol):
         if isinstance(session, Session) and status != STATUS_OK:
             self.sessions.close(session.bmc_id)
         self.send_unsessioned(payload_type, bytes([tag, status, 0, 0]) + console_id, address)
+
+
+def _text(name: bytes) -> str:
+    """A user name as the state service and the logs know it."""
+    return name.decode("ascii", "replace")
 
 
 def algorithm_payload(kind: int, algorithm: int) -> bytes:

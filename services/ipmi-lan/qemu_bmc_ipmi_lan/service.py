@@ -8,7 +8,9 @@ it takes over when they have been free for ``TAKEOVER`` seconds, that is when th
 served them has stopped, and gives them back when a replica of their shard is on the bus again.
 Users, passwords and every other setting are the state service's, so
 nothing is lost when a replica goes. Which replica serves which machine is announced on the bus
-(service metadata ``ipmi.<machine>``)."""
+(service metadata ``ipmi.<machine>``). An address of this replica's share that it cannot bind and
+that no other replica holds (another program has it, or it is not an address of this host) is an
+error: logged at ERROR and announced as ``unserved.ipmi.<machine>``."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import contextlib
 import functools
 import logging
 import zlib
+from pathlib import Path
 
 from nats.aio.client import Client
 from nats.micro.service import Service
@@ -25,7 +28,7 @@ from qemu_bmc_shared import bus, ipmi
 from qemu_bmc_shared.config import Config, VmConfig
 from qemu_bmc_shared.discovery import metadata, service_infos
 from qemu_bmc_shared.ipmi.core import Registry, StateReads, follow_state_changes
-from qemu_bmc_shared.service import argument_parser, run_service
+from qemu_bmc_shared.service import address_holder, argument_parser, bind_failure, run_service, unserved_key
 
 from . import __version__
 from .lan_commands import lan_registry
@@ -55,6 +58,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard, shards
 
 
+def _is_replica(pid: int | None) -> bool:
+    """``pid`` is an IPMI over LAN service process (a replica that holds the address)."""
+    if pid is None:
+        return False
+    with contextlib.suppress(OSError):
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"qemu_bmc_ipmi_lan" in command or b"qemu-bmc-ipmi-lan" in command
+    return False
+
+
 class Endpoints:
     """The UDP endpoints this replica serves, and the announcement of them on the bus."""
 
@@ -64,6 +77,10 @@ class Endpoints:
         self.serving: dict[str, tuple[asyncio.DatagramTransport, LanServer]] = {}
         self.reads: dict[str, StateReads] = {}
         self.free_since: dict[str, float] = {}
+        self.bind_errors: dict[str, OSError] = {}
+        """Machine → why its address (of this replica's share) could not be bound, last time."""
+        self.unserved: dict[str, str] = {}
+        """Machine → ``host:port: reason``, for the addresses of this replica's share nobody serves."""
         self.service: Service | None = None
 
     def own(self, vm: VmConfig) -> bool:
@@ -84,9 +101,12 @@ class Endpoints:
                 transport, server = await loop.create_datagram_endpoint(
                     lambda vm=vm: LanServer(vm.name, self.nc, self.registry, self.config.ipmi), local_addr=vm.ipmi)
             except OSError as exc:
-                log.debug("%s: %s:%d is taken (%s): another replica serves it", vm.name, *vm.ipmi, exc)
+                log.debug("%s: %s:%d cannot be bound (%s)", vm.name, *vm.ipmi, exc)
                 self.free_since[vm.name] = loop.time()
+                if self.own(vm):
+                    self.bind_errors[vm.name] = exc
                 continue
+            self.bind_errors.pop(vm.name, None)
             self.serving[vm.name] = (transport, server)
             self.reads[vm.name] = server.state
             self.free_since.pop(vm.name, None)
@@ -114,6 +134,28 @@ class Endpoints:
             log.info("%s: IPMI over LAN given back to the replica of its shard", name)
         return bool(returned)
 
+    async def check_unserved(self) -> bool:
+        """Work out which addresses of this replica's share nobody serves (not bound here, not
+        announced by another replica, not held by another replica's process); True when that
+        changed. Each newly unserved one is logged at ERROR."""
+        failing = {name: exc for name, exc in self.bind_errors.items() if name not in self.serving}
+        unserved: dict[str, str] = {}
+        if failing:
+            announced = {key.removeprefix("ipmi.") for info in await service_infos(self.nc, SERVICE_NAME)
+                         for key in metadata(info) if key.startswith("ipmi.")}
+            for name, exc in failing.items():
+                host, port = self.config.vms[name].ipmi or ("", 0)
+                if name in announced or _is_replica(address_holder("udp", host, port)):
+                    continue
+                unserved[name] = f"{host}:{port}: {bind_failure(exc, 'udp', host, port)}"
+        for name, problem in unserved.items():
+            if self.unserved.get(name) != problem:
+                log.error("%s: IPMI over LAN %s; trying again every %g s", name, problem, RETRY)
+        for name in self.unserved.keys() - unserved.keys():
+            log.info("%s: IPMI over LAN served now", name)
+        changed, self.unserved = unserved != self.unserved, unserved
+        return changed
+
     @staticmethod
     async def _free(vm: VmConfig) -> bool:
         """The address can be bound now (nobody serves it); tried and released at once."""
@@ -133,7 +175,8 @@ class Endpoints:
         self.service = await bus.serve(
             self.nc, name=SERVICE_NAME, version=__version__, description="IPMI over LAN (RMCP, RMCP+) for each machine",
             endpoints=[], metadata={"machines": ",".join(listening), "shard": "/".join(map(str, self.shard)),
-                                    **{f"ipmi.{name}": address for name, address in listening.items()}})
+                                    **{f"ipmi.{name}": address for name, address in listening.items()},
+                                    **{unserved_key("ipmi", name): why for name, why in self.unserved.items()}})
 
     async def close(self) -> None:
         if self.service is not None:
@@ -147,13 +190,15 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event, shard: tuple[in
     endpoints = Endpoints(nc, config, shard)
     subscription = await follow_state_changes(nc, endpoints.reads)
     await endpoints.bind_what_is_free()
+    await endpoints.check_unserved()
     await endpoints.announce()
     try:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), RETRY)
             except TimeoutError:
-                if await endpoints.give_back() | await endpoints.bind_what_is_free():
+                if (await endpoints.give_back() | await endpoints.bind_what_is_free()
+                        | await endpoints.check_unserved()):
                     await endpoints.announce()
     finally:
         await subscription.unsubscribe()

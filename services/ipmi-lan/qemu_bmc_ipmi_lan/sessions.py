@@ -1,11 +1,21 @@
-"""LAN sessions: a bounded table with idle expiry, sequence windows and login lockout."""
+"""LAN sessions: established sessions in a bounded table with idle expiry, handshakes still being
+opened in their own small table with a per-source quota, and sequence windows.
+
+A session is *pending* from Open Session (RMCP+) or Get Session Challenge (IPMI 1.5) until RAKP 3
+or Activate Session proves the password: anyone who can send a datagram can make one, so pending
+sessions never take a place of the established ones (``capacity``, ``[ipmi] max_sessions``). They
+live ``PENDING_LIFE`` seconds at most, each source address holds at most ``PENDING_PER_SOURCE`` of
+them (a source over its quota loses its own oldest one) and the table at most ``PENDING_CAPACITY``
+(when it is full, the source holding the most loses its oldest): a flood from one address only
+ever evicts that address's own handshakes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import time
-from collections import defaultdict, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,13 +24,15 @@ from qemu_bmc_shared.ipmi import Privilege, Response
 from .crypto import SessionKeys
 
 SEQUENCE_WINDOW = 16
-#: A session still being opened (Open Session, RAKP, Get Session Challenge) is dropped after this long.
-PENDING_TIMEOUT = 10.0
+#: A handshake not finished after this long is dropped: a real console answers within milliseconds.
+PENDING_LIFE = 5.0
+#: Handshakes under way from one source address at most (ipmitool and FreeIPMI open one at a time).
+PENDING_PER_SOURCE = 4
+#: Handshakes under way at most, from every source together.
+PENDING_CAPACITY = 64
 #: A console answers RAKP 2 with RAKP 3 within milliseconds; one that has not after this long has
 #: given up, which real consoles do when RAKP 2 shows that they hold another password.
 ABANDONED_AFTER = 1.0
-#: Login failures are remembered for at most this many user names.
-MAX_TRACKED_NAMES = 1024
 
 
 class SequenceWindow:
@@ -48,9 +60,10 @@ class SequenceWindow:
 class Session:
     bmc_id: int
     console_id: int
-    handle: int
     v2: bool
     address: tuple[str, int]
+    handle: int = 0
+    """The session handle (§22.20), given when the session is established."""
     max_privilege: Privilege = Privilege.ADMINISTRATOR
     privilege: Privilege = Privilege.USER
     active: bool = False
@@ -59,6 +72,7 @@ class Session:
     password: bytes = b""
     # RMCP+
     keys: SessionKeys | None = None
+    cipher_suite: int | None = None
     console_random: bytes = b""
     bmc_random: bytes = b""
     role: int = 0
@@ -68,9 +82,14 @@ class Session:
     challenge: bytes = b""
     inbound: SequenceWindow = field(default_factory=SequenceWindow)
     outbound: int = 0
+    opened: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
     running: dict[tuple[int, int, int, bytes], asyncio.Future[Response]] = field(default_factory=dict)
     """The requests under way, by (netfn, cmd, LUN, data): a console's retry of one joins it."""
+
+    @property
+    def source(self) -> str:
+        return self.address[0]
 
     def next_outbound(self) -> int:
         self.outbound = (self.outbound + 1) & 0xFFFFFFFF or 1
@@ -78,98 +97,100 @@ class Session:
 
 
 class SessionTable:
-    """At most ``capacity`` sessions (pending ones included); idle ones expire after ``timeout`` s.
-    ``on_abandoned`` hears of each RMCP+ handshake dropped after RAKP 2 (a failed login)."""
+    """At most ``capacity`` established sessions, idle ones expire after ``timeout`` s; handshakes
+    under way apart (see the module). ``on_abandoned`` hears of each RMCP+ handshake dropped after
+    RAKP 2 without an answer (a failed login)."""
 
     def __init__(self, capacity: int = 32, timeout: float = 60.0,
                  on_abandoned: Callable[[Session], None] | None = None) -> None:
         self.capacity = capacity
         self.timeout = timeout
         self.on_abandoned = on_abandoned
-        self.sessions: dict[int, Session] = {}
+        self.established: dict[int, Session] = {}
+        self.pending: dict[int, Session] = {}
 
     def expire(self) -> None:
         now = time.monotonic()
-        for bmc_id in [bmc_id for bmc_id, session in self.sessions.items() if self._expired(session, now)]:
-            self._drop(bmc_id)
+        for bmc_id in [bmc_id for bmc_id, session in self.established.items() if self._expired(session, now)]:
+            del self.established[bmc_id]
+        for bmc_id in [bmc_id for bmc_id, session in self.pending.items() if self._expired(session, now)]:
+            self._drop_pending(bmc_id)
 
-    def sweep_abandoned(self, name: bytes) -> None:
-        """Drop the handshakes of ``name`` that got RAKP 2 and were given up."""
+    def sweep_abandoned(self, name: bytes) -> list[Session]:
+        """Drop the handshakes of ``name`` that got RAKP 2 and were given up; they are returned, not
+        told to ``on_abandoned``."""
         before = time.monotonic() - ABANDONED_AFTER
-        for session in list(self.sessions.values()):
-            if not session.active and session.bmc_random and session.user_name == name \
-                    and session.last_activity < before:
-                self._drop(session.bmc_id)
+        abandoned = [session for session in self.pending.values()
+                     if session.bmc_random and session.user_name == name and session.last_activity < before]
+        for session in abandoned:
+            del self.pending[session.bmc_id]
+        return abandoned
 
-    def _drop(self, bmc_id: int) -> None:
-        session = self.sessions.pop(bmc_id)
-        if not session.active and session.bmc_random and self.on_abandoned is not None:
+    def _drop_pending(self, bmc_id: int) -> None:
+        session = self.pending.pop(bmc_id)
+        if session.bmc_random and self.on_abandoned is not None:
             self.on_abandoned(session)
 
     def _expired(self, session: Session, now: float) -> bool:
-        return session.last_activity < now - (self.timeout if session.active else min(self.timeout, PENDING_TIMEOUT))
+        if session.active:
+            return session.last_activity < now - self.timeout
+        return session.opened < now - min(self.timeout, PENDING_LIFE)
 
     def open(self, console_id: int, v2: bool, address: tuple[str, int]) -> Session | None:
-        """A new session, or None when the table is full."""
+        """A new pending session, or None when the established sessions fill the table (this
+        handshake could not end in a session)."""
         self.expire()
-        if len(self.sessions) >= self.capacity:
+        if len(self.established) >= self.capacity:
             return None
+        mine = [session for session in self.pending.values() if session.source == address[0]]
+        if len(mine) >= PENDING_PER_SOURCE:
+            self._drop_pending(min(mine, key=lambda session: session.opened).bmc_id)
+        elif len(self.pending) >= PENDING_CAPACITY:
+            busiest, _ = Counter(session.source for session in self.pending.values()).most_common(1)[0]
+            self._drop_pending(min((session for session in self.pending.values() if session.source == busiest),
+                                   key=lambda session: session.opened).bmc_id)
         bmc_id = 0
-        while bmc_id == 0 or bmc_id in self.sessions:
+        while bmc_id == 0 or bmc_id in self.pending or bmc_id in self.established:
             bmc_id = secrets.randbits(32)
-        used = {session.handle for session in self.sessions.values()}
-        handle = next(number for number in range(1, 256) if number not in used)
-        session = Session(bmc_id=bmc_id, console_id=console_id, handle=handle, v2=v2, address=address)
-        self.sessions[bmc_id] = session
+        session = Session(bmc_id=bmc_id, console_id=console_id, v2=v2, address=address)
+        self.pending[bmc_id] = session
         return session
 
+    def establish(self, session: Session) -> bool:
+        """The handshake proved the password: the session becomes established (with a handle),
+        unless the established sessions fill the table meanwhile (False; it is dropped)."""
+        self.expire()
+        if self.pending.pop(session.bmc_id, None) is None:
+            return False
+        if len(self.established) >= self.capacity:
+            return False
+        used = {other.handle for other in self.established.values()}
+        session.handle = next(number for number in range(1, 256) if number not in used)
+        session.active = True
+        session.last_activity = time.monotonic()
+        self.established[session.bmc_id] = session
+        return True
+
     def get(self, bmc_id: int) -> Session | None:
-        session = self.sessions.get(bmc_id)
+        session = self.established.get(bmc_id) or self.pending.get(bmc_id)
         if session is None:
             return None
         if self._expired(session, time.monotonic()):
-            self._drop(bmc_id)
+            if session.active:
+                del self.established[bmc_id]
+            else:
+                self._drop_pending(bmc_id)
             return None
         return session
 
     def close(self, bmc_id: int) -> bool:
-        return self.sessions.pop(bmc_id, None) is not None
+        """Drop a session (established or pending) without hearing of it as abandoned."""
+        return (self.established.pop(bmc_id, None) or self.pending.pop(bmc_id, None)) is not None
 
     def clear(self) -> None:
-        self.sessions.clear()
+        self.established.clear()
+        self.pending.clear()
 
     @property
     def active(self) -> list[Session]:
-        return [session for session in self.sessions.values() if session.active]
-
-
-class LoginGuard:
-    """Locks a user name out for ``lockout`` seconds after ``failures`` failed logins within ``window``."""
-
-    def __init__(self, failures: int = 5, window: float = 30.0, lockout: float = 60.0) -> None:
-        self.failures, self.window, self.lockout = failures, window, lockout
-        self.attempts: dict[bytes, deque[float]] = defaultdict(deque)
-        self.locked_until: dict[bytes, float] = {}
-
-    def locked(self, name: bytes) -> bool:
-        return self.locked_until.get(name, 0.0) > time.monotonic()
-
-    def failed(self, name: bytes) -> bool:
-        """Record a failure; True when it locks the name out."""
-        now = time.monotonic()
-        if name not in self.attempts and len(self.attempts) >= MAX_TRACKED_NAMES:
-            del self.attempts[next(iter(self.attempts))]
-        self.locked_until = {locked: until for locked, until in self.locked_until.items() if until > now}
-        attempts = self.attempts[name]
-        attempts.append(now)
-        while attempts and attempts[0] < now - self.window:
-            attempts.popleft()
-        if len(attempts) >= self.failures:
-            self.locked_until[name] = now + self.lockout
-            attempts.clear()
-            return True
-        return False
-
-    def succeeded(self, name: bytes) -> None:
-        self.attempts.pop(name, None)
-
+        return list(self.established.values())

@@ -37,6 +37,7 @@ from . import boot
 from .console import Console
 from .firmware import SystemFirmware
 from .hardware import HardwareInventory
+from .inband import InbandLink
 from .volumes import Volumes
 from .watchdog import Watchdog
 
@@ -107,6 +108,9 @@ class Machine:
                                                    live=lambda: self._pid is not None)
         else:
             self.console = Console(self.name, vm.serial, publish, socket=True) if vm.serial else None
+        self.inband: InbandLink | None = None
+        """The in-band IPMI link to QEMU's ipmi-bmc-extern chardev, when the launcher gives the
+        machine one (set by the service, which has the bus connection, before start)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,6 +125,8 @@ class Machine:
         self._spawn(self._connection_loop())
         if self.console is not None:
             self._spawn(self.console.run())
+        if self.inband is not None:
+            self._spawn(self.inband.run())
         if self.vm.autostart and self.vm.mode == "managed":
             self._spawn(self._autostart())
         elif self.vm.mode == "managed" and not self._pid and self._restore_policy is not None:
@@ -421,6 +427,8 @@ class Machine:
                 await self._launch_next()
                 if self.console is not None:  # QEMU waits (-S): connected before the first byte, nothing lost
                     await self.console.attached(1.0)
+                if self.inband is not None:  # and the guest's IPMI driver finds its BMC from the start
+                    await self.inband.attached(1.0)
             await self._reset_with_boot_order()
             await self._execute("cont")
         finally:

@@ -9,7 +9,7 @@ import socket
 
 import msgspec
 from nats.aio.client import Client
-from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared import bus, launcher, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config
 from qemu_bmc_shared.discovery import announced_machines, metadata, service_infos
@@ -33,6 +33,7 @@ from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
 from .console import Console
+from .inband import InbandLink
 from .machine import Machine
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event, stop_vms: bool 
 
     machines = [Machine(vm, publish, functools.partial(restore_policy, vm.name)) for vm in config.vms.values()]
     for machine in machines:
+        if launcher.owns_ipmi_chardev(machine.vm):
+            machine.inband = InbandLink(machine.name, machine.files.ipmi, nc)
         await machine.start()
     service = await bus.serve(
         nc, name=SERVICE_NAME, version=__version__,

@@ -24,7 +24,15 @@ it, IPMI's Set User Password too). An Administrator sets or clears it (PATCH, or
 account); with ``[redfish] password_change_required = true`` every account created here starts
 with it, so that its first password is only good for choosing another. While an account has it,
 the user may only log in, GET its own account and PATCH its own Password (see auth.py); over
-IPMI it cannot log in at all (docs/ipmi.md)."""
+IPMI it cannot log in at all (docs/ipmi.md).
+
+The account policy (AccountLockoutThreshold, AccountLockoutDuration,
+AccountLockoutCounterResetAfter, MinPasswordLength) is each machine's, kept by the state service
+and applied by IPMI too; a PATCH of the AccountService sets it on every machine the caller
+administers, and the AccountService shows the policy of the first of the machines the caller
+logs in to. A lockout holds per user and client address (see the state service's lockout.py);
+an account is ``Locked`` while it is locked out from any address, and an Administrator PATCHing
+``Locked: false`` ends every lockout of it."""
 
 from __future__ import annotations
 
@@ -32,11 +40,25 @@ import asyncio
 import re
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request, Response
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.config import POLICY_RANGES
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
-from qemu_bmc_shared.messages import Empty, PasswordSet, User, UserAccessUpdate, UserList, UserUpdate
+from qemu_bmc_shared.messages import (
+    AccountPolicy,
+    AccountPolicyUpdate,
+    Empty,
+    LoginAttempt,
+    LoginUnlock,
+    LoginVerdict,
+    PasswordSet,
+    User,
+    UserAccessUpdate,
+    UserList,
+    UserUpdate,
+)
 
 from .auth import ACCOUNTS_PATH, PRIVILEGES, ROLES, Login, account_path, refuse_until_password_changed, role_of
 from .errors import RedfishError, message
@@ -59,14 +81,17 @@ ROLES_PATH = f"{SERVICE_PATH}/Roles"
 ROLE_IDS = {"Administrator": 4, "Operator": 3, "ReadOnly": 2, "NoAccess": 15}
 ROLE_RANK = {"NoAccess": 0, "ReadOnly": 1, "Operator": 2, "Administrator": 3}
 PRIVILEGE_ORDER = ("Login", "ConfigureManager", "ConfigureUsers", "ConfigureSelf", "ConfigureComponents")
-MIN_PASSWORD, MAX_PASSWORD, MAX_NAME = 1, 20, 16
+MAX_PASSWORD, MAX_NAME = 20, 16
 #: Printable ASCII without the characters that break Basic authentication (:) or a URI.
 NAME = re.compile(r"^[!$&'()*+,\-.0-9;=@A-Z\[\]^_`a-z{|}~]+$")
 FIRST_SLOT, LAST_SLOT = 2, 15
 SOL_PAYLOAD = 0x02
 NO_ACCESS = 15
 HIDDEN = "******"
-WRITABLE = ("UserName", "Password", "RoleId", "Enabled", "PasswordChangeRequired")
+WRITABLE = ("UserName", "Password", "RoleId", "Enabled", "PasswordChangeRequired", "Locked")
+#: AccountService property → AccountPolicy field.
+POLICY = {"AccountLockoutThreshold": "lockout_threshold", "AccountLockoutDuration": "lockout_duration",
+          "AccountLockoutCounterResetAfter": "lockout_reset_after", "MinPasswordLength": "min_password_length"}
 
 
 def role_id(user: User) -> str:
@@ -76,7 +101,7 @@ def role_id(user: User) -> str:
     return ROLES[min(privilege, 4)] if 2 <= privilege <= 5 else "NoAccess"
 
 
-def account_body(name: str, users: dict[str, User]) -> dict[str, Any]:
+def account_body(name: str, users: dict[str, User], locked: bool = False) -> dict[str, Any]:
     """The account ``name`` as it is on ``users`` (machine → the user there): when machines
     differ, the highest role and enabled on any. Its ETag changes with every change of those
     user slots, a password included."""
@@ -86,7 +111,7 @@ def account_body(name: str, users: dict[str, User]) -> dict[str, Any]:
             "@odata.etag": etag_of({"account": name, "version": version}),
             "Id": name, "Name": f"Account {name}", "Description": f"BMC user on {', '.join(sorted(users))}",
             "UserName": name, "RoleId": role, "Enabled": any(user.enabled for user in users.values()),
-            "Locked": False, "Password": None, "AccountTypes": ["Redfish", "IPMI"], **writable(*WRITABLE),
+            "Locked": locked, "Password": None, "AccountTypes": ["Redfish", "IPMI"], **writable(*WRITABLE),
             "PasswordChangeRequired": any(user.password_change_required for user in users.values()),
             "Links": {"Role": link(f"{ROLES_PATH}/{role}")}}
 
@@ -150,11 +175,14 @@ def check_name(name: Any) -> str:
     return name
 
 
-def check_password(password: Any) -> str:
+def check_password(password: Any, shortest: int) -> str:
     if not isinstance(password, str):
         raise RedfishError(400, "PropertyValueTypeError", HIDDEN, "Password")
-    if not MIN_PASSWORD <= len(password.encode()) <= MAX_PASSWORD or "\0" in password:
+    if "\0" in password:
         raise RedfishError(400, "PropertyValueFormatError", HIDDEN, "Password")
+    if not shortest <= len(password) or len(password.encode()) > MAX_PASSWORD:
+        raise RedfishError(400, "PasswordIncorrectLength", extra=[message("PropertyValueIncorrect", "Password",
+                                                                          HIDDEN)])
     return password
 
 
@@ -173,10 +201,10 @@ def check_bool(value: Any, key: str) -> bool:
 
 
 def refuse_unknown(body: dict[str, Any]) -> None:
-    for key, value in body.items():
-        if key in WRITABLE or (key == "Locked" and value is False):
+    for key in body:
+        if key in WRITABLE:
             continue
-        known = key in ("Id", "Name", "Description", "Locked", "AccountTypes", "Links") or key.startswith("@odata.")
+        known = key in ("Id", "Name", "Description", "AccountTypes", "Links") or key.startswith("@odata.")
         raise RedfishError(400, "PropertyNotWritable" if known else "PropertyUnknown", key)
 
 
@@ -200,11 +228,28 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     async def scope(request: Request, password_change: bool = False) -> Scope:
         """The caller's view (``password_change``: also of a user that must change its password,
         which the route then limits to its own account)."""
-        logins = await redfish.auth.login(request.headers, await redfish.machines.list(), password_change)
+        logins = await redfish.auth.login(request, await redfish.machines.list(), password_change)
         machines = sorted(logins)
         lists = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.USERS_LIST, Empty(), UserList)
                                        for machine in machines))
         return Scope(logins, {machine: found.users for machine, found in zip(machines, lists, strict=True)})
+
+    async def policy_of(machine: str) -> AccountPolicy:
+        return await bus.request(redfish.nc, machine, subjects.ACCOUNT_POLICY_GET, Empty(), AccountPolicy)
+
+    async def shortest_password(machines: list[str]) -> int:
+        """The longest of the minimum password lengths of ``machines``."""
+        policies = await asyncio.gather(*(policy_of(machine) for machine in machines))
+        return max((policy.min_password_length for policy in policies), default=AccountPolicy().min_password_length)
+
+    async def locked(name: str, machines: list[str]) -> bool:
+        verdicts = await asyncio.gather(*(bus.request(redfish.nc, machine, subjects.LOGIN_CHECK,
+                                                      LoginAttempt(name=name), LoginVerdict) for machine in machines))
+        return not all(verdict.allowed for verdict in verdicts)
+
+    async def account_response(name: str, users: dict[str, User], headers: dict[str, str] | None = None,
+                               status: int = 200) -> Response:
+        return json_response(account_body(name, users, await locked(name, list(users))), status, headers=headers)
 
     def keep_an_administrator(view: Scope, users: dict[str, User], conflict: RedfishError) -> None:
         for machine, user in users.items():
@@ -277,18 +322,52 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             await asyncio.shield(clear_slot(machine, User(slot=slot.slot, channels=slot.channels)))
             raise
 
-    @app.get(SERVICE_PATH)
-    async def account_service(request: Request) -> Response:
-        await redfish.login(request)
-        return json_response({
+    async def service_body(machine: str) -> dict[str, Any]:
+        policy = await policy_of(machine)
+        return {
             "@odata.id": SERVICE_PATH, "@odata.type": "#AccountService.v1_18_1.AccountService",
             "Id": "AccountService", "Name": "Account service",
             "Description": "The BMC users of every machine (shared with IPMI)", "ServiceEnabled": True,
             "Status": ENABLED, "LocalAccountAuth": "Enabled",
-            "MinPasswordLength": MIN_PASSWORD, "MaxPasswordLength": MAX_PASSWORD,
-            "AccountLockoutThreshold": 0, "AccountLockoutDuration": 0,
+            "MinPasswordLength": policy.min_password_length, "MaxPasswordLength": MAX_PASSWORD,
+            **{key: getattr(policy, field) for key, field in POLICY.items() if key != "MinPasswordLength"},
+            "AccountLockoutCounterResetEnabled": True, **writable(*POLICY),
             "SupportedAccountTypes": ["Redfish", "IPMI"],
-            "Accounts": link(ACCOUNTS_PATH), "Roles": link(ROLES_PATH)})
+            "Accounts": link(ACCOUNTS_PATH), "Roles": link(ROLES_PATH)}
+
+    @app.get(SERVICE_PATH)
+    async def account_service(request: Request) -> Response:
+        return json_response(await service_body(min(await redfish.visible_machines(request))))
+
+    @app.patch(SERVICE_PATH)
+    async def patch_account_service(request: Request) -> Response:
+        """The account policy, on every machine the caller administers (ConfigureUsers).
+        AccountLockoutCounterResetAfter may not exceed AccountLockoutDuration (the schema's rule)."""
+        view = await scope(request)
+        if not view.administered:
+            raise RedfishError(403, "InsufficientPrivilege")
+        body = await patch_body(request)
+        changes: dict[str, Any] = {}
+        for key, value in body.items():
+            if key not in POLICY:
+                known = key in ("Id", "Name", "Description", "ServiceEnabled", "MaxPasswordLength")
+                raise RedfishError(400, "PropertyNotWritable" if known else "PropertyUnknown", key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RedfishError(400, "PropertyValueTypeError", value, key)
+            low, high = POLICY_RANGES[POLICY[key]]
+            if not low <= value <= high:
+                raise RedfishError(400, "PropertyValueOutOfRange", value, key)
+            changes[POLICY[key]] = value
+        update = AccountPolicyUpdate(**changes)
+        policies = await asyncio.gather(*(policy_of(machine) for machine in view.administered))
+        for policy in policies:
+            merged = msgspec.structs.replace(policy, **changes)
+            if merged.lockout_duration and merged.lockout_reset_after > merged.lockout_duration:
+                raise RedfishError(400, "PropertyValueConflict", "AccountLockoutCounterResetAfter",
+                                   "AccountLockoutDuration")
+        for machine in view.administered:
+            await request_on(machine, subjects.ACCOUNT_POLICY_SET, update, AccountPolicy)
+        return json_response(await service_body(min(view.logins)))
 
     @app.get(ACCOUNTS_PATH)
     async def accounts(request: Request) -> Response:
@@ -314,7 +393,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
                 raise RedfishError(400, "CreateFailedMissingReqProperties", required,
                                    extra=[message("PropertyMissing", required)])
         refuse_unknown(body)
-        name, password = check_name(body["UserName"]), check_password(body["Password"])
+        name = check_name(body["UserName"])
+        password = check_password(body["Password"], await shortest_password(view.administered))
         privilege, enabled = check_role(body["RoleId"]), check_bool(body.get("Enabled", True), "Enabled")
         policy = redfish.config.redfish.password_change_required
         change_required = check_bool(body.get("PasswordChangeRequired", policy), "PasswordChangeRequired")
@@ -346,7 +426,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             else:
                 raise RedfishError(503, "ServiceTemporarilyUnavailable", 1)
             view = await scope(request)
-        return json_response(account_body(name, view.managed(name)), 201, headers={"Location": account_path(name)})
+        return await account_response(name, view.managed(name), {"Location": account_path(name)}, 201)
 
     @app.get(ACCOUNTS_PATH + "/{name}")
     async def account(request: Request, name: str) -> Response:
@@ -354,20 +434,21 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         view = await scope(request, password_change=True)
         if not view.own(name):
             refuse_until_password_changed(view.logins)
-        return json_response(account_body(name, view.account(name)))
+        return await account_response(name, view.account(name))
 
     @app.patch(ACCOUNTS_PATH + "/{name}")
     async def patch_account(request: Request, name: str) -> Response:
         """UserName, Password, RoleId, Enabled, PasswordChangeRequired by an Administrator of the
         user's machines; the user itself may change its own Password (ConfigureSelf), which is all
         it may do while it must change it. A new Password clears PasswordChangeRequired unless the
-        same PATCH sets it. One PATCH of an account at a time here, so that of simultaneous PATCHes
-        with the same If-Match only the first is applied. The answer is the account as changed
-        (at its new URI when renamed, with a Location header)."""
-        async with patching.setdefault(name, asyncio.Lock()):
+        same PATCH sets it. ``Locked: false`` ends the account's lockouts. One account PATCH at a
+        time here, so that of simultaneous PATCHes with the same If-Match only the first is
+        applied. The answer is the account as changed (at its new URI when renamed, with a
+        Location header)."""
+        async with patching:
             return await patch_account_now(request, name)
 
-    patching: dict[str, asyncio.Lock] = {}
+    patching = asyncio.Lock()
 
     async def patch_account_now(request: Request, name: str) -> Response:
         view = await scope(request, password_change=True)
@@ -375,15 +456,19 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         if not view.own(name) or set(body) != {"Password"}:
             refuse_until_password_changed(view.logins)
         users = view.account(name)
-        check_if_match(request, account_body(name, users))
+        check_if_match(request, account_body(name, users, await locked(name, list(users))))
         refuse_unknown(body)
         new_name = check_name(body["UserName"]) if body.get("UserName", name) != name else None
-        password = check_password(body["Password"]) if "Password" in body else None
+        password = check_password(body["Password"], await shortest_password(list(users))) \
+            if "Password" in body else None
         privilege = check_role(body["RoleId"]) if "RoleId" in body else None
         flags = {key: check_bool(body[field], field) for key, field in (
             ("enabled", "Enabled"), ("password_change_required", "PasswordChangeRequired")) if field in body}
+        unlock = "Locked" in body
+        if unlock and check_bool(body["Locked"], "Locked"):
+            raise RedfishError(400, "PropertyValueNotInList", "true", "Locked")  # only the service locks
         managed = view.managed(name)
-        if privilege is not None or flags or new_name is not None:
+        if privilege is not None or flags or new_name is not None or unlock:
             if not managed:
                 raise RedfishError(403, "InsufficientPrivilege")
             targets = managed
@@ -401,15 +486,23 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             if any(named(view.users[machine], new_name) for machine in targets):
                 raise RedfishError(409, "ResourceAlreadyExists", "ManagerAccount", "UserName", new_name)
             targets = await rename(targets, name, new_name)
+        renewed: dict[str, int] = {}
         for machine, user in targets.items():
             if password is not None:
-                await request_on(machine, subjects.USERS_PASSWORD, PasswordSet(slot=user.slot, password=password),
-                                 User)
+                changed = await request_on(machine, subjects.USERS_PASSWORD,
+                                           PasswordSet(slot=user.slot, password=password), User)
+                renewed[machine] = changed.password_changes
             if privilege is not None:
                 await request_on(machine, subjects.USERS_ACCESS,
                                  UserAccessUpdate(slot=user.slot, channel=LAN_CHANNEL, privilege=privilege), User)
             if flags:  # after the password, which clears PasswordChangeRequired
                 await request_on(machine, subjects.USERS_SET, UserUpdate(slot=user.slot, **flags), User)
+            if unlock:
+                await bus.request(redfish.nc, machine, subjects.LOGIN_UNLOCK, LoginUnlock(name=user.name), Empty)
+        own_session = next((view.logins[machine].session for machine in view.own(name)
+                            if view.logins[machine].session), None)
+        if renewed and own_session is not None and redfish.auth.sessions is not None:
+            await redfish.auth.sessions.keep_after_password_change(own_session, renewed)
         return await changed_account(new_name or name, list(users), renamed=new_name is not None)
 
     async def changed_account(name: str, machines: list[str], renamed: bool) -> Response:
@@ -421,7 +514,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
                  if (user := named(found.users, name)) is not None}
         if not users:  # renamed or deleted again meanwhile
             raise RedfishError(404, "ResourceNotFound", "ManagerAccount", name)
-        return json_response(account_body(name, users), headers={"Location": account_path(name)} if renamed else None)
+        return await account_response(name, users, {"Location": account_path(name)} if renamed else None)
 
     @app.delete(ACCOUNTS_PATH + "/{name}")
     async def delete_account(request: Request, name: str) -> Response:

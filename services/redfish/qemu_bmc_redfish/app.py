@@ -6,11 +6,13 @@ OpenBMC's bmcweb keeps one file per resource; what they share is in ``resources`
 
 from __future__ import annotations
 
+import nats.errors
 from fastapi import FastAPI, Request, Response
 from nats.aio.client import Client
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import (
     accounts,
@@ -32,13 +34,14 @@ from . import (
 )
 from .errors import RedfishError
 from .odata import ODataMiddleware
-from .resources import BUS_STATUS, Redfish, error_response
+from .resources import BUS_STATUS, Redfish, error_response, unavailable
 
 
 def create_app(nc: Client, config: Config) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
     redfish = Redfish(nc, config)
     app.state.redfish = redfish
+    app.state.max_body_bytes = config.redfish.max_body_bytes  # read by http.RedfishHttpProtocol
     for module in (service_root, systems, inventory, volumes, managers, chassis, environment, log_services,
                    virtual_media, sessions, accounts, certificates, update_service, tasks, events, console):
         module.register(app, redfish)
@@ -49,7 +52,20 @@ def create_app(nc: Client, config: Config) -> FastAPI:
 
     @app.exception_handler(BusError)
     async def bus_error(request: Request, exc: BusError) -> Response:
-        return error_response(RedfishError(BUS_STATUS.get(exc.error, 500), "GeneralError", exc.message))
+        status = BUS_STATUS.get(exc.error, 500)
+        if status == 503 or not nc.is_connected:
+            return error_response(unavailable())
+        return error_response(RedfishError(status, "GeneralError", exc.message))
+
+    @app.exception_handler(nats.errors.Error)
+    async def bus_down(request: Request, exc: nats.errors.Error) -> Response:
+        """The bus (or its JetStream, the sessions' store) failed the request: an outage."""
+        return error_response(unavailable())
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        """The client went, or its body was refused (http.py): nobody reads this answer."""
+        return Response(status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -59,5 +75,5 @@ def create_app(nc: Client, config: Config) -> FastAPI:
             return error_response(RedfishError(405, "OperationNotAllowed", headers=dict(exc.headers or {})))
         return error_response(RedfishError(exc.status_code, "GeneralError", exc.detail))
 
-    app.add_middleware(ODataMiddleware, router=app.router)
+    app.add_middleware(ODataMiddleware, router=app.router, nc=nc)
     return app

@@ -7,7 +7,12 @@ A user that must change its password (ManagerAccount PasswordChangeRequired, DSP
 registry's PasswordChangeRequired message, except on the few routes that ask
 :meth:`Authenticator.login` for ``password_change=True``: the session login, a GET of its own
 account, a PATCH of its own Password, and its logout. Those routes call
-:func:`refuse_until_password_changed` for what else they serve."""
+:func:`refuse_until_password_changed` for what else they serve.
+
+Failed logins count towards the account lockout of the machine's state service (AccountService
+``AccountLockoutThreshold``), per user name and client address: a password is checked there with
+the client's address each time (only successful checks are kept here, for a few seconds), and a
+user locked out from an address gets 401 from it as for a wrong password."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL, StateReads
 from qemu_bmc_shared.messages import PasswordCheck, PasswordCheckResult, User, UserRef
+from starlette.requests import HTTPConnection
 
 from .errors import RedfishError
 
@@ -53,6 +59,8 @@ class Login:
     """The Id of the Redfish session the request came with (None: Basic credentials)."""
     password_change_required: bool = False
     """The user must change its password before anything else."""
+    password_changes: int = 0
+    """The user's password version when it logged in (a session ends when it changes)."""
 
     def require(self, privilege: str) -> None:
         if privilege not in PRIVILEGES[self.role]:
@@ -70,6 +78,11 @@ def role_of(user: User) -> str | None:
 
 def no_session() -> RedfishError:
     return RedfishError(401, "NoValidSession", headers=CHALLENGE)
+
+
+def source_of(connection: HTTPConnection) -> str:
+    """The client's address, to which a lockout applies."""
+    return connection.client.host if connection.client is not None else "unknown"
 
 
 def account_path(name: str) -> str:
@@ -97,15 +110,16 @@ class Authenticator:
     def reads_of(self, machine: str) -> StateReads:
         return self.reads.setdefault(machine, StateReads())
 
-    async def check(self, machine: str, name: str, password: str) -> Login | None:
-        """The login of ``name`` on ``machine``, or None (unknown machine, wrong password,
-        disabled user, no role)."""
-        key = ("basic", name, hashlib.sha256(password.encode()).digest())
+    async def check(self, machine: str, name: str, password: str, source: str) -> Login | None:
+        """The login of ``name`` from ``source`` on ``machine``, or None (unknown machine, wrong
+        password, disabled user, no role, locked out from ``source``)."""
+        key = ("basic", name, hashlib.sha256(password.encode()).digest(), source)
 
         async def ask() -> Login | None:
             try:
                 result = await bus.request(self.nc, machine, subjects.USERS_CHECK,
-                                           PasswordCheck(password=password, name=name), PasswordCheckResult)
+                                           PasswordCheck(password=password, name=name, source=source),
+                                           PasswordCheckResult)
             except BusError as exc:
                 if exc.error in ("unknown_machine", "bad_request"):
                     return None
@@ -114,17 +128,19 @@ class Authenticator:
             if not result.ok or user is None:
                 return None
             role = role_of(user)
-            return Login(name, role, user.slot, None, user.password_change_required) if role else None
+            return Login(name, role, user.slot, None, user.password_change_required,
+                         user.password_changes) if role else None
 
         try:
-            return await self.reads_of(machine).get(key, ask)
+            return await self.reads_of(machine).get(key, ask, keep=lambda login: login is not None)
         except BusError as exc:
             raise RedfishError(503, "ServiceTemporarilyUnavailable", 1) from exc
 
-    async def session_user(self, machine: str, name: str, slot: int, session: str) -> Login | None:
+    async def session_user(self, machine: str, name: str, slot: int, session: str,
+                           password_changes: int | None) -> Login | None:
         """The login on ``machine`` of a session's user, read now: the user in ``slot`` must still
-        be ``name``, enabled, with a role (a change takes effect at the state service's next
-        announcement, i.e. at once)."""
+        be ``name``, enabled, with a role, and the password it logged in with (a change takes
+        effect at the state service's next announcement, i.e. at once)."""
 
         async def ask() -> User | None:
             try:
@@ -140,31 +156,30 @@ class Authenticator:
             raise RedfishError(503, "ServiceTemporarilyUnavailable", 1) from exc
         if user is None or user.name != name or (role := role_of(user)) is None:
             return None
-        return Login(name, role, slot, session, user.password_change_required)
+        if password_changes is not None and user.password_changes != password_changes:
+            return None
+        return Login(name, role, slot, session, user.password_change_required, user.password_changes)
 
-    async def login(self, credentials: Mapping[str, str] | str | None, machines: list[str],
+    async def login(self, connection: HTTPConnection, machines: list[str],
                     password_change: bool = False) -> dict[str, Login]:
-        """The machines among ``machines`` the request's credentials log in to (401 when none).
-        ``credentials`` are the request headers (a session token in X-Auth-Token is used before
-        an Authorization header), or the Authorization header alone. A user that must change its
-        password is refused (403) unless ``password_change``: the route is one it may still use,
-        and checks the rest itself."""
-        if credentials is None or isinstance(credentials, str):
-            authorization, token = credentials, None
-        else:
-            authorization, token = credentials.get("authorization"), credentials.get(TOKEN_HEADER)
+        """The machines among ``machines`` the request's credentials log in to (401 when none): a
+        session token in X-Auth-Token, else Basic credentials in Authorization. A user that must
+        change its password is refused (403) unless ``password_change``: the route is one it may
+        still use, and checks the rest itself."""
+        headers: Mapping[str, str] = connection.headers
+        token = headers.get(TOKEN_HEADER)
         granted = await (self.token_login(token, machines) if token is not None
-                         else self.basic_login(authorization, machines))
+                         else self.basic_login(headers.get("authorization"), machines, source_of(connection)))
         if not password_change:
             refuse_until_password_changed(granted)
         return granted
 
-    async def basic_login(self, authorization: str | None, machines: list[str]) -> dict[str, Login]:
+    async def basic_login(self, authorization: str | None, machines: list[str], source: str) -> dict[str, Login]:
         """The machines among ``machines`` Basic credentials log in to (401 when none)."""
         name, password = basic_credentials(authorization)
         if len(name.encode()) > 16 or len(password.encode()) > 20:
             raise no_session()
-        logins = await asyncio.gather(*(self.check(machine, name, password) for machine in machines))
+        logins = await asyncio.gather(*(self.check(machine, name, password, source) for machine in machines))
         granted = {machine: login for machine, login in zip(machines, logins, strict=True) if login}
         if not granted:
             raise no_session()
@@ -172,17 +187,25 @@ class Authenticator:
 
     async def token_login(self, token: str, machines: list[str]) -> dict[str, Login]:
         """The machines among ``machines`` a session token logs in to: those of the session where
-        its user still has a role (401 when none, or for an unknown, ended or expired session)."""
+        its user still has a role and its password (401 when none, or for an unknown, ended or
+        expired session). A session whose user lost them on all its machines (deleted, disabled,
+        a new password) is ended."""
         if self.sessions is None:
             raise no_session()
         session = await self.sessions.lookup(token)
         if session is None:
             raise no_session()
-        wanted = [machine for machine in machines if machine in session.machines]
-        logins = await asyncio.gather(*(self.session_user(machine, session.user, session.machines[machine], session.id)
-                                        for machine in wanted))
-        granted = {machine: login for machine, login in zip(wanted, logins, strict=True) if login}
+
+        async def valid(wanted: list[str]) -> dict[str, Login]:
+            logins = await asyncio.gather(*(self.session_user(machine, session.user, session.machines[machine],
+                                                              session.id, session.password_changes.get(machine))
+                                            for machine in wanted))
+            return {machine: login for machine, login in zip(wanted, logins, strict=True) if login}
+
+        granted = await valid([machine for machine in machines if machine in session.machines])
         if not granted:
+            if not await valid([machine for machine in session.machines if machine not in machines]):
+                await self.sessions.delete(session)
             raise no_session()
         return granted
 

@@ -334,7 +334,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     async def administer_all(request: Request) -> list[str]:
         """The machines on the bus, once the caller has ConfigureManager on every one (403 else)."""
         machines = await redfish.machines.list()
-        logins = await redfish.auth.login(request.headers, machines)
+        logins = await redfish.auth.login(request, machines)
         if set(logins) != set(machines):
             raise RedfishError(403, "InsufficientPrivilege")
         for login in logins.values():

@@ -10,7 +10,15 @@ challenge) or ``X-Auth-Token``. A browser does not always send its Basic credent
 WebSocket handshake, so the page carries a ticket: a random, one-use, short-lived stand-in for the
 login that served it, kept in a JetStream bucket so that the WebSocket may reach any replica of
 the Redfish service. A user without ConfigureComponents (ReadOnly) sees the console and cannot
-type on it."""
+type on it.
+
+A browser sends its credentials (Basic, cookies) with a WebSocket handshake whatever page opens
+it, so the WebSocket is refused (HTTP 403, before it opens) when its ``Origin`` is not the origin
+of the service itself (the scheme, host and port the request came to, from its ``Host`` header):
+another site's page cannot use a logged-in browser to reach the console (cross-site WebSocket
+hijacking). A client that sends no ``Origin`` (not a browser) is not refused for it. The page's
+Content-Security-Policy lets it load its own scripts and styles and connect back to its own
+origin only, and no other site may frame it."""
 
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import msgspec
 import nats.errors
@@ -52,6 +61,11 @@ TICKETS_BUCKET = "qemu_bmc_redfish_console_tickets"
 INPUT_CHUNK = 4096  # ConsoleInput's max_length
 QUEUE_SIZE = 4096  # console.out messages waiting for a slow browser; past that the oldest go
 POLICY_VIOLATION = 1008  # WebSocket close code: refused (before accept: HTTP 403)
+#: The console page's own scripts and styles (xterm.js adds <style> elements: 'unsafe-inline' for
+#: styles only), WebSocket and fetches back to its own origin; no other site may frame it.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
+            "img-src 'self' data:; font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -138,10 +152,13 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         interactive = "ConfigureComponents" in PRIVILEGES[login.role]
         body = PAGE.format(title=html.escape(f"Serial console of {machine}"), machine=html.escape(machine),
                            ticket=await tickets.issue(machine, login), interactive=str(interactive).lower())
-        return HTMLResponse(body, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(body, headers={"Cache-Control": "no-store", "Content-Security-Policy": PAGE_CSP})
 
     @app.websocket("/console/{machine}/ws")
     async def console(websocket: WebSocket, machine: str) -> None:
+        if not same_origin(websocket):
+            await websocket.close(POLICY_VIOLATION)
+            return
         try:
             login = await tickets.redeem(websocket.query_params.get("ticket", ""), machine)
         except nats.errors.Error:
@@ -157,6 +174,22 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             await Bridge(redfish, websocket, machine, "ConfigureComponents" in PRIVILEGES[login.role]).run()
         except WebSocketDisconnect:
             pass
+
+
+def same_origin(websocket: WebSocket) -> bool:
+    """The handshake's ``Origin`` (if any) is the service's own: the scheme of the connection (http
+    for ws, https for wss), the host and the port of its ``Host`` header."""
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    scheme = "https" if websocket.url.scheme in ("wss", "https") else "http"
+    try:
+        theirs, ours = urlsplit(origin.strip()), urlsplit(f"{scheme}://{websocket.headers.get('host', '')}")
+        return (theirs.scheme.lower() == scheme and theirs.hostname is not None
+                and theirs.hostname == ours.hostname
+                and (theirs.port or DEFAULT_PORTS[scheme]) == (ours.port or DEFAULT_PORTS[scheme]))
+    except ValueError:  # a port out of range
+        return False
 
 
 class Bridge:

@@ -80,6 +80,12 @@ MESSAGES: dict[str, tuple[str, str, str]] = {
                                      "Send the request without them."),
     "QueryCombinationInvalid": ("Warning", "These query parameters cannot be used together.",
                                 "Send each parameter once, and only alone."),
+    "PasswordIncorrectLength": ("Critical", "The password is shorter or longer than the account policy allows "
+                                "(AccountService MinPasswordLength, MaxPasswordLength).", "Choose another password."),
+    "SessionLimitExceeded": ("Critical", "No session was made: the service, or this user, has as many open sessions "
+                             "as it allows.", "Log out of sessions no longer used (DELETE them), then retry."),
+    "PayloadTooLarge": ("Critical", "The request body is larger than the service takes.",
+                        "Send a smaller body (the service's max_body_bytes, 1 MiB by default)."),
     "ServiceTemporarilyUnavailable": ("Critical", "The service cannot handle the request now; retry after %1 s.",
                                       "Retry later."),
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import http.cookiejar
 import itertools
 import logging
 import re
@@ -32,7 +33,8 @@ from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import PowerEvent, PowerQuery, PowerStatus
 
 from .auth import PRIVILEGES, Login
-from .errors import RedfishError, not_found
+from .errors import RedfishError, message, not_found
+from .outbound import TargetRefused, Targets
 from .resources import ENABLED, Redfish, collection, json_body, json_response, link, patch_body
 from .subscriptions import MAX_SUBSCRIPTIONS, SubscriptionRecord, SubscriptionStore
 
@@ -186,7 +188,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
     app.state.event_subscriptions = store
 
     async def logins(request: Request) -> dict[str, Login]:
-        return await redfish.auth.login(request.headers, await redfish.machines.list())
+        return await redfish.auth.login(request, await redfish.machines.list())
 
     async def visible(record: SubscriptionRecord, caller: dict[str, Login]) -> bool:
         """A subscription is seen by those who log in to one of its machines (by anyone who logs
@@ -237,6 +239,11 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         caller = await logins(request)
         require(caller, "ConfigureManager")
         fields = parse_subscription(await json_body(request))
+        try:
+            await redfish.targets.check(fields["destination"])
+        except TargetRefused as exc:
+            raise RedfishError(400, "PropertyValueIncorrect", "Destination", fields["destination"],
+                               extra=[message("GeneralError", str(exc))]) from None
         await store.bucket()
         if len(store.records) >= MAX_SUBSCRIPTIONS:
             raise RedfishError(400, "CreateLimitReachedForResource")
@@ -337,10 +344,17 @@ class Delivery:
     TLS certificates of https destinations are NOT verified (``verify=False``, VerifyCertificate
     false): a lab BMC posts to lab listeners with self-signed certificates. Use http on a trusted
     network, or https for privacy only.
+
+    A POST carries the event and these headers only: ``Host``, ``Content-Type: application/json``,
+    ``Content-Length``, ``OData-Version: 4.0``, ``User-Agent: qemu-bmc``, httpx's ``Accept: */*``,
+    ``Accept-Encoding`` and ``Connection: keep-alive``, and the subscription's ``HttpHeaders``. No
+    cookie is kept, nothing is taken from the environment (no proxy, no .netrc credentials).
+    Each attempt checks the destination's addresses again (outbound.py) and connects to the one it
+    checked; a destination refused then is not retried.
     """
 
-    def __init__(self, nc: Client, store: SubscriptionStore) -> None:
-        self.nc, self.store = nc, store
+    def __init__(self, nc: Client, store: SubscriptionStore, targets: Targets) -> None:
+        self.nc, self.store, self.targets = nc, store, targets
         self.queue: asyncio.Queue[PowerEvent] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._subscription: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -361,7 +375,9 @@ class Delivery:
             log.error("event subscriptions unavailable (JetStream bucket: %s); nothing is delivered", exc)
             return
         self._client = httpx.AsyncClient(verify=False, timeout=DELIVERY_TIMEOUT, follow_redirects=False,
-                                         headers={"User-Agent": "qemu-bmc"})
+                                         headers={"User-Agent": "qemu-bmc"}, trust_env=False,
+                                         cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(
+                                             allowed_domains=[])))
         self._task = asyncio.create_task(self._run())
         self._subscription = await self.nc.subscribe(subjects.any_machine(subjects.EVENT_POWER), queue=QUEUE_GROUP,
                                                      cb=self._received)
@@ -433,7 +449,17 @@ class Delivery:
             if record.id not in self.store.records:
                 return  # deleted meanwhile
             try:
-                response = await self._client.post(record.destination, content=content, headers=headers)
+                pinned = await self.targets.pinned(record.destination)
+            except TargetRefused as exc:
+                log.warning("event not delivered to subscription %s: %s", record.id, exc)
+                return
+            if pinned is None:
+                problem = "its host name does not resolve"
+                continue
+            url, host_header, extensions = pinned
+            try:
+                response = await self._client.post(url, content=content, headers={**headers, **host_header},
+                                                   extensions=extensions)
             except Exception as exc:  # httpx.HTTPError, or a URL httpx will not take
                 problem = f"{type(exc).__name__}: {exc}"
                 continue
@@ -447,6 +473,6 @@ class Delivery:
 
 async def start_delivery(app: FastAPI) -> Delivery:
     """Start delivering this replica's share of the events (service.py calls it; ``stop`` at exit)."""
-    delivery = Delivery(app.state.redfish.nc, app.state.event_subscriptions)
+    delivery = Delivery(app.state.redfish.nc, app.state.event_subscriptions, app.state.redfish.targets)
     await delivery.start()
     return delivery

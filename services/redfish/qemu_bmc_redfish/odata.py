@@ -1,14 +1,34 @@
 """The OData layer in front of every route (DSP0266 §7, §8): trailing slashes, OData-Version,
-query options, and the Allow and Cache-Control headers."""
+query options, the Allow and Cache-Control headers, the security headers of every response, and
+503 for what needs the bus while it is down."""
 
 from __future__ import annotations
 
+from nats.aio.client import Client
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import query
 from .errors import RedfishError
-from .resources import error_response
+from .resources import error_response, unavailable
+
+STATIC_PREFIX = "/console/static/"
+#: What is served without the bus (every other path needs it: 503 while it is down).
+WITHOUT_BUS = {"/redfish", "/redfish/v1", "/redfish/v1/odata", "/redfish/v1/$metadata"}
+#: The Content-Security-Policy of a response that gives none: nothing to load or run, never framed
+#: (the console page gives its own).
+DEFAULT_CSP = b"default-src 'none'; frame-ancestors 'none'"
+HSTS = b"max-age=31536000"
+
+
+def security_headers(scheme: str) -> list[tuple[bytes, bytes]]:
+    """The headers every response has (unless it gives its own): never framed, never sniffed as
+    another type, no Referer to other sites; over HTTPS, HTTPS only from now on (HSTS)."""
+    headers = [(b"content-security-policy", DEFAULT_CSP), (b"x-frame-options", b"DENY"),
+               (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+    if scheme == "https":
+        headers.append((b"strict-transport-security", HSTS))
+    return headers
 
 
 class ODataMiddleware:
@@ -16,12 +36,14 @@ class ODataMiddleware:
     a request for another OData version gets 412; query options are applied (``query``: a GET
     without them takes the plain path); every response says ``OData-Version: 4.0``, and a
     successful GET or HEAD also its ``Allow`` (the methods of the path's routes, unless the
-    resource gives its own: one volume can be deleted, another not) and ``Cache-Control``
-    (DSP0266 §8.1, §8.2, §7.3, §7.4)."""
+    resource gives its own: one volume can be deleted, another not) (DSP0266 §8.1, §8.2, §7.3,
+    §7.4). Every response also gets :func:`security_headers` and ``Cache-Control: no-store``
+    (``no-cache`` for the console's static files) unless it gives its own."""
 
-    def __init__(self, app: ASGIApp, router: Router) -> None:
+    def __init__(self, app: ASGIApp, router: Router, nc: Client) -> None:
         self.app = app
         self.router = router
+        self.nc = nc
         self.allowed: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -37,14 +59,18 @@ class ODataMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
+                given = {name.lower() for name, _ in message.get("headers", [])}
                 extra = [(b"odata-version", b"4.0")]
-                if reading and message["status"] < 300:
-                    extra.append((b"cache-control", b"no-cache"))
-                    if not any(name.lower() == b"allow" for name, _ in message.get("headers", [])):
-                        extra.append((b"allow", self.allow(resource)))  # unless the resource said its own
+                extra += [(name, value) for name, value in security_headers(scope["scheme"]) if name not in given]
+                if b"cache-control" not in given:
+                    extra.append((b"cache-control", b"no-cache" if path.startswith(STATIC_PREFIX) else b"no-store"))
+                if reading and message["status"] < 300 and b"allow" not in given:
+                    extra.append((b"allow", self.allow(resource)))  # unless the resource said its own
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
+        if not self.nc.is_connected and scope["path"] not in WITHOUT_BUS and not path.startswith(STATIC_PREFIX):
+            return await error_response(unavailable())(scope, receive, send_with_headers)
         try:
             options = self.query_options(scope)
         except RedfishError as error:
@@ -65,7 +91,10 @@ class ODataMiddleware:
         version = dict(scope["headers"]).get(b"odata-version")
         if version is not None and version.strip() != b"4.0":
             raise RedfishError(412, "HeaderInvalid", f"OData-Version: {version.decode(errors='replace')}")
-        options = query.parse(scope["query_string"]) if scope["query_string"] else None
+        try:
+            options = query.parse(scope["query_string"]) if scope["query_string"] else None
+        except RecursionError:  # a $filter nested deeper than the parser goes
+            raise RedfishError(400, "QueryParameterValueFormatError", "(nested too deep)", "$filter") from None
         if options is not None and scope["method"] != "GET":
             raise RedfishError(400, "QueryNotSupportedOnOperation")
         return options

@@ -22,6 +22,12 @@ days, more than the longest time-out) removes the sessions nobody ends.
 Each replica keeps what it read for a few seconds (token hash → record), and forgets a session
 as soon as any replica deletes it (it listens to the bucket's delete markers).
 
+A session ends when its user's password changes (except the session that changed it), or the
+user is disabled, deleted or renamed on all of its machines (auth.py). At most ``[redfish]
+max_sessions`` sessions are open at once, and ``max_sessions_per_user`` of one user: beyond, a
+login gets 503 SessionLimitExceeded (counted over the bucket at each login, so replicas logging in
+at the same moment may pass it by one).
+
 A user that must change its password (see auth.py) still gets a session, whose body carries the
 PasswordChangeRequired message in ``@Message.ExtendedInfo``; with it, it may log out, nothing else
 here.
@@ -48,7 +54,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from qemu_bmc_shared.bus import key_value, stored_keys
 
-from .auth import CHALLENGE, Login, account_path, refuse_until_password_changed
+from .auth import CHALLENGE, Login, account_path, refuse_until_password_changed, source_of
 from .errors import RedfishError, message, not_found
 from .resources import ENABLED, Redfish, collection, json_body, json_response, link
 
@@ -74,6 +80,8 @@ class SessionRecord(msgspec.Struct):
     created: float
     last_used: float
     context: str | None = None
+    password_changes: dict[str, int] = {}
+    """The user's password version on each machine at login."""
 
 
 def token_hash(token: str) -> str:
@@ -134,16 +142,18 @@ class SessionStore:
             self.cache.clear()
         self.cache[record.token_sha256] = (time.monotonic(), record, revision)
 
-    async def create(self, user: str, machines: dict[str, int], context: str | None = None
-                     ) -> tuple[str, SessionRecord]:
-        """A new session: its token (given out once, never stored) and its record."""
+    async def create(self, user: str, machines: dict[str, int], context: str | None = None,
+                     password_changes: dict[str, int] | None = None) -> tuple[str, SessionRecord]:
+        """A new session of ``user`` on ``machines`` (with its slot on each, and its password
+        version): its token (given out once, never stored) and its record."""
         kv = await self.bucket()
         while True:
             token = secrets.token_hex(32)
             hashed = token_hash(token)
             now = self.clock()
             record = SessionRecord(id=hashed[:16], token_sha256=hashed, user=user, machines=dict(machines),
-                                   created=now, last_used=now, context=context)
+                                   created=now, last_used=now, context=context,
+                                   password_changes=dict(password_changes or {}))
             try:
                 revision = await kv.create(key_of(hashed), msgspec.json.encode(record))
             except KeyWrongLastSequenceError:  # the same first 16 digits: draw again
@@ -235,6 +245,23 @@ class SessionStore:
                 records.append(found[0])
         return sorted(records, key=lambda record: record.created)
 
+    async def full(self, user: str, total: int, per_user: int) -> bool:
+        """Are ``total`` sessions open, or ``per_user`` of ``user``? (Records are read only when
+        there are as many keys as a user may have.)"""
+        keys = await self._keys("s.>")
+        if len(keys) < min(total, per_user):
+            return False
+        live = await self.all()
+        return len(live) >= total or sum(record.user == user for record in live) >= per_user
+
+    async def keep_after_password_change(self, session_id: str, password_changes: dict[str, int]) -> None:
+        """The session that changed its own user's password goes on with the new one."""
+        record = await self.get(session_id)
+        if record is not None:
+            kept = msgspec.structs.replace(record, password_changes={**record.password_changes, **password_changes})
+            await (await self.bucket()).put(key_of(record.token_sha256), msgspec.json.encode(kept))
+            self.cache.pop(record.token_sha256, None)
+
     async def delete(self, record: SessionRecord) -> None:
         """End a session: its token stops working on every replica."""
         await self._delete(key_of(record.token_sha256), record.token_sha256)
@@ -262,11 +289,12 @@ def session_body(record: SessionRecord) -> dict[str, Any]:
 
 
 def register(app: FastAPI, redfish: Redfish) -> None:
-    store = SessionStore(redfish.nc, redfish.config.redfish.session_timeout)
+    limits = redfish.config.redfish
+    store = SessionStore(redfish.nc, limits.session_timeout)
     redfish.auth.sessions = store
 
     async def logins(request: Request, password_change: bool = False) -> dict[str, Login]:
-        return await redfish.auth.login(request.headers, await redfish.machines.list(), password_change)
+        return await redfish.auth.login(request, await redfish.machines.list(), password_change)
 
     def owns(record: SessionRecord, logins: dict[str, Login]) -> bool:
         """The same session, or the same user on one of its machines."""
@@ -298,7 +326,10 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "@odata.id": SERVICE_PATH, "@odata.type": "#SessionService.v1_2_0.SessionService",
             "Id": "SessionService", "Name": "Session service", "ServiceEnabled": True,
             "SessionTimeout": store.timeout, "Status": ENABLED,
-            "Sessions": link(SESSIONS_PATH)})
+            "Sessions": link(SESSIONS_PATH),
+            "Oem": {"QemuBmc": {"@odata.type": "#QemuBmcSessionService.v1_0_0.SessionService",
+                                "MaxSessions": limits.max_sessions,
+                                "MaxSessionsPerUser": limits.max_sessions_per_user}}})
 
     @app.get(SESSIONS_PATH)
     async def sessions(request: Request) -> Response:
@@ -326,12 +357,16 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         if not name or len(name.encode()) > 16 or len(password.encode()) > 20:
             raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
         machines = await redfish.machines.list()
-        checked = await asyncio.gather(*(redfish.auth.check(machine, name, password) for machine in machines))
+        source = source_of(request)
+        checked = await asyncio.gather(*(redfish.auth.check(machine, name, password, source) for machine in machines))
         granted = {machine: login for machine, login in zip(machines, checked, strict=True) if login}
         if not granted:
             raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
+        if await store.full(name, limits.max_sessions, limits.max_sessions_per_user):
+            raise RedfishError(503, "SessionLimitExceeded")
         token, record = await store.create(name, {machine: login.slot for machine, login in granted.items()},
-                                           body.get("Context"))
+                                           body.get("Context"),
+                                           {machine: login.password_changes for machine, login in granted.items()})
         created = session_body(record)
         if any(login.password_change_required for login in granted.values()):
             created["@Message.ExtendedInfo"] = [message("PasswordChangeRequired", account_path(name))]

@@ -11,7 +11,8 @@ who made it, whether an image can replace it).
 registry has it for the UpdateService) installs a system firmware image:
 
 * ``ImageURI``: an http(s) URL; without a scheme, ``TransferProtocol``'s (HTTP or HTTPS; HTTP when
-  not given), which is ignored for a URI with a scheme, as the schema says. ``Username`` and
+  not given), which is ignored for a URI with a scheme, as the schema says. Its host must not be an
+  internal address (as virtual media images: ``virtual_media.check_image_target``). ``Username`` and
   ``Password``: HTTP Basic credentials for the image's server.
 * ``Targets``: the ``BIOS-<machine>`` inventory items, or the ComputerSystems (the schema applies the
   image to the system's components); needed when the caller sees more than one machine. The
@@ -43,7 +44,7 @@ from .errors import RedfishError, message
 from .resources import ENABLED, Redfish, collection, json_body, json_response, link
 from .systems import system_path
 from .tasks import firmware_task_path
-from .virtual_media import PROTOCOLS, Parameters, image_url_ok
+from .virtual_media import PROTOCOLS, Parameters, check_image_target, image_url_ok
 
 SERVICE_PATH = "/redfish/v1/UpdateService"
 INVENTORY_PATH = f"{SERVICE_PATH}/FirmwareInventory"
@@ -204,6 +205,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         params = Parameters(SIMPLE_UPDATE)
         body = await json_body(request)
         update = update_request(body, params)
+        await check_image_target(redfish, update.image_uri, params, "ImageURI")
         targets = target_machines(body, machines, params)
         for machine in targets:
             await redfish.login(request, machine, PRIVILEGE)

@@ -11,8 +11,10 @@ Decisions:
   registry maps every write of VirtualMedia to ConfigureManager), so an IPMI Operator can see
   the media but not change it; Login to read.
 * ``Image`` must be an absolute http(s) URL (the machine service also takes paths on the BMC
-  host, which a Redfish client must not reach); the machine service, then QEMU, refuse what
-  they cannot open (400 naming the image).
+  host, which a Redfish client must not reach) whose host is not an internal address (loopback,
+  link-local, the BMC's own …: see outbound.py; 400 ActionParameterValueError or
+  PropertyValueError naming ``Image``, unless ``[redfish] allow_internal_targets``); the machine
+  service, then QEMU, refuse what they cannot open (400 naming the image).
 * A CD is read-only and the drive cannot hold an image without inserting it: ``Inserted:
   false`` and ``WriteProtected: false`` are refused with 400 (not in the list of acceptable
   values) rather than accepted and silently not honoured. ``TransferMethod`` can only be
@@ -34,6 +36,7 @@ from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import MediaInsert, MediaStatus
 
 from .errors import BASE_REGISTRY, RedfishError, message
+from .outbound import TargetRefused
 from .resources import (
     ENABLED,
     Redfish,
@@ -172,6 +175,15 @@ def image_url_ok(uri: str) -> bool:
     return parts.scheme.lower() in PROTOCOLS and bool(parts.hostname) and uri.isprintable()
 
 
+async def check_image_target(redfish: Redfish, uri: str, params: Parameters, name: str) -> None:
+    """The rest of the image URL check (after :func:`image_url_ok`, when the image is to be
+    fetched): its host is no internal address (outbound.py), else 400 naming parameter ``name``."""
+    try:
+        await redfish.targets.check(uri)
+    except TargetRefused as exc:
+        raise params.refused(name, str(exc)) from None
+
+
 def checked_image(value: Any, params: Parameters) -> str:
     """An absolute http(s) URL, else 400."""
     if not isinstance(value, str):
@@ -278,6 +290,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         return status
 
     async def insert(machine: str, image: str, params: Parameters) -> None:
+        await check_image_target(redfish, image, params, "Image")
         try:
             await bus.request(redfish.nc, machine, subjects.MEDIA_INSERT, MediaInsert(image=image), MediaStatus,
                               timeout=INSERT_TIMEOUT)

@@ -20,6 +20,8 @@ from qemu_bmc_shared.config import Config, VmConfig
 from qemu_bmc_shared.discovery import Machines
 from qemu_bmc_shared.ipmi.storage import USER_CHANGE_RECORD
 from qemu_bmc_shared.messages import (
+    AccountPolicy,
+    AccountPolicyUpdate,
     ChannelAccess,
     ChannelAccessUpdate,
     ChannelRef,
@@ -32,6 +34,10 @@ from qemu_bmc_shared.messages import (
     LanConfig,
     LanParamSet,
     LanRef,
+    LoginAttempt,
+    LoginOutcome,
+    LoginUnlock,
+    LoginVerdict,
     ManagerSettings,
     ManagerSettingsUpdate,
     PasswordCheck,
@@ -54,13 +60,14 @@ from qemu_bmc_shared.messages import (
 from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
+from .lockout import Lockout
 from .sealing import SecretBox, SecretError
 from .sel_feed import SelFeed, user_change
 from .store import Store, open_bucket
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=msgspec.Struct)
-Area = Literal["users", "channel", "lan", "sol", "kg", "chassis", "manager", "sel"]
+Area = Literal["users", "channel", "lan", "sol", "kg", "chassis", "manager", "sel", "policy"]
 SERVICE_NAME = "qemu-bmc-state"
 MAX_USERS = 15
 LAN_CHANNEL = 1
@@ -76,11 +83,12 @@ class StoredUser(msgspec.Struct):
     channels: dict[int, UserChannelAccess] = {}
     changes: int = 0
     password_change_required: bool = False
+    password_changes: int = 0
 
     def public(self) -> User:
         return User(slot=self.slot, name=self.name, enabled=self.enabled, password_set=self.password is not None,
                     channels=self.channels, changes=self.changes,
-                    password_change_required=self.password_change_required)
+                    password_change_required=self.password_change_required, password_changes=self.password_changes)
 
 
 class StoredKg(msgspec.Struct):
@@ -138,6 +146,7 @@ class StateService:
         self.machines = Machines(nc, ipmi_addresses=False) if nc is not None else None
         self.seeded: set[str] = set()
         self.naming: dict[str, asyncio.Lock] = {}
+        self.lockout = Lockout()
 
     async def _modify(self, area: Area, machine: str, key: str, kind: type[S], default: Callable[[], S],
                       change: Callable[[S], S]) -> S:
@@ -274,21 +283,58 @@ class StateService:
         return await self._modify_user(machine, request.slot, change)
 
     async def users_password(self, machine: str, request: PasswordSet) -> User:
-        """Set or clear a password (from Redfish or IPMI Set User Password): either way, no
-        password change is required any more."""
+        """Set or clear a password (from Redfish or IPMI Set User Password), at least the policy's
+        ``min_password_length`` long: either way, no password change is required any more, and
+        the sessions made with the old one end (``password_changes`` grows)."""
         sealed = None
         if request.password is not None:
+            shortest = (await self.policy_get(machine, Empty())).min_password_length
+            if len(request.password) < shortest:
+                raise BusError("bad_request", f"a password has at least {shortest} characters")
             sealed = self.box.seal(_password_bytes(request.password), self._user_key(machine, request.slot))
         return await self._modify_user(machine, request.slot, lambda user: msgspec.structs.replace(
-            user, password=sealed, password_change_required=False))
+            user, password=sealed, password_change_required=False, password_changes=user.password_changes + 1))
 
     async def users_check(self, machine: str, request: PasswordCheck) -> PasswordCheckResult:
+        """Compare a password; with a ``source``, a login that the lockout policy counts."""
+        if request.source is not None and request.name is not None \
+                and not self.lockout.verdict(machine, request.name, request.source).allowed:
+            return PasswordCheckResult(ok=False, locked=True)
         user = await self._find(machine, request.slot, request.name)
         stored = self._password(machine, user) if user else None
-        if user is None or stored is None:
-            return PasswordCheckResult(ok=False)
-        ok = hmac.compare_digest(stored, request.password.encode())
-        return PasswordCheckResult(ok=ok, user=user.public() if ok else None)
+        ok = user is not None and stored is not None and hmac.compare_digest(stored, request.password.encode())
+        if request.source is not None:
+            name = request.name if request.name is not None else user.name if user else ""
+            await self.login_result(machine, LoginOutcome(name=name, source=request.source, ok=ok))
+        return PasswordCheckResult(ok=ok, user=user.public() if ok and user else None)
+
+    # ------------------------------------------------------------------ account policy and lockout
+
+    async def policy_get(self, machine: str, _: Empty) -> AccountPolicy:
+        state = self.config.state
+        return await self.store.get(f"{machine}.policy", AccountPolicy, lambda: AccountPolicy(
+            lockout_threshold=state.lockout_threshold, lockout_duration=state.lockout_duration,
+            lockout_reset_after=state.lockout_reset_after, min_password_length=state.min_password_length))
+
+    async def policy_set(self, machine: str, request: AccountPolicyUpdate) -> AccountPolicy:
+        current = await self.policy_get(machine, Empty())
+        return await self._modify("policy", machine, f"{machine}.policy", AccountPolicy, lambda: current,
+                                  lambda policy: msgspec.structs.replace(policy, **_changes(request, ())))
+
+    async def login_check(self, machine: str, request: LoginAttempt) -> LoginVerdict:
+        return self.lockout.verdict(machine, request.name, request.source)
+
+    async def login_result(self, machine: str, request: LoginOutcome) -> LoginVerdict:
+        verdict, locked_now = self.lockout.record(machine, request.name, request.source, request.ok,
+                                                  await self.policy_get(machine, Empty()))
+        if locked_now:
+            log.warning("%s: user %r locked out from %s for %.0f s after failed logins", machine, request.name,
+                        request.source, verdict.retry_after)
+        return verdict
+
+    async def login_unlock(self, machine: str, request: LoginUnlock) -> Empty:
+        self.lockout.unlock(machine, request.name)
+        return Empty()
 
     async def users_credentials(self, machine: str, request: CredentialsRequest) -> Credentials:
         user = await self._find(machine, request.slot, request.name)
@@ -421,6 +467,11 @@ class StateService:
             (subjects.USERS_PASSWORD, PasswordSet, self.users_password),
             (subjects.USERS_CHECK, PasswordCheck, self.users_check),
             (subjects.USERS_CREDENTIALS, CredentialsRequest, self.users_credentials),
+            (subjects.LOGIN_CHECK, LoginAttempt, self.login_check),
+            (subjects.LOGIN_RESULT, LoginOutcome, self.login_result),
+            (subjects.LOGIN_UNLOCK, LoginUnlock, self.login_unlock),
+            (subjects.ACCOUNT_POLICY_GET, Empty, self.policy_get),
+            (subjects.ACCOUNT_POLICY_SET, AccountPolicyUpdate, self.policy_set),
             (subjects.CHANNEL_GET, ChannelRef, self.channel_get),
             (subjects.CHANNEL_SET, ChannelAccessUpdate, self.channel_set),
             (subjects.LAN_GET, LanRef, self.lan_get),

@@ -10,6 +10,7 @@ from enum import IntEnum
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -145,14 +146,16 @@ class StateReads:
         self.entries: dict[object, tuple[float, object]] = {}
         self.generation = 0
 
-    async def get(self, key: object, fetch: Callable[[], Awaitable[R]]) -> R:
+    async def get(self, key: object, fetch: Callable[[], Awaitable[R]], keep: Callable[[R], bool] | None = None
+                  ) -> R:
+        """The value kept for ``key``, or what ``fetch`` reads now (kept unless ``keep`` says no)."""
         now = time.monotonic()
         kept = self.entries.get(key)
         if kept is not None and now - kept[0] < self.max_age:
             return kept[1]  # type: ignore[return-value]
         generation = self.generation
         value = await fetch()
-        if generation == self.generation:
+        if generation == self.generation and (keep is None or keep(value)):
             if len(self.entries) >= self.max_entries:
                 self.entries.clear()
             self.entries[key] = (now, value)
@@ -213,10 +216,16 @@ class Context:
 
     async def _request(self, operation: str, message: msgspec.Struct | None, reply_type: type[T],
                        timeout: float) -> T:
+        """The bus request; while the bus is down, 0xC0 (node busy) at once: the client's retry may
+        find it back, and a request made now would wait for the reconnection."""
+        if not self.nc.is_connected:
+            raise IpmiError(Completion.NODE_BUSY, "the bus is unreachable")
         try:
             return await bus.request(self.nc, self.machine, operation, message, reply_type, timeout=timeout)
         except BusError as exc:
             raise IpmiError(_BUS_COMPLETIONS.get(exc.error, Completion.UNSPECIFIED), str(exc)) from None
+        except nats.errors.Error as exc:  # the connection lost under the request
+            raise IpmiError(Completion.NODE_BUSY, f"the bus: {exc}") from None
 
 
 _BUS_COMPLETIONS = {

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import subjects
-from ..config import IpmiConfig
-from ..messages import Empty, LanConfig, LanParamSet, LanRef, SolConfig, SolParamSet
+from ..config import IPMI_AUTH_TYPES, IpmiConfig
+from ..messages import AccountPolicy, Empty, LanConfig, LanParamSet, LanRef, SolConfig, SolParamSet
 from .core import (
     CIPHER_SUITES,
     LAN_CHANNEL,
@@ -37,7 +37,7 @@ PARAMETER_NOT_SUPPORTED = 0x80
 SET_IN_PROGRESS_BUSY = 0x81
 READ_ONLY_PARAMETER = 0x82
 
-#: Authentication type bits (§22.13): none, MD5, straight password/key.
+#: Authentication type bits (§22.13): none, MD5, straight password/key (bit n: session header auth type n).
 AUTH_NONE, AUTH_MD5, AUTH_PASSWORD = 0x01, 0x04, 0x10
 SECONDARY_RMCP_PORT = 664
 
@@ -53,13 +53,12 @@ def supported_cipher_suites(context: Context) -> list[int]:
 
 def front_end(ipmi: IpmiConfig, address: tuple[str, int] | None = None) -> dict[str, Any]:
     """What the command layer answers about a machine's IPMI over LAN front-end, for the
-    ``extra`` of a :class:`Context`: its cipher suites, authentication types and login lockout
-    (``[ipmi]`` in the config) and, given its listen address, where clients reach it (LAN
-    parameters 3 and 8)."""
+    ``extra`` of a :class:`Context`: its cipher suites and IPMI 1.5 authentication types
+    (``[ipmi]`` in the config; ``auth_types`` as the §22.13 bits) and, given its listen address,
+    where clients reach it (LAN parameters 3 and 8)."""
     extra: dict[str, Any] = {
-        "cipher_suites": [suite for suite in CIPHER_SUITES if suite or ipmi.cipher_suite_0],
-        "auth_none": ipmi.auth_none,
-        "login_lockout": (ipmi.lockout_failures, ipmi.lockout_window, ipmi.lockout_time)}
+        "cipher_suites": sorted(ipmi.cipher_suites),
+        "auth_types": sum(1 << IPMI_AUTH_TYPES[name] for name in set(ipmi.auth_types))}
     if address is not None:
         host, extra["lan_port"] = address
         if reached := reachable_address(host):
@@ -81,8 +80,12 @@ def reachable_address(host: str) -> str | None:
 
 
 def auth_type_support(context: Context) -> int:
-    """Authentication types (§22.13) of IPMI 1.5 sessions: MD5 and straight password, and none
-    when the LAN front-end allows it."""
+    """Authentication types (§22.13) of IPMI 1.5 sessions: those the LAN front-end allows
+    (``extra["auth_types"]``); when no front-end says, MD5 and straight password, and none with
+    ``extra["auth_none"]``."""
+    allowed = context.extra.get("auth_types")
+    if allowed is not None:
+        return int(allowed)
     return AUTH_MD5 | AUTH_PASSWORD | (AUTH_NONE if context.extra.get("auth_none") else 0)
 
 
@@ -110,16 +113,21 @@ def _cipher_privileges(context: Context) -> bytes:
     return bytes([0]) + bytes(nibbles[i] | nibbles[i + 1] << 4 for i in range(0, 16, 2))
 
 
-def _bad_password_threshold(context: Context) -> bytes:
-    """Parameter 26 (IPMI v2.0 errata): the LAN front-end's login lockout, read-only here (it is
-    the operator's configuration): no event, N failures within the reset interval lock the user
-    out for the lockout interval (both in 10 s units). Only a LAN front-end knows it."""
-    lockout = context.extra.get("login_lockout")
-    if lockout is None:
-        raise IpmiError(PARAMETER_NOT_SUPPORTED, "no login lockout on this channel")
-    failures, window, duration = lockout
-    return bytes([0, min(failures, 255)]) + b"".join(
-        min(65535, -(-int(seconds) // 10)).to_bytes(2, "little") for seconds in (window, duration))
+def cipher_suite_privileges(value: bytes) -> list[int]:
+    """Parameter 24's maximum privilege level of cipher suite ids 0-15 (0: the suite is unused),
+    from its 9 data bytes. The LAN front-end limits the sessions of each suite to it."""
+    return [byte >> shift & 0x0F for byte in value[1:9] for shift in (0, 4)]
+
+
+async def _bad_password_threshold(context: Context) -> bytes:
+    """Parameter 26 (IPMI v2.0 errata): the login lockout of the state service's account policy
+    (the same for IPMI and Redfish, counted per user and source address), read-only here: no
+    event, N failures within the reset interval lock the user out for the lockout interval (both
+    in 10 s units; a lockout repeated without a success between lasts longer each time)."""
+    policy = await context.call(subjects.ACCOUNT_POLICY_GET, Empty(), AccountPolicy)
+    return bytes([0, min(policy.lockout_threshold, 255)]) + b"".join(
+        min(65535, -(-int(seconds) // 10)).to_bytes(2, "little")
+        for seconds in (policy.lockout_reset_after, policy.lockout_duration))
 
 
 def _host_address(value: bytes) -> bool:
@@ -165,6 +173,8 @@ class Param:
     check: Callable[[bytes], bool] = lambda value: True
     live: Callable[[Context], bytes | None] | None = None
     zero_is_unset: bool = False
+    fetch: Callable[[Context], Awaitable[bytes]] | None = None
+    """A read-only value another service keeps (read from the bus on every Get)."""
 
     def initial(self, context: Context) -> bytes:
         default = self.default(context) if callable(self.default) else self.default
@@ -182,7 +192,7 @@ SET_IN_PROGRESS = Param(1, check=_byte_in(0, 1, 2))
 LAN_PARAMS: dict[int, Param] = {
     0: SET_IN_PROGRESS,
     1: _read_only(1, lambda context: bytes([auth_type_support(context)])),
-    2: Param(5, bytes([AUTH_MD5 | AUTH_PASSWORD]) * 5, check=_bits_clear(0xC8)),  # per privilege, callback … OEM
+    2: Param(5, lambda context: bytes([auth_type_support(context)]) * 5, check=_bits_clear(0xC8)),  # per privilege
     3: Param(4, _listening_address, check=_host_address, zero_is_unset=True),
     4: Param(1, b"\x01", check=lambda value: value[0] <= 4),  # unspecified, static, DHCP, BIOS, other
     5: Param(6, check=_unicast_mac),
@@ -202,7 +212,7 @@ LAN_PARAMS: dict[int, Param] = {
     22: _read_only(1, lambda context: bytes([len(supported_cipher_suites(context))])),
     23: _read_only(17, lambda context: bytes([0, *supported_cipher_suites(context)])),
     24: Param(9, _cipher_privileges, check=_nibbles_at_most(Privilege.OEM)),
-    26: _read_only(6, _bad_password_threshold),
+    26: Param(6, writable=False, fetch=_bad_password_threshold),
     50: _read_only(1, lambda context: b"\x00"),  # IPv4 only: no IPv6, nor both at once
     51: Param(1, check=_byte_in(0)),  # addressing enables: only 0, IPv4 only
     55: _read_only(3, lambda context: bytes(3)),  # IPv6 status: no static, no dynamic address, no DHCPv6/SLAAC
@@ -243,7 +253,7 @@ class ParamSet:
             return bytes([REVISION])
         number = data[1]
         param = self._param(number)
-        value = param.live(context) if param.live else None
+        value = param.live(context) if param.live else await param.fetch(context) if param.fetch else None
         if value is None:
             value = (await self.load(context, channel)).get(number)
             if value is None or len(value) != param.size or (param.zero_is_unset and not any(value)):

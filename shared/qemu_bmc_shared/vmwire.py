@@ -1,4 +1,6 @@
-"""The OpenIPMI "VM" wire protocol that QEMU's ``ipmi-bmc-extern`` device speaks over a chardev.
+"""The OpenIPMI "VM" wire protocol that QEMU's ``ipmi-bmc-extern`` device speaks over a chardev:
+the VM-wire service decodes and answers it; the machine service, which owns a managed machine's
+chardev, only splits the stream into frames (``FrameSplitter``) and carries them over the bus.
 
 A message ends with 0xA0, a control command with 0xA1; 0xAA escapes the byte after it, which is
 sent with bit 4 set. A request from QEMU is: message id, netfn << 2 | LUN, command, data,
@@ -11,6 +13,7 @@ attention" (0x00), and enables or disables the interface's interrupt (0x05, 0x06
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MESSAGE_END = 0xA0
@@ -21,6 +24,9 @@ SPECIAL = frozenset((MESSAGE_END, COMMAND_END, ESCAPE))
 #: MAX_IPMI_MSG_SIZE, with the id and the checksum); anything longer is dropped up to the next
 #: end marker.
 MAX_FRAME = 302
+#: The longest frame as it is on the wire: every byte of the longest frame escaped, and its end marker.
+MAX_WIRE_FRAME = 2 * MAX_FRAME + 1
+_END = re.compile(rb"[\xa0\xa1]")
 
 PROTOCOL_VERSION = 1
 COMMAND_VERSION = 0xFF
@@ -112,3 +118,38 @@ class Decoder:
                 else:
                     self.frame.append(byte)
         return frames
+
+
+class FrameSplitter:
+    """Splits the byte stream into frames at their end markers, without decoding them: each frame
+    as it came (escapes kept, end marker included), so that it can be carried whole to whoever
+    decodes it. An escape never hides an end marker (an escaped byte is sent with bit 4 set), so
+    the split is the Decoder's. A frame longer than ``MAX_WIRE_FRAME`` is dropped up to the next
+    end marker and counted, so that a peer that sends no end marker holds at most that much."""
+
+    def __init__(self) -> None:
+        self.frame = bytearray()
+        self.overflow = False
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        frames: list[bytes] = []
+        start = 0
+        for end in _END.finditer(data):
+            self._take(data[start:end.end()])
+            if self.overflow:
+                self.dropped += 1
+            else:
+                frames.append(bytes(self.frame))
+            self.frame.clear()
+            self.overflow = False
+            start = end.end()
+        self._take(data[start:])
+        return frames
+
+    def _take(self, piece: bytes) -> None:
+        if not self.overflow and len(self.frame) + len(piece) > MAX_WIRE_FRAME:
+            self.overflow = True
+            self.frame.clear()
+        if not self.overflow:
+            self.frame += piece
