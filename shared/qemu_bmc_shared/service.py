@@ -21,6 +21,7 @@ from nats.aio.client import Client
 
 from . import bus
 from .config import Config, ConfigError, load
+from .discovery import UNSERVED
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 NATS_URL_FILE = "nats.url"
@@ -160,7 +161,7 @@ def bind_failure(exc: OSError, protocol: str, host: str, port: int) -> str:
 def unserved_key(kind: str, machine: str | None = None) -> str:
     """The service metadata key that tells an address a service should serve and cannot:
     ``unserved.<kind>.<machine>`` (``unserved.redfish``); its value is ``<host>:<port>: <reason>``."""
-    return f"unserved.{kind}" + (f".{machine}" if machine else "")
+    return f"{UNSERVED}{kind}" + (f".{machine}" if machine else "")
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
