@@ -102,11 +102,20 @@ async def test_oversized_bodies_get_413_and_memory_stays_flat(bmc: Bmc):
         for _ in range(64):
             yield bytes(MIB)
 
+    async def post_8_mib_in_a_row() -> list[httpx.Response]:
+        """Refused bodies one after the other (each refused connection once kept its TLS buffers
+        until its linger timer fired, long after the client had gone)."""
+        async with bmc.client(None) as anonymous:
+            return [await anonymous.post(SESSIONS, content=body[:8 * MIB], headers={"Content-Type": "application/json"})
+                    for _ in range(12)]
+
     try:
         responses = await asyncio.gather(*(post_64_mib() for _ in range(4)))
         async with bmc.client(None) as anonymous:  # chunked: no Content-Length, cut off once past the limit
             responses.append(await anonymous.post(SESSIONS, content=chunks(),
                                                   headers={"Content-Type": "application/json"}))
+        for in_a_row in await asyncio.gather(*(post_8_mib_in_a_row() for _ in range(4))):
+            responses += in_a_row
     finally:
         sampling = False
         await sampler

@@ -55,6 +55,7 @@ class RedfishHttpProtocol(HttpToolsProtocol):
         self.started: Any = None
         """The request-response cycle of the request being read, once its headers are complete."""
         self.draining = False
+        self.linger: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.draining:
@@ -107,11 +108,19 @@ class RedfishHttpProtocol(HttpToolsProtocol):
             self.answer(error)
         self.draining = True
         self.flow.resume_reading()
-        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self.linger = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def eof_received(self) -> None:
         if self.draining:
             self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The timer goes with the connection: it would keep the TLS transport, and what its
+        buffers held, for LINGER_SECONDS more."""
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
+        super().connection_lost(exc)
 
     # parser callbacks
 
