@@ -13,11 +13,16 @@ to before it knows who they are, each answered with a Redfish error:
 After such an answer the connection is closed (``Connection: close``) once the client has stopped
 sending or LINGER_SECONDS have passed; what it sends meanwhile is read and dropped, never kept, so
 that a client that sends its whole body before it reads (most do) gets the answer rather than a
-connection reset (RFC 9112 §9.6 "Tear-down")."""
+connection reset (RFC 9112 §9.6 "Tear-down"). Reading costs (TLS decrypts every byte), so what one
+client address sends after its answers is read at DRAIN_RATE bytes a second at most, after a
+first DRAIN_BURST: one refused body of any size a client may mean is read at once, a stream of
+them from one address cannot take the processor from the other clients."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
 from typing import Any
 
 import httptools
@@ -34,6 +39,31 @@ MAX_HEAD_BYTES = 64 << 10
 HEADER_COST = 32
 """Bytes counted for each header besides its name and value (what keeping it costs)."""
 LINGER_SECONDS = 10.0
+DRAIN_RATE = 32 << 20
+DRAIN_BURST = 128 << 20
+MAX_DRAINING_SOURCES = 4096
+
+
+class DrainBudget:
+    """How many refused bytes each client address may still have read now (a token bucket)."""
+
+    def __init__(self, rate: float = DRAIN_RATE, burst: float = DRAIN_BURST) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        """Address → (bytes it may have read, when that was reckoned)."""
+
+    def take(self, source: str, size: int) -> float:
+        """Count ``size`` bytes read for ``source``: the seconds to wait before reading more."""
+        now = time.monotonic()
+        tokens, then = self.buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate) - size
+        self.buckets[source] = (tokens, now)
+        if len(self.buckets) > MAX_DRAINING_SOURCES:
+            self.buckets.popitem(last=False)
+        return max(0.0, -tokens / self.rate)
+
+
+DRAINING = DrainBudget()
 
 
 class Refused(Exception):
@@ -55,11 +85,15 @@ class RedfishHttpProtocol(HttpToolsProtocol):
         self.started: Any = None
         """The request-response cycle of the request being read, once its headers are complete."""
         self.draining = False
-        self.linger: asyncio.TimerHandle | None = None
+        self.timers: list[asyncio.TimerHandle] = []
 
     def data_received(self, data: bytes) -> None:
-        if self.draining:
-            return  # answered: dropped until the client stops or LINGER_SECONDS have passed
+        if self.draining:  # answered: dropped until the client stops or LINGER_SECONDS have passed
+            wait = DRAINING.take(self.client[0] if self.client else "", len(data))
+            if wait and not self.transport.is_closing():
+                self.transport.pause_reading()
+                self.timers.append(self.loop.call_later(wait, self.resume_draining))
+            return
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -108,18 +142,22 @@ class RedfishHttpProtocol(HttpToolsProtocol):
             self.answer(error)
         self.draining = True
         self.flow.resume_reading()
-        self.linger = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self.timers.append(self.loop.call_later(LINGER_SECONDS, self.transport.close))
+
+    def resume_draining(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def eof_received(self) -> None:
         if self.draining:
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """The timer goes with the connection: it would keep the TLS transport, and what its
+        """The timers go with the connection: they would keep the TLS transport, and what its
         buffers held, for LINGER_SECONDS more."""
-        if self.linger is not None:
-            self.linger.cancel()
-            self.linger = None
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
         super().connection_lost(exc)
 
     # parser callbacks
