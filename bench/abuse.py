@@ -56,6 +56,7 @@ from qemu_bmc_ipmi_lan import framing
 from qemu_bmc_ipmi_lan.client import RmcpPlusClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ipmi_sim import ipmi_sim_argv
 from ports import free_tcp_port, free_udp_port
 
 USER, PASSWORD = "admin", "password"
@@ -169,25 +170,10 @@ async def start_peers(work: Path) -> Peers:
     config.write_text(f'runtime_dir = "{work / "rt"}"\n[redfish]\nlisten = "127.0.0.1:{redfish_port}"\n'
                       f'[vm.b1]\ncmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-display", "none", '
                       f'"-nodefaults"]\nipmi = "127.0.0.1:{ipmi["qemu-bmc"]}"\n')
-    (work / "lan.conf").write_text(f"""name "abuse"
-set_working_mc 0x20
-  startlan 1
-    addr 127.0.0.1 {ipmi["ipmi_sim"]}
-    priv_limit admin
-    allowed_auths_callback md5
-    allowed_auths_user md5
-    allowed_auths_operator md5
-    allowed_auths_admin md5
-    guid a123456789abcdefa123456789abcdef
-  endlan
-  user 2 true "{USER}" "{PASSWORD}" admin 64 md5
-""")
-    (work / "abuse.emu").write_text("mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02\n"
-                                    "mc_enable 0x20\n")
     commands = {name: [sys.executable, "-m", module, "--nats", nats.url, "--config", str(config), "--log-level",
                        "ERROR", *(["--stop-vms-on-exit"] if name == "machine" else [])]
                 for name, module in MODULES.items()}
-    commands["ipmi_sim"] = ["ipmi_sim", "-c", str(work / "lan.conf"), "-f", str(work / "abuse.emu"), "-n", "-p"]
+    commands["ipmi_sim"] = ipmi_sim_argv(work, ipmi["ipmi_sim"], USER, PASSWORD)
     peers = Peers(nats, ipmi, f"https://127.0.0.1:{redfish_port}/redfish/v1/Systems/b1", commands)
     try:
         for name in commands:

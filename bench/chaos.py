@@ -35,6 +35,7 @@ from qemu_bmc_ipmi_lan.client import RmcpPlusClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ports import free_tcp_port, free_udp_ports
+from processes import processes_with
 
 USER, PASSWORD = "admin", "password"
 TARGETS = ("nats-server", "state", "machine", "redfish", "ipmi-lan")
@@ -42,20 +43,6 @@ QEMU_ARGS = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-display", "none",
 RESTARTED_AFTER = 61.0
 """Seconds a service's process runs before it is killed again (the launcher's back-off resets at 60)."""
 POLL = 0.02
-
-
-def processes_with(*needles: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if all(needle in cmdline for needle in needles) and state != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def ran_for(pid: int) -> float:

@@ -28,6 +28,7 @@ from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_ipmi_lan.client import IpmiClientError, RmcpPlusClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ipmi_sim import ipmi_sim_argv
 from ports import free_udp_port
 
 USER, PASSWORD = "admin", "password"
@@ -79,23 +80,8 @@ async def start_peers(work: Path) -> tuple[dict[str, int], list[subprocess.Popen
                                            "--log-level", "WARNING",
                                            *(["--stop-vms-on-exit"] if module == "qemu_bmc_machine" else [])],
                                           env={"IPMI_PASS": PASSWORD, "PATH": "/usr/bin"}))
-    (work / "lan.conf").write_text(f"""name "bench"
-set_working_mc 0x20
-  startlan 1
-    addr 127.0.0.1 {ports["ipmi_sim"]}
-    priv_limit admin
-    allowed_auths_callback md5
-    allowed_auths_user md5
-    allowed_auths_operator md5
-    allowed_auths_admin md5
-    guid a123456789abcdefa123456789abcdef
-  endlan
-  user 2 true "{USER}" "{PASSWORD}" admin 64 md5
-""")
-    (work / "bench.emu").write_text("mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02\n"
-                                    "mc_enable 0x20\n")
-    processes.append(subprocess.Popen(["ipmi_sim", "-c", str(work / "lan.conf"), "-f", str(work / "bench.emu"), "-n",
-                                       "-p"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    processes.append(subprocess.Popen(ipmi_sim_argv(work, ports["ipmi_sim"], USER, PASSWORD),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     processes.append(subprocess.Popen([sys.executable, "-c", PYGHMI_BMC, str(ports["pyghmi Bmc"])],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for port in ports.values():

@@ -46,6 +46,7 @@ from qemu_bmc_shared.messages import ConsoleHistory, PowerRequest, PowerStatus
 from websockets.asyncio import client as websockets_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ipmi_sim import ipmi_sim_argv
 from linux_guest import LinuxGuest, default_cache
 from ports import free_tcp_port, free_udp_port
 
@@ -237,26 +238,13 @@ class Peers:
                  "WARNING", *(["--stop-vms-on-exit"] if module == "qemu_bmc_machine" else [])],
                 env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD, "PATH": "/usr/bin:/bin"}))
         serial = free_tcp_port()
-        (self.work / "lan.conf").write_text(f"""name "bench"
-set_working_mc 0x20
-  startlan 1
-    addr 127.0.0.1 {self.sol_ports["ipmi_sim"]}
-    priv_limit admin
-    allowed_auths_admin md5
-    guid a123456789abcdefa123456789abcdef
-  endlan
-  sol "tcp:127.0.0.1:{serial}" 115200
-  user 2 true "{USER}" "{PASSWORD}" admin 64 md5
-""")
-        (self.work / "bench.emu").write_text("mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 "
-                                             "0xf02\nmc_enable 0x20\n")
+        ipmi_sim = ipmi_sim_argv(self.work, self.sol_ports["ipmi_sim"], USER, PASSWORD,
+                                 f'  sol "tcp:127.0.0.1:{serial}" 115200\n')
         self.processes.append(subprocess.Popen(
             ["qemu-system-x86_64", *self.guest.qemu_args(initrd), "-serial",
              f"tcp:127.0.0.1:{serial},server=on,wait=off"], stdin=subprocess.DEVNULL))
         await asyncio.sleep(0.5)  # QEMU listening before ipmi_sim connects
-        self.processes.append(subprocess.Popen(
-            ["ipmi_sim", "-c", str(self.work / "lan.conf"), "-f", str(self.work / "bench.emu"), "-n", "-p"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.processes.append(subprocess.Popen(ipmi_sim, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 60
         while True:
             with contextlib.suppress(Exception):

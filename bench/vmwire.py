@@ -35,6 +35,7 @@ from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import ConsoleOutput, PowerRequest, PowerStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ipmi_sim import ipmi_sim_argv
 from linux_guest import LinuxGuest, default_cache
 from ports import free_tcp_port
 
@@ -75,21 +76,9 @@ async def start_peers(work: Path, guest_args: list[str]) -> tuple[dict[str, int]
                                    "--log-level", "WARNING", *extra], env={"IPMI_PASS": "password", "PATH": "/usr/bin"})
                  for module, path, extra in (("qemu_bmc_state", config, []), ("qemu_bmc_vmwire", config, []),
                                              ("qemu_bmc_machine", machine_config, ["--stop-vms-on-exit"]))]
-    (work / "lan.conf").write_text(f"""name "bench"
-set_working_mc 0x20
-  startlan 1
-    addr 127.0.0.1 {free_tcp_port()}
-    priv_limit admin
-    allowed_auths_admin md5
-    guid a123456789abcdefa123456789abcdef
-  endlan
-  serial 15 127.0.0.1 {ports["ipmi_sim"]} codec VM
-  user 2 true "admin" "password" admin 64 md5
-""")
-    (work / "bench.emu").write_text("mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02\n"
-                                    "mc_enable 0x20\n")
-    processes.append(subprocess.Popen(["ipmi_sim", "-c", str(work / "lan.conf"), "-f", str(work / "bench.emu"), "-n",
-                                       "-p"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    processes.append(subprocess.Popen(ipmi_sim_argv(work, free_tcp_port(), "admin", "password",
+                                                    f"  serial 15 127.0.0.1 {ports['ipmi_sim']} codec VM\n"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for port in ports.values():  # both listening
         deadline = time.monotonic() + 30
         while True:

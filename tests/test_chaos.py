@@ -19,7 +19,8 @@ from clients import ipmitool
 from conftest import toml_list, wait_for, write_config
 from guest_images import GuestImages
 from ports import free_tcp_port, free_udp_ports
-from test_up import cli, processes_with, start_up
+from processes import processes_with
+from test_up import cli, start_up
 
 USER, PASSWORD = "admin", "password"
 ACCOUNTS = "/redfish/v1/AccountService/Accounts"

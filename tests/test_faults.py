@@ -18,8 +18,9 @@ from clients import ipmitool
 from conftest import toml_list, wait_for, write_config
 from guest_images import GuestImages
 from ports import free_tcp_port, free_udp_ports
+from processes import processes_with
 from qemu_bmc.natsserver import binary
-from test_up import QEMU_BMC, cli, processes_with, start_up
+from test_up import QEMU_BMC, cli, start_up
 
 USER, PASSWORD = "admin", "password"
 

@@ -14,6 +14,7 @@ import nats
 import pytest
 from conftest import toml_list, wait_for, write_config
 from guest_images import GuestImages
+from processes import processes_with
 
 QEMU_BMC = [sys.executable, "-m", "qemu_bmc"]
 
@@ -21,22 +22,6 @@ QEMU_BMC = [sys.executable, "-m", "qemu_bmc"]
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*QEMU_BMC, *args], capture_output=True, text=True, timeout=90,
                           env={**os.environ, **(env or {})})
-
-
-def processes_with(needle: str, also: str = "") -> list[int]:
-    """The live processes whose command line has ``needle`` (and ``also``: tests running beside
-    this one have services of their own)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if needle in cmdline and also in cmdline and state != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 async def start_up(*args: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
