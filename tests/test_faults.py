@@ -188,7 +188,7 @@ async def test_killed_launcher_leaves_no_orphan_and_the_next_adopts_the_vm(short
         for pid in processes_with(str(runtime)):  # whatever a failure left behind
             os.kill(pid, signal.SIGKILL)
     assert second is not None and second.returncode == 0
-    assert tracebacks(runtime / "logs") == []
+    assert tracebacks(runtime / "logs") == [], [Path(log).read_text()[-3000:] for log in tracebacks(runtime / "logs")]
 
 
 def stat_start_ticks(pid: int) -> int:

@@ -152,20 +152,36 @@ async def client_command(args: argparse.Namespace, url: str) -> int:
         await nc.close()
 
 
+INTERRUPT_GRACE = 1.0
+"""Seconds a command has to end once cancelled by Ctrl-C or SIGTERM, before the process exits
+anyway (nats-py can swallow a cancellation while it connects)."""
+
+
 def run_command(command: Callable[[], Awaitable[int]]) -> int:
     """Run one CLI command to its exit status; Ctrl-C or SIGTERM ends it at once (status 130)."""
 
     async def runner() -> int:
         task = asyncio.ensure_future(command())
         loop = asyncio.get_running_loop()
+
+        def interrupted() -> None:
+            task.cancel()
+            loop.call_later(INTERRUPT_GRACE, exit_now)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, interrupted)
         try:
             return await task
         except asyncio.CancelledError:
             return 130
 
     return uvloop.run(runner())
+
+
+def exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def unreachable(exc: BusUnreachable, config: Config) -> str:

@@ -201,6 +201,9 @@ class Machine:
                 continue
             try:
                 await self._session(qmp)
+            except (TimeoutError, QMPError, OSError, EOFError) as exc:  # QEMU went, or is going
+                if not self._closing:
+                    log.warning("%s: QMP session ended: %s", self.name, str(exc) or type(exc).__name__)
             except Exception:
                 log.exception("%s: QMP session failed", self.name)
             finally:

@@ -13,10 +13,11 @@ to before it knows who they are, each answered with a Redfish error:
 After such an answer the connection is closed (``Connection: close``) once the client has stopped
 sending or LINGER_SECONDS have passed; what it sends meanwhile is read and dropped, never kept, so
 that a client that sends its whole body before it reads (most do) gets the answer rather than a
-connection reset (RFC 9112 §9.6 "Tear-down"). Reading costs (TLS decrypts every byte), so what one
-client address sends after its answers is read at DRAIN_RATE bytes a second at most, after a
-first DRAIN_BURST: one refused body of any size a client may mean is read at once, a stream of
-them from one address cannot take the processor from the other clients."""
+connection reset (RFC 9112 §9.6 "Tear-down"). Reading costs (TLS decrypts every byte), so one
+client address may have DRAIN_RATE bytes a second read and dropped so, after a first DRAIN_BURST:
+one refused body of any size a client may mean is read whole, and the client gets its answer; a
+stream of them from one address gets its connections cut (reset) instead, and cannot take the
+processor from the other clients."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class DrainBudget:
         """Address → (bytes it may have read, when that was reckoned)."""
 
     def take(self, source: str, size: int) -> float:
-        """Count ``size`` bytes read for ``source``: the seconds to wait before reading more."""
+        """Count ``size`` bytes read for ``source``: how long it should have waited for them (0:
+        within its budget)."""
         now = time.monotonic()
         tokens, then = self.buckets.pop(source, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.rate) - size
@@ -89,10 +91,8 @@ class RedfishHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.draining:  # answered: dropped until the client stops or LINGER_SECONDS have passed
-            wait = DRAINING.take(self.client[0] if self.client else "", len(data))
-            if wait and not self.transport.is_closing():
-                self.transport.pause_reading()
-                self.timers.append(self.loop.call_later(wait, self.resume_draining))
+            if DRAINING.take(self.client[0] if self.client else "", len(data)):
+                self.transport.abort()  # its address is over its budget: no more reading for it
             return
         self._unset_keepalive_if_required()
         try:
@@ -143,10 +143,6 @@ class RedfishHttpProtocol(HttpToolsProtocol):
         self.draining = True
         self.flow.resume_reading()
         self.timers.append(self.loop.call_later(LINGER_SECONDS, self.transport.close))
-
-    def resume_draining(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
 
     def eof_received(self) -> None:
         if self.draining:
