@@ -100,6 +100,11 @@ class HardwareInventory:
                 self._kept, self._kept_live = hardware, live
             return hardware
 
+    def known(self) -> bool:
+        """The hardware and UUID of the QEMU connected last are kept (an attached QEMU whose QMP
+        session is being made again is still that QEMU)."""
+        return self._kept is not None and self._kept_live and self._uuid is not None
+
     async def uuid(self) -> str:
         """The UUID of the connected QEMU (``query-uuid``), asked once per QEMU instance."""
         if self._uuid is None:

@@ -800,7 +800,7 @@ class Machine:
 
     async def inventory(self) -> Inventory:
         argv = self.vm.argv
-        if self._qmp is None:
+        if self._qmp is None and not (self.vm.mode == "attach" and self.hardware.known()):
             uuid = launcher.machine_uuid(self.vm, self.files) if self.vm.mode == "managed" else (
                 self.vm.uuid or "00000000-0000-0000-0000-000000000000")
             return Inventory(machine=self.name, uuid=uuid, memory_mib=launcher.configured_memory_mib(argv),
