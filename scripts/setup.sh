@@ -39,5 +39,17 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+# pip runs only when pyproject.toml (or what is installed from it) changed since the last install
+# that succeeded: the stamp holds their hash (the code itself is installed editable, so a change to
+# it needs no install).
+EXTRAS="test"
+STAMP=.venv/qemu-bmc-installed
+wanted="$(cat pyproject.toml - <<<"extras=$EXTRAS python=$(readlink -f .venv/bin/python)" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$wanted" ] || [ ! -x .venv/bin/qemu-bmc ]; then
+  rm -f "$STAMP"
+  # (setuptools' notice on every editable install of a multi-folder layout says nothing to act on)
+  export PYTHONWARNINGS="ignore:Editable installation"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+  echo "$wanted" >"$STAMP"
+fi

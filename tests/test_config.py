@@ -44,7 +44,9 @@ media_device = "cd0"
     assert config.redfish.listen == ("0.0.0.0", 8443) and config.redfish.tls
     assert config.state.default_user == "admin"
     demo = load(None)
-    assert list(demo.vms) == ["demo"] and demo.vms["demo"].autostart
+    assert list(demo.vms) == ["node1"] and demo.vms["node1"].autostart and demo.vms["node1"].inband
+    assert demo.vms["node1"].ipmi == ("127.0.0.1", 6230) and demo.redfish.listen == ("127.0.0.1", 8443)
+    assert load(config_file(tmp_path, "")).redfish.listen == ("127.0.0.1", 8443), "Redfish on loopback by default"
 
 
 @pytest.mark.parametrize(("text", "where", "problem"), [

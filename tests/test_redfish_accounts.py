@@ -116,8 +116,9 @@ async def test_session_login_use_and_logout(bmc: Bmc):
         assert (await other_replica.get(SYSTEM)).status_code == 200
         assert (await other_replica.delete(location)).status_code == 204
         assert (await other_replica.get(SYSTEM)).status_code == 401
-    async with bmc.client(token=token) as client:  # the first forgets it as soon as it is deleted
-        await wait_for(lambda: unauthorized(client), timeout=2, message="a 401 after logout")
+    async with bmc.client(token=token) as client:  # the first refuses a change at once, and forgets it
+        assert (await client.post(RESET, json={"ResetType": "On"})).status_code == 401
+        await wait_for(lambda: unauthorized(client), message="a 401 after logout")
     async with bmc.client() as client:
         assert (await client.get(location)).status_code == 404
 
@@ -136,8 +137,9 @@ async def unauthorized(client: httpx.AsyncClient) -> bool:
 
 
 async def test_session_follows_the_user_live(bmc: Bmc):
-    """The role is read at each request: a demoted user's session loses the reset at once, a
-    disabled user's session stops working, and other users' sessions are theirs."""
+    """The role is read at each request that changes something: a demoted user's session loses the
+    reset at once (on every replica), a disabled user's session stops working (a read, as soon as
+    the announcement arrives), and other users' sessions are theirs."""
     await add_user(bmc.nc, 4, "ops", "ops-pass-1", 3)
     response = await bmc.login("ops", "ops-pass-1")
     assert response.status_code == 201, response.text
@@ -147,9 +149,13 @@ async def test_session_follows_the_user_live(bmc: Bmc):
         assert (await ops.post(RESET, json={"ResetType": "ForceOff"})).status_code == 204
         assert (await ops.get(admin_session)).status_code == 403  # not its session, not an Administrator
         assert (await ops.get(SESSIONS)).json()["Members"] == [{"@odata.id": location}]
-        await bus.request(bmc.nc, "n1", subjects.USERS_ACCESS, UserAccessUpdate(slot=4, channel=1, privilege=2), User)
-        response = await ops.post(RESET, json={"ResetType": "ForceOff"})
-        assert response.status_code == 403 and message_id(response) == "InsufficientPrivilege"
+        async with bmc.client(token=token, replica=1) as ops_elsewhere:
+            assert (await ops_elsewhere.get(SYSTEM)).status_code == 200  # the other replica keeps the user
+            await bus.request(bmc.nc, "n1", subjects.USERS_ACCESS, UserAccessUpdate(slot=4, channel=1, privilege=2),
+                              User)
+            for replica in (ops_elsewhere, ops):
+                response = await replica.post(RESET, json={"ResetType": "ForceOff"})
+                assert response.status_code == 403 and message_id(response) == "InsufficientPrivilege"
         assert (await ops.get(SYSTEM)).status_code == 200
         other = (await bmc.login("ops", "ops-pass-1")).headers["Location"]
         assert (await ops.delete(other)).status_code == 204  # ReadOnly ends its own sessions (ConfigureSelf)
@@ -162,7 +168,8 @@ async def test_session_follows_the_user_live(bmc: Bmc):
         assert {"@odata.id": other} not in (await admin.get(SESSIONS)).json()["Members"]
     async with bmc.client(token=token) as ops:  # disabling a user ends its sessions
         await bus.request(bmc.nc, "n1", subjects.USERS_SET, UserUpdate(slot=4, enabled=False), User)
-        assert (await ops.get(SYSTEM)).status_code == 401
+        assert (await ops.post(RESET, json={"ResetType": "On"})).status_code == 401
+        await wait_for(lambda: unauthorized(ops), message="a 401 for the disabled user's read")
         await bus.request(bmc.nc, "n1", subjects.USERS_SET, UserUpdate(slot=4, enabled=True), User)
         assert (await ops.get(SYSTEM)).status_code == 401
     async with bmc.client() as admin:
@@ -200,7 +207,7 @@ async def test_session_expiry_on_the_bucket(nc):
     token, record = await first.create("admin", {"n1": 2})
     assert (await second.lookup(token)) is not None
     await first.delete(record)  # logout on one replica: the other forgets its cached copy at once
-    await wait_for(lambda: record.token_sha256 not in second.cache, timeout=2, message="the cache to forget")
+    await wait_for(lambda: record.token_sha256 not in second.cache, message="the cache to forget")
     assert (await second.lookup(token)) is None
     await first.close()
     await second.close()

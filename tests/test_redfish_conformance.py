@@ -1,10 +1,11 @@
 """DMTF's validators against the Redfish service, offline, authenticated: redfish-service-validator
-(every resource against the DMTF CSDL schemas in ../shared/redfish/csdl, or $REDFISH_CSDL),
-redfish-protocol-validator (DSP0266 protocol assertions) and redfish-interop-validator (the OCP
-and OpenStack Ironic interoperability profiles in ../shared/redfish/profiles, or
-$REDFISH_PROFILES). Zero failures; each warning and what was not tested is listed in
-docs/conformance.md. The accounts made over Redfish must change their password first (``[redfish]
-password_change_required``), so the protocol validator tests its password change required handling."""
+(every resource against the DMTF CSDL schemas), redfish-protocol-validator (DSP0266 protocol
+assertions) and redfish-interop-validator (the OCP and OpenStack Ironic interoperability profiles).
+tests/redfish_data.py finds the schemas and the profiles ($REDFISH_CSDL_DIR, $REDFISH_PROFILES_DIR,
+../shared/redfish, or the user cache it downloads them into). Zero failures; each warning and what
+was not tested is listed in docs/conformance.md. The accounts made over Redfish must change their
+password first (``[redfish] password_change_required``), so the protocol validator tests its
+password change required handling."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redfish_data
 from conftest import INTERNAL_TARGETS, REPO, free_tcp_port, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from http_server import FileServer
@@ -23,17 +25,25 @@ from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import FirmwareUpdate, FirmwareUpdated, PowerRequest, PowerStatus, SelLog
 from test_redfish import PASSWORD, USER
 
-CSDL = Path(os.environ.get("REDFISH_CSDL", REPO.parent / "shared" / "redfish" / "csdl"))
-PROFILES = Path(os.environ.get("REDFISH_PROFILES", REPO.parent / "shared" / "redfish" / "profiles"))
 #: The interoperability profiles the service must pass, and what each requires (found beside it).
 INTEROP_PROFILES = ("OCPBaselineHardwareManagement.v1_1_1", "OCPServerHardwareManagement.v1_1_0",
                     "OCPServiceBaseline.v1_0_0", "OpenStackIronicProfile.v1_2_0")
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="module")
+def csdl() -> Path:
+    """The DMTF CSDL bundle, found (or downloaded) before a service starts: a test that lists it first."""
+    return redfish_data.directory("csdl")
+
+
+@pytest.fixture(scope="module")
+def profiles() -> Path:
+    return redfish_data.directory("profiles")
+
+
 @pytest.fixture
 async def service(nc, services, short_dir: Path, images: GuestImages) -> tuple[str, dict[str, str]]:
-    assert (CSDL / "ServiceRoot_v1.xml").exists(), f"the DMTF CSDL bundle is not at {CSDL} (set REDFISH_CSDL)"
     port = free_tcp_port()
     config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\npassword_change_required = true\n'
                                      f'{INTERNAL_TARGETS}'
@@ -78,11 +88,11 @@ def documented() -> str:
     return (REPO / "docs" / "conformance.md").read_text()
 
 
-async def test_service_validator(service: tuple[str, dict[str, str]], short_dir: Path):
+async def test_service_validator(csdl: Path, service: tuple[str, dict[str, str]], short_dir: Path):
     url, env = service
     logs = short_dir / "service-validator"
     output = await run(str(BIN / "rf_service_validator"), "--rhost", url, "--user", USER, "--password", PASSWORD,
-                       "--authtype", "Session", "--schema_directory", str(CSDL), "--logdir", str(logs), env=env,
+                       "--authtype", "Session", "--schema_directory", str(csdl), "--logdir", str(logs), env=env,
                        cwd=short_dir)
     passed, _, failed, _ = summary(output)
     debug = "\n".join(path.read_text() for path in logs.rglob("RedfishServiceValidatorDebug*.log"))
@@ -116,15 +126,13 @@ async def test_protocol_validator(service: tuple[str, dict[str, str]], short_dir
     assert not undocumented, f"warnings and untested assertions not listed in docs/conformance.md: {undocumented}"
 
 
-def profile_directory(into: Path) -> Path:
+def profile_directory(profiles: Path, into: Path) -> Path:
     """The profiles, linked into ``into``. The validator (3.0.4) looks for a required profile under
     the file name of the version the requiring profile names (OCPBaselineHardwareManagement.v1_1_0
     for OCPServerHardwareManagement), even when it found a newer one: each profile is linked under
     the names of the older versions of its major version too."""
-    assert (PROFILES / f"{INTEROP_PROFILES[0]}.json").exists(), \
-        f"the Redfish interoperability profiles are not at {PROFILES} (set REDFISH_PROFILES)"
     into.mkdir()
-    for profile in PROFILES.glob("*.json"):
+    for profile in profiles.glob("*.json"):
         (into / profile.name).symlink_to(profile)
         name, major, minor, patch = re.match(r"(.+)\.v(\d+)_(\d+)_(\d+)\.json$", profile.name).groups()
         for older in range(int(patch)):
@@ -135,12 +143,12 @@ def profile_directory(into: Path) -> Path:
 
 
 @pytest.mark.parametrize("profile", INTEROP_PROFILES)
-async def test_interop_validator(service: tuple[str, dict[str, str]], short_dir: Path, profile: str):
+async def test_interop_validator(profiles: Path, service: tuple[str, dict[str, str]], short_dir: Path, profile: str):
     url, env = service
-    profiles = profile_directory(short_dir / "profiles")
+    linked = profile_directory(profiles, short_dir / "profiles")
     logs = short_dir / "interop-validator"
     output = await run(str(BIN / "rf_interop_validator"), "--rhost", url, "--user", USER, "--password", PASSWORD,
-                       "--authtype", "Session", "--logdir", str(logs), str(profiles / f"{profile}.json"), env=env,
+                       "--authtype", "Session", "--logdir", str(logs), str(linked / f"{profile}.json"), env=env,
                        cwd=short_dir)
     passed, _, failed, _ = summary(output)
     debug = "\n".join(path.read_text() for path in logs.rglob("RedfishInteropValidatorDebug*.log"))

@@ -20,8 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
+import redfish_data
 import sushy
-from conftest import REPO, free_tcp_port, serial_log, toml_list, wait_for, write_config
+from conftest import free_tcp_port, serial_log, toml_list, wait_for, write_config
 from guest_images import GuestImages
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import (
@@ -41,8 +42,13 @@ from test_redfish import PASSWORD, USER, Service
 MIB = 1 << 20
 GIB = 1 << 30
 BIN = Path(sys.executable).parent
-CSDL = Path(os.environ.get("REDFISH_CSDL", REPO.parent / "shared" / "redfish" / "csdl"))
 TASKS = "/redfish/v1/TaskService/Tasks"
+
+
+@pytest.fixture(scope="module")
+def csdl() -> Path:
+    """The DMTF CSDL bundle (tests/redfish_data.py), found before the machines start."""
+    return redfish_data.directory("csdl")
 
 
 def machine_argv(directory: Path, images: GuestImages) -> list[str]:
@@ -135,7 +141,7 @@ async def task_state(client: httpx.AsyncClient, task_id: str) -> str:
     return (await client.get(f"{TASKS}/{task_id}")).json()["TaskState"]
 
 
-async def test_volumes_made_and_deleted_at_the_next_power_on_or_reset(storage: Service):
+async def test_volumes_made_and_deleted_at_the_next_power_on_or_reset(csdl: Path, storage: Service):
     async with storage.client() as client:
         # before the machine ever ran: where volumes can be made, and how
         sata = await client.get(volumes_path("sata"))
@@ -238,15 +244,15 @@ async def test_volumes_made_and_deleted_at_the_next_power_on_or_reset(storage: S
         assert (await client.delete(f"{volumes_path('scsi0')}/qbmc-vol3")).status_code == 202
     certificate = storage.directory / "rt" / "redfish" / "cert.pem"
     for start in ("/redfish/v1/TaskService", "/redfish/v1/Systems/vm1/Storage"):
-        await service_validator(storage, start, certificate)
+        await service_validator(storage, start, certificate, csdl)
 
 
-async def service_validator(service: Service, start: str, certificate: Path) -> None:
+async def service_validator(service: Service, start: str, certificate: Path, csdl: Path) -> None:
     logs = service.directory / f"validator{start.replace('/', '-')}"
     env = {**os.environ, "REQUESTS_CA_BUNDLE": str(certificate), "SSL_CERT_FILE": str(certificate)}
     process = await asyncio.create_subprocess_exec(
         str(BIN / "rf_service_validator"), "--rhost", service.url, "--user", USER, "--password", PASSWORD,
-        "--authtype", "Session", "--schema_directory", str(CSDL), "--logdir", str(logs), "--payload", "Tree", start,
+        "--authtype", "Session", "--schema_directory", str(csdl), "--logdir", str(logs), "--payload", "Tree", start,
         env=env, cwd=service.directory, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output = (await asyncio.wait_for(process.communicate(), 600))[0].decode(errors="replace")
     counts = re.search(r"PASS\s*\|\s*WARN\s*\|\s*FAIL\s*\|\s*NOT TESTED\s*\|\s*\n[+-]+\n\|\s*(\d+)\s*\|\s*(\d+)\s*\|"

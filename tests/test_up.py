@@ -83,16 +83,3 @@ async def test_up_runs_and_stops_the_whole_tree(short_dir: Path, images: GuestIm
     assert not any(pid in processes_with(str(runtime / "nats")) for pid in nats_pids)
     assert processes_with(str(runtime / "vm" / "n1" / "qmp.sock")) == [], "the managed VM was stopped"
     assert not (runtime / "nats.url").exists()
-
-
-async def test_up_without_config_runs_the_demo_machine(short_dir: Path):
-    env = {"QEMU_BMC_RUNTIME_DIR": str(short_dir / "demo")}
-    up = await start_up(env=env, log=short_dir / "up.log")
-    try:
-        await wait_for(lambda: "demo: On" in cli("power", "status", "demo", env=env).stdout, timeout=30,
-                       message="the demo machine running")
-    finally:
-        up.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(up.wait(), 60)
-    assert code == 0
-    assert processes_with(str(short_dir / "demo")) == []

@@ -41,7 +41,8 @@ BOOT_TARGETS = {"none": "None", "pxe": "Pxe", "hdd": "Hdd", "disk": "Hdd", "cd":
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=os.environ.get("QEMU_BMC_CONFIG"),
-                        help="TOML config file (default: ./qemu-bmc.toml, else ~/.config/qemu-bmc/config.toml)")
+                        help="TOML config file (default: ./qemu-bmc.toml, ./qqmgr.toml, "
+                        "~/.config/qemu-bmc/config.toml, ~/.config/qqmgr/conf.toml: the first found)")
     common.add_argument("--nats", default=os.environ.get("NATS_URL"), help="NATS URL")
     common.add_argument("--json", action="store_true", help="print the reply as JSON")
     on_bus = argparse.ArgumentParser(add_help=False)
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         path = find_config(args.config)
         if path is None and args.command == "vm":
-            raise ConfigError("no config: give -c FILE, or write ./qemu-bmc.toml or ~/.config/qemu-bmc/config.toml")
+            raise ConfigError("no config: give -c FILE, or write ./qemu-bmc.toml (or qqmgr's ./qqmgr.toml) or "
+                              "~/.config/qemu-bmc/config.toml")
         config = load(path)
     except ConfigError as exc:
         print(f"qemu-bmc: config error: {exc}", file=sys.stderr)

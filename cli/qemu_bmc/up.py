@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import IO, Any
 
 from qemu_bmc_shared import bus
 from qemu_bmc_shared.bus import BusUnreachable
-from qemu_bmc_shared.config import Config
+from qemu_bmc_shared.config import DEFAULT_PASSWORD, Config
 from qemu_bmc_shared.discovery import service_infos, unserved
 from qemu_bmc_shared.launcher import wait_exit
 from qemu_bmc_shared.service import NATS_URL_FILE
@@ -220,9 +223,81 @@ def describe(config: Config, nats_address: str, log_dir: Path, expected: set[str
     lines.append(f"  ERROR: Redfish {problem}" if problem else
                  f"  Redfish {'https' if config.redfish.tls else 'http'}://{host}:{port}/redfish/v1/")
     lines += [f"  ERROR: {what} {why}" for what, why in sorted(problems.items())]
-    lines.append("Try: qemu-bmc power status " + (config.machine_names[0] if config.vms else "NAME"))
+    lines += try_lines(config)
     lines.append("Ctrl-C stops everything.")
     return "\n".join(lines)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # every address ("", "*"), or a host name
+        return False
+
+
+def exposed_listeners(config: Config) -> list[str]:
+    """The listeners other hosts may reach (not on a loopback address): Redfish's and each
+    machine's IPMI over LAN address."""
+    host, port = config.redfish.listen
+    exposed = [] if is_loopback(host) else [f"Redfish {host}:{port}"]
+    return exposed + [f"IPMI over LAN of {vm.name} {vm.ipmi[0]}:{vm.ipmi[1]}" for vm in config.vms.values()
+                      if vm.ipmi and not is_loopback(vm.ipmi[0])]
+
+
+def warn_if_exposed(config: Config) -> None:
+    """A WARNING (once, at start) when a listener other hosts may reach serves the default
+    password: the first administrator's is IPMI_PASS's, "password" when it is not set."""
+    exposed = exposed_listeners(config)
+    if exposed and config.state.default_password == DEFAULT_PASSWORD:
+        log.warning("%s listen%s beyond this machine while IPMI_PASS is not set: the first administrator (%s) has "
+                    "the default password; set IPMI_PASS before the first start, or change the password (ipmitool "
+                    "user set password, or Redfish's AccountService)", ", ".join(exposed),
+                    "s" if len(exposed) == 1 else "", config.state.default_user)
+
+
+def client_host(host: str) -> str:
+    """The address a client on this machine uses for a listener on ``host``."""
+    if host in ("", "*", "0.0.0.0"):
+        return "127.0.0.1"
+    return "::1" if host == "::" else host
+
+
+def cli_name() -> str:
+    """This qemu-bmc as a shell runs it: its name when PATH finds this one, else its path."""
+    script = Path(sys.executable).parent / "qemu-bmc"
+    if not script.exists():
+        return "qemu-bmc"
+    found = shutil.which("qemu-bmc")
+    return "qemu-bmc" if found and Path(found).resolve() == script.resolve() else shlex.quote(str(script))
+
+
+def try_lines(config: Config) -> list[str]:
+    """Commands to paste: IPMI, Redfish, the console, the CLI. The default password is printed;
+    one set through IPMI_PASS is not (the lines read the variable instead)."""
+    user = config.state.default_user
+    default = config.state.default_password == DEFAULT_PASSWORD
+    in_quotes = "".join("\\" + char if char in '"$`\\' else char for char in user)
+    ipmi_password = DEFAULT_PASSWORD if default else '"$IPMI_PASS"'
+    credentials = shlex.quote(f"{user}:{DEFAULT_PASSWORD}") if default else f'"{in_quotes}:$IPMI_PASS"'
+    machine = config.machine_names[0] if config.vms else None
+    lines = ["Try:" if default else f"Try (IPMI_PASS holds {user}'s password: export it where you paste these):"]
+    with_ipmi = [vm for name in config.machine_names if (vm := config.vms[name]).ipmi]
+    if with_ipmi:
+        host, port = with_ipmi[0].ipmi  # type: ignore[misc]
+        lines.append(f"  ipmitool -I lanplus -H {client_host(host)} -p {port} -U {shlex.quote(user)} "
+                     f"-P {ipmi_password} power status")
+    host, port = config.redfish.listen
+    host = client_host(host)
+    base = f"{'https' if config.redfish.tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+    lines.append(f"  curl {'-k ' if config.redfish.tls else ''}-u {credentials} {base}/redfish/v1/Systems"
+                 + (f"/{machine}" if machine else ""))
+    if machine:
+        lines.append(f"  console: {base}/console/{machine}")
+    config_option = f" -c {shlex.quote(str(config.path))}" if config.path else ""
+    lines.append(f"  {cli_name()} power status {machine or 'NAME'}{config_option}")
+    return lines
 
 
 def nats_token(runtime: Path) -> str:
@@ -242,6 +317,7 @@ async def up(config: Config, nats_url: str | None, keep_vms: bool, stop: asyncio
     log_dir.mkdir(parents=True, exist_ok=True)
     nats: NatsServer | None = None
     nats_address = bus.without_credentials(nats_url or "")  # never print credentials
+    warn_if_exposed(config)
     if nats_url is None:
         nats = NatsServer(runtime / "nats", token=nats_token(runtime), owned=True)
         await stop_stray_nats_servers(nats.directory / "jetstream")

@@ -1,12 +1,14 @@
 """``qemu-bmc vm``: the VM manager (the qqmgr workflow) for the machines of the config.
 
-``list``, ``status``, ``start``, ``stop``, ``ssh``, ``put`` and ``get``, each with ``--json``.
+``list``, ``status``, ``start``, ``stop``, ``ssh``, ``put``, ``get`` and ``disk``, each with ``--json``.
 Starting and stopping go through the machine service when one serves the machine on the bus
 (it owns the QEMU process and its QMP socket then); otherwise the VM manager launches QEMU itself
 with the machine service's own launcher (same command line, runtime files and pid file, so a
 machine service started later adopts the VM) and stops it over QMP. ``ssh``, ``put`` and ``get``
 run OpenSSH's ``ssh``/``scp`` with an ssh config generated per VM from the global ``[ssh]``
-options and the VM's ``[vm.NAME.ssh]`` (in the VM's runtime directory, ``ssh_config``).
+options and the VM's ``[vm.NAME.ssh]`` (in the VM's runtime directory, ``ssh_config``). ``disk``
+makes (``create``) and shows (``info``) the disk images the VM's command line names, with
+``[qemu] img`` (qemu-img). docs/qqmgr.md maps qqmgr's commands and keys to these.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +52,8 @@ class VmError(Exception):
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    vm = commands.add_parser("vm", parents=[common], help="the VM manager: list, start, stop, status, ssh, put, get")
+    vm = commands.add_parser("vm", parents=[common],
+                             help="the VM manager: list, start, stop, status, ssh, put, get, disk")
     actions = vm.add_subparsers(dest="vm_command", required=True)
     actions.add_parser("list", parents=[common], help="every VM of the config")
     status = actions.add_parser("status", parents=[common], help="one VM: pid, runtime files, ports")
@@ -68,6 +76,17 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     get.add_argument("name")
     get.add_argument("remote")
     get.add_argument("local")
+    disk = actions.add_parser("disk", parents=[common], help="make or show the disk images a VM's command line "
+                              "names (qemu-img)", epilog="example: qemu-bmc vm disk node1 create 20G "
+                              "--backing debian-12.qcow2")
+    disk.add_argument("name")
+    disk.add_argument("disk_command", choices=["create", "info"], metavar="{create,info}")
+    disk.add_argument("size", nargs="?", help="create: the virtual size (qemu-img's: 20G, 512M); with --backing "
+                      "the backing file's when left out")
+    disk.add_argument("--drive", metavar="ID", help="the drive (its id=, hda..hdd, or driveN: the Nth -drive) when "
+                      "the command line names several images")
+    disk.add_argument("--backing", metavar="FILE", help="create: an overlay on this image (its format is detected)")
+    disk.add_argument("--format", help="create: the image format (default: the drive's format=, else qcow2)")
 
 
 # ---------------------------------------------------------------------- runtime files and status
@@ -104,11 +123,15 @@ def vm_status(vm: VmConfig) -> dict[str, Any]:
         pid = launcher.running_pid(files)
         state = "running" if pid else "stopped"
         runtime = {"dir": str(files.directory), "pid_file": str(files.pid), "qmp": str(files.qmp),
-                   "serial_log": str(files.serial_log), "qemu_log": str(files.qemu_log)}
+                   "monitor": str(files.monitor), "serial_log": str(files.serial_log), "qemu_log": str(files.qemu_log)}
+        # qqmgr's names for them (its ``status --json``)
+        qqmgr = {"pid_file": str(files.pid), "serial_file": str(files.serial_log), "qmp_file": str(files.qmp),
+                 "monitor_file": str(files.monitor)}
     else:
         pid = None
         state = "attached" if vm.qmp and vm.qmp.exists() else "absent"
         runtime = {"dir": str(files.directory), "qmp": str(vm.qmp), "serial": str(vm.serial) if vm.serial else None}
+        qqmgr = {"pid_file": None, "serial_file": None, "qmp_file": str(vm.qmp), "monitor_file": None}
     if vm.ssh is not None:
         runtime["ssh_config"] = str(ssh_config_path(vm))
 
@@ -118,7 +141,8 @@ def vm_status(vm: VmConfig) -> dict[str, Any]:
     return {"name": vm.name, "mode": vm.mode, "state": state, "pid": pid, "runtime": runtime,
             "ports": {"ssh": vm.ssh.port if vm.ssh else None, "ssh_vm": vm.ssh.vm_port if vm.ssh else None,
                       "ipmi": address(vm.ipmi), "vmwire": address(vm.vmwire) if vm.mode == "attach" else None},
-            "stale_files_removed": cleaned}
+            "stale_files_removed": cleaned, **qqmgr, "ssh": {"port": vm.ssh.port if vm.ssh else None},
+            "cmdline": vm.argv if vm.mode == "managed" else None}
 
 
 # ---------------------------------------------------------------------- ssh
@@ -136,7 +160,7 @@ def write_ssh_config(vm: VmConfig) -> Path:
     """The VM's ssh config: a ``Host NAME`` block on 127.0.0.1 (unless a HostName option says
     otherwise) and ``port``, with the merged ``[ssh]`` options."""
     if vm.ssh is None:
-        raise VmError(f"{vm.name}: no [vm.{vm.name}.ssh] table (its port is needed)")
+        raise VmError(missing_ssh(vm))
     lines = [f"# written by qemu-bmc for VM {vm.name}: [ssh] and [vm.{vm.name}.ssh] of the config",
              f"Host {vm.name}"]
     if not any(key.lower() == "hostname" for key in vm.ssh.options):
@@ -148,6 +172,11 @@ def write_ssh_config(vm: VmConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def missing_ssh(vm: VmConfig) -> str:
+    return (f"vm.{vm.name}.ssh.port: missing: ssh, put and get need [vm.{vm.name}.ssh] port = HOST_PORT (the host "
+            "port forwarded to the VM's sshd, as qqmgr requires)")
 
 
 def require_running(vm: VmConfig) -> None:
@@ -298,6 +327,151 @@ async def stop_directly(vm: VmConfig, pid: int, timeout: float) -> str:
     return "forced"
 
 
+# ---------------------------------------------------------------------- disk images
+
+#: Options that give a disk image as their whole value.
+HD_OPTIONS = ("hda", "hdb", "hdc", "hdd")
+#: ``file=`` values that are not local files: ``nbd:...``, ``json:{...}``, ``https://...``.
+PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk image the VM's command line names: ``-drive ...,file=F`` (not pflash firmware, not
+    a CD) or ``-hda F``; ``id`` is the drive's ``id=``, else ``hda``..``hdd``, else ``driveN``."""
+
+    id: str
+    file: Path
+    format: str | None
+
+
+def qemu_keyvalues(text: str) -> dict[str, str]:
+    """A QEMU ``key=value,...`` option value (a doubled comma is a comma of the value)."""
+    fields, current, index = [], "", 0
+    while index < len(text):
+        if text.startswith(",,", index):
+            current, index = current + ",", index + 2
+            continue
+        if text[index] == ",":
+            fields.append(current)
+            current = ""
+        else:
+            current += text[index]
+        index += 1
+    fields.append(current)
+    return {key: value for key, _, value in (field.partition("=") for field in fields)}
+
+
+def vm_disks(vm: VmConfig) -> list[Disk]:
+    """The disk images of the VM's command line; a relative path is relative to the current folder,
+    where ``qemu-bmc vm start`` runs QEMU."""
+    disks: list[Disk] = []
+    drives = 0
+    for flag, value in itertools.pairwise(vm.argv[1:]):
+        option = flag.lstrip("-") if flag.startswith("-") else ""
+        if option == "drive":
+            drives += 1
+            fields = qemu_keyvalues(value)
+            file = fields.get("file", "")
+            if not file or PROTOCOL.match(file) or fields.get("if") == "pflash" or fields.get("media") == "cdrom":
+                continue
+            disks.append(Disk(id=fields.get("id") or f"drive{drives - 1}", file=Path(file).absolute(),
+                              format=fields.get("format")))
+        elif option in HD_OPTIONS and not PROTOCOL.match(value):
+            disks.append(Disk(id=option, file=Path(value).absolute(), format=None))
+    return disks
+
+
+def picked_disks(vm: VmConfig, drive: str | None, one: bool) -> list[Disk]:
+    """The VM's disks, or the one ``--drive`` names; ``one``: exactly one is needed."""
+    if vm.mode != "managed":
+        raise VmError(f"{vm.name}: attach mode, its command line (and its disks) is not in the config")
+    disks = vm_disks(vm)
+    if not disks:
+        raise VmError(f"{vm.name}: its command line names no disk image (-drive file=..., -hda ...)")
+    ids = ", ".join(disk.id for disk in disks)
+    if drive is not None:
+        disks = [disk for disk in disks if disk.id == drive]
+        if not disks:
+            raise VmError(f"{vm.name}: no drive {drive!r} (drives: {ids})")
+    if one and len(disks) > 1:
+        raise VmError(f"{vm.name}: its command line names {len(disks)} images ({ids}): pick one with --drive ID")
+    return disks
+
+
+def qemu_img(config: Config, *args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([config.qemu_img, *args], capture_output=True, text=True, check=False,
+                              stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise VmError(f"[qemu] img: cannot run {config.qemu_img}: {exc.strerror or exc}") from None
+
+
+def image_info(config: Config, file: Path) -> dict[str, Any]:
+    """``qemu-img info`` of an image (``--force-share``: a running QEMU holds its lock)."""
+    done = qemu_img(config, "info", "--force-share", "--output=json", str(file))
+    if done.returncode != 0:
+        raise VmError(done.stderr.strip() or f"qemu-img info {file} failed with status {done.returncode}")
+    info: dict[str, Any] = json.loads(done.stdout)
+    return info
+
+
+def create_disk(config: Config, vm: VmConfig, disk: Disk, size: str | None, backing: str | None,
+                image_format: str | None) -> dict[str, Any]:
+    """Make the image ``disk`` names, never over an existing file (the name is taken with
+    O_EXCL first, then qemu-img writes the image into it)."""
+    if disk.format and image_format and image_format != disk.format:
+        raise VmError(f"{vm.name}: --format {image_format}, but drive {disk.id} says format={disk.format}")
+    image_format = image_format or disk.format or "qcow2"
+    if size is None and backing is None:
+        raise VmError("give the image's size (20G, 512M), or --backing FILE")
+    argv = ["create", "-q", "-f", image_format]
+    if backing is not None:
+        backing_file = Path(backing).absolute()
+        argv += ["-b", str(backing_file), "-F", str(image_info(config, backing_file)["format"])]
+    disk.file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(disk.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise VmError(f"{vm.name}: {disk.file} (drive {disk.id}) exists already; qemu-bmc does not overwrite an "
+                      "image (remove it first)") from None
+    done = qemu_img(config, *argv, str(disk.file), *([size] if size else []))
+    if done.returncode != 0:
+        disk.file.unlink(missing_ok=True)
+        raise VmError(f"{vm.name}: {done.stderr.strip() or f'qemu-img create failed with status {done.returncode}'}")
+    return {"name": vm.name, "drive": disk.id, "file": str(disk.file), "created": True,
+            "image": image_info(config, disk.file)}
+
+
+def describe_image(disk: Disk, image: dict[str, Any] | None) -> str:
+    if image is None:
+        return f"{disk.id}: {disk.file}: no image"
+    backing = image.get("full-backing-filename") or image.get("backing-filename")
+    return (f"{disk.id}: {disk.file} ({image.get('format')}, virtual size {image.get('virtual-size')} bytes, "
+            f"{image.get('actual-size')} bytes on disk" + (f", backing file {backing}" if backing else "") + ")")
+
+
+def disk_command(args: argparse.Namespace, config: Config, vm: VmConfig) -> int:
+    if args.disk_command == "create":
+        disk = picked_disks(vm, args.drive, one=True)[0]
+        result = create_disk(config, vm, disk, args.size, args.backing, args.format)
+        print(json.dumps(result, indent=2) if args.json else f"created {describe_image(disk, result['image'])}")
+        return 0
+    for option in ("size", "backing", "format"):
+        if getattr(args, option):
+            raise VmError(f"vm disk info takes no {option}")
+    disks = picked_disks(vm, args.drive, one=False)
+    images = [image_info(config, disk.file) if disk.file.exists() else None for disk in disks]
+    if args.json:
+        print(json.dumps({"name": vm.name, "disks": [{"drive": disk.id, "file": str(disk.file), "format": disk.format,
+                                                       "exists": image is not None, "image": image}
+                                                      for disk, image in zip(disks, images, strict=True)]}, indent=2))
+    for disk, image in [] if args.json else zip(disks, images, strict=True):
+        print(describe_image(disk, image) + ("" if image else f" (qemu-bmc vm disk {vm.name} create SIZE"
+                                             + (f" --drive {disk.id})" if len(disks) > 1 else ")")))
+    return 0
+
+
 # ---------------------------------------------------------------------- the commands
 
 
@@ -347,6 +521,8 @@ def print_status(status: dict[str, Any]) -> None:
         print(f"  {key}: {value}")
     ports = ", ".join(f"{key} {value}" for key, value in status["ports"].items() if value)
     print(f"  ports: {ports or 'none'}")
+    if status["cmdline"]:
+        print(f"  cmdline: {shlex.join(status['cmdline'])}")
     for removed in status["stale_files_removed"]:
         print(f"  removed stale {removed}")
 
@@ -390,6 +566,10 @@ async def vm_command(args: argparse.Namespace, config: Config, url: str) -> int:
                     print(f"{result['name']}: stopped ({result['how']})")
             return 1 if failed else 0
         vm = vm_named(config, args.name)
+        if args.vm_command == "disk":
+            return disk_command(args, config, vm)
+        if vm.ssh is None:
+            raise VmError(f"{config.path}: {missing_ssh(vm)}")
         require_running(vm)
         ssh_config = str(write_ssh_config(vm))
         if args.vm_command == "ssh":

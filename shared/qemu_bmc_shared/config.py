@@ -15,7 +15,8 @@
     key_file = "/var/lib/qemu-bmc/state.key"
     default_user = "admin"              # or IPMI_USER; the password comes from IPMI_PASS
     [redfish]
-    listen = "0.0.0.0:8443"             # HTTPS; tls = false for HTTP; cert_file/key_file, or self-signed
+    listen = "0.0.0.0:8443"             # every address (default: 127.0.0.1:8443, loopback only); HTTPS:
+    tls = true                          # false for HTTP; cert_file/key_file, or self-signed
     password_change_required = false    # true: accounts made over Redfish must change their password first
     max_body_bytes = 1048576            # larger request bodies: 413
     allow_internal_targets = false      # true: images and event destinations on loopback, link-local… too
@@ -59,6 +60,7 @@ import itertools
 import logging
 import os
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,7 @@ from .subjects import valid_machine_name
 log = logging.getLogger(__name__)
 TEMPLATE = re.compile(r"\{\{\s*\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\}\}")
 DEFAULT_QEMU = "qemu-system-x86_64"
+DEFAULT_QEMU_IMG = "qemu-img"
 #: Where distributions install OVMF (code, variables template): Debian and Ubuntu, Fedora, Arch, openSUSE.
 OVMF_FILES = (("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
               ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
@@ -77,7 +80,19 @@ OVMF_FILES = (("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.
               ("/usr/share/qemu/ovmf-x86_64-code.bin", "/usr/share/qemu/ovmf-x86_64-vars.bin"))
 DEFAULT_GRACEFUL_TIMEOUT = 60.0
 DEFAULT_VOLUME_SPACE_GIB = 64.0
-DEMO_CMD = ["-machine", "q35", "-accel", "tcg", "-m", "128", "-display", "none"]
+#: The demo machine's guest (``qemu-bmc up`` with no config): a boot sector that prints a banner and
+#: a login prompt on COM1 and the screen and echoes what it reads (source: demo/guest.asm). Its
+#: one-sector disk gets a one-sector geometry (SeaBIOS boots no disk smaller than a cylinder otherwise).
+DEMO_GUEST = Path(__file__).parent / "demo" / "guest.img"
+DEMO_CMD = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-display", "none",
+            "-drive", "if=none,id=demo,format=raw,readonly=on,file="
+            + str(DEMO_GUEST).replace(",", ",,"),
+            "-device", "virtio-blk-pci,drive=demo,id=disk0,bootindex=1,cyls=1,heads=1,secs=1"]
+#: The demo: machine node1 with IPMI over LAN and in-band IPMI, Redfish on loopback (the default).
+DEMO_CONFIG: dict[str, Any] = {"vm": {"node1": {"cmd": DEMO_CMD, "autostart": True, "ipmi": "127.0.0.1:6230",
+                                                "vmwire": True}}}
+DEFAULT_PASSWORD = "password"
+"""The first administrator's password when ``IPMI_PASS`` is not set."""
 
 
 class ConfigError(Exception):
@@ -212,7 +227,8 @@ POLICY_RANGES = {"lockout_threshold": (0, 1000), "lockout_duration": (0, 86400),
 class RedfishConfig:
     """``[redfish]``: the Redfish service (one endpoint for every machine)."""
 
-    listen: tuple[str, int] = ("0.0.0.0", 8443)
+    listen: tuple[str, int] = ("127.0.0.1", 8443)
+    """HTTPS on loopback unless ``listen`` says otherwise (``"0.0.0.0:8443"``: every address)."""
     tls: bool = True
     """HTTPS (the default), with ``cert_file``/``key_file``, or a self-signed certificate made at
     the first start and kept in the runtime directory; false: plain HTTP."""
@@ -262,6 +278,8 @@ class Config:
     state: StateConfig
     redfish: RedfishConfig = field(default_factory=RedfishConfig)
     ipmi: IpmiConfig = field(default_factory=IpmiConfig)
+    qemu_img: str = DEFAULT_QEMU_IMG
+    """``[qemu] img``: the qemu-img binary ``qemu-bmc vm disk`` runs."""
 
     @property
     def machine_names(self) -> list[str]:
@@ -317,23 +335,92 @@ class _Reader:
         return host.strip("[]"), int(port)
 
 
-def _vars_of(reader: _Reader, key: str) -> dict[str, str]:
-    table = reader.table_of(key)
-    for name, value in table.items():
-        if not isinstance(value, str | int | float):
-            raise reader.error(f"{key}.{name}", "must be a string or a number")
-    return {name: str(value) for name, value in table.items()}
+#: How many variables deep a value may name other variables (``a = "{{.b}}"``, ``b = "{{.c}}"``...).
+MAX_TEMPLATE_DEPTH = 16
 
 
-def _substitute(text: str, variables: dict[str, str], reader: _Reader, key: str) -> str:
-    def replace(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in variables:
-            known = ", ".join(sorted(variables))
-            raise reader.error(key, f"unknown template variable {{{{.{name}}}}} (known: {known})")
-        return variables[name]
+def _vars_of(reader: _Reader, key: str) -> dict[str, tuple[str, str]]:
+    """A ``vars`` table, flattened: a nested table's values are ``{{.table.key}}`` (at any depth).
+    Each name → (its text, which may hold templates itself; the config key it comes from)."""
+    top = f"{reader.prefix}.{key}" if reader.prefix else key
+    flat: dict[str, tuple[str, str]] = {}
 
-    return TEMPLATE.sub(replace, text)
+    def walk(table: dict[str, Any], names: list[str]) -> None:
+        for name, value in table.items():
+            where = ".".join([top, *names, name])
+            if isinstance(value, dict):
+                walk(value, [*names, name])
+            elif isinstance(value, bool):  # (before int: a bool is one) Go templates print true/false
+                flat[".".join([*names, name])] = ("true" if value else "false", where)
+            elif isinstance(value, str | int | float):
+                flat[".".join([*names, name])] = (str(value), where)
+            else:
+                raise ConfigError(f"{reader.file}: {where}: must be a string, a number, true/false or a table "
+                                  f"of them, not {value!r}")
+
+    walk(reader.table_of(key), [])
+    return flat
+
+
+class _Templates:
+    """The template variables of one VM: ``{{.name}}`` → its value, each value's own templates
+    substituted in turn (at most MAX_TEMPLATE_DEPTH deep); errors name the file and the key."""
+
+    def __init__(self, file: str, variables: dict[str, tuple[str, str]], fixed: dict[str, str]) -> None:
+        self.file, self.variables = file, {**variables, **{name: (value, "") for name, value in fixed.items()}}
+        self.resolved = dict(fixed)
+
+    def substitute(self, text: str, where: str, chain: tuple[str, ...] = ()) -> str:
+        """``text`` (found at config key ``where``) with its templates substituted."""
+        leftover = TEMPLATE.sub("", text)
+        if "{{" in leftover:
+            start = leftover.index("{{")
+            raise ConfigError(f"{self.file}: {where}: {leftover[start:start + 40]!r} is not a template qemu-bmc "
+                              "substitutes ({{.name}}, {{.table.key}}, {{.vm.key}})")
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in self.variables:
+                known = ", ".join(sorted(self.variables))
+                raise ConfigError(f"{self.file}: {where}: unknown template variable {{{{.{name}}}}} (known: {known})")
+            return self.value(name, chain)
+
+        return TEMPLATE.sub(replace, text)
+
+    def value(self, name: str, chain: tuple[str, ...]) -> str:
+        if name in self.resolved:
+            return self.resolved[name]
+        text, where = self.variables[name]
+        if name in chain:
+            loop = " -> ".join(f"{{{{.{link}}}}}" for link in (*chain[chain.index(name):], name))
+            raise ConfigError(f"{self.file}: {where}: template loop: {loop}")
+        if len(chain) >= MAX_TEMPLATE_DEPTH:
+            raise ConfigError(f"{self.file}: {where}: templates nested more than {MAX_TEMPLATE_DEPTH} deep")
+        self.resolved[name] = self.substitute(text, where, (*chain, name))
+        return self.resolved[name]
+
+
+def _command_args(templates: _Templates, cmd: list[str], prefix: str) -> tuple[list[str], list[int]]:
+    """QEMU's arguments from ``cmd``: each element's templates substituted, then, when it starts
+    with "-", split into words as a shell splits them (``"-smp 2 -m 4096"`` is four arguments,
+    quotes keep spaces: ``"-append 'console=ttyS0 quiet'"`` is two); an element that does not start
+    with "-" is one argument as it is (an option's value: ``"console=ttyS0 quiet"``). Also, for each
+    argument, the index of its element in ``cmd``."""
+    args: list[str] = []
+    elements: list[int] = []
+    for index, element in enumerate(cmd):
+        where = f"{prefix}.cmd[{index}]"
+        text = templates.substitute(element, where)
+        words = [text]
+        if text.startswith("-"):
+            try:
+                words = shlex.split(text)
+            except ValueError as exc:
+                raise ConfigError(f"{templates.file}: {where}: cannot split {text!r} into arguments: {exc} "
+                                  "(quotes must be closed)") from None
+        args += words
+        elements += [index] * len(words)
+    return args, elements
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -359,10 +446,12 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
     runtime_dir = (_resolve(base, runtime_value) if runtime_value else default_runtime_dir(path)).absolute()
 
     nats = _Reader(file, "nats", top.table_of("nats"), {"url"})
-    qemu = _Reader(file, "qemu", top.table_of("qemu"), {"bin", "ovmf_code", "ovmf_vars"})
+    qemu = _Reader(file, "qemu", top.table_of("qemu"), {"bin", "img", "ovmf_code", "ovmf_vars"})
     qemu_bin = qemu.str("bin", DEFAULT_QEMU)
     ovmf = _ovmf_files(qemu, base)
     global_vars = _vars_of(top, "vars")
+    if "vm" in top.table_of("vars"):
+        raise top.error("vars.vm", "reserved: {{.vm.KEY}} are the VM's own [vm.NAME.vars]")
     global_ssh = _ssh_options(_Reader(file, "ssh", top.table_of("ssh"), set(top.table_of("ssh"))), set())
 
     state = _Reader(file, "state", top.table_of("state"), {"key_file", "default_user", *POLICY_RANGES})
@@ -371,7 +460,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
     default_user = state.str("default_user") or os.environ.get("IPMI_USER") or "admin"
     if len(default_user.encode()) > 16:
         raise state.error("default_user", "an IPMI user name has at most 16 bytes")
-    default_password = os.environ.get("IPMI_PASS", "password")
+    default_password = os.environ.get("IPMI_PASS", DEFAULT_PASSWORD)
     if len(default_password.encode()) > 20:
         raise ConfigError("IPMI_PASS: an IPMI password has at most 20 bytes")
 
@@ -426,6 +515,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
                                                            1024, 1 << 30),
                               allow_internal_targets=redfish.bool("allow_internal_targets")),
         ipmi=ipmi,
+        qemu_img=qemu.str("img", DEFAULT_QEMU_IMG) or DEFAULT_QEMU_IMG,
     )
 
 
@@ -590,17 +680,22 @@ def _parse_environment(vm: _Reader) -> Environment:
 
 
 def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_dir: Path, qemu_bin: str,
-              global_vars: dict[str, str], global_ssh: dict[str, SshValue],
+              global_vars: dict[str, tuple[str, str]], global_ssh: dict[str, SshValue],
               ovmf: tuple[Path, Path] | None = None) -> VmConfig:
     vm = _Reader(file, f"vm.{name}", table,
                  {"cmd", "vars", "bin", "qmp", "serial", "media_device", "ipmi", "vmwire", "uuid", "autostart",
                   "bare_metal_identity", "identity", "ssh", "graceful_timeout", "environment", "volume_space"})
     vm_runtime = runtime_dir / "vm" / name
     ssh = _parse_ssh(vm, global_ssh)
-    variables = {**global_vars, **_vars_of(vm, "vars"), "name": name, "runtime_dir": str(vm_runtime),
-                 "config_dir": str(base)}
+    vm_vars = _vars_of(vm, "vars")
+    if "ssh" in vm.table_of("vars"):
+        raise vm.error("vars.ssh", "reserved: {{.vm.ssh.port}} and {{.vm.ssh.vm_port}} come from [vm.NAME.ssh]")
+    # {{.vm.KEY}} (qqmgr) and {{.KEY}} (over the global ones) are the VM's vars; the built-ins win
+    fixed = {"name": name, "runtime_dir": str(vm_runtime), "config_dir": str(base)}
     if ssh is not None:
-        variables |= {"vm.ssh.port": str(ssh.port), "vm.ssh.vm_port": str(ssh.vm_port)}
+        fixed |= {"vm.ssh.port": str(ssh.port), "vm.ssh.vm_port": str(ssh.vm_port)}
+    templates = _Templates(file, {**global_vars, **vm_vars, **{f"vm.{key}": value for key, value in vm_vars.items()}},
+                           fixed)
     cmd, qmp = vm.str_list("cmd"), vm.str("qmp")
     if (cmd is None) == (qmp is None):
         raise vm.error("cmd", "give exactly one of cmd (managed: qemu-bmc launches QEMU) "
@@ -618,9 +713,9 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     if cmd is not None:
         if vm.str("serial") is not None:
             raise vm.error("serial", "only for attach mode: the managed launcher makes its own serial socket")
-        argv = [vm.str("bin", qemu_bin) or qemu_bin]
-        argv += [_substitute(arg, variables, vm, f"cmd[{index}]") for index, arg in enumerate(cmd)]
-        identity = _parse_identity(vm, argv) if vm.bool("bare_metal_identity") else None
+        args, elements = _command_args(templates, cmd, vm.prefix)
+        argv = [vm.str("bin", qemu_bin) or qemu_bin, *args]
+        identity = _parse_identity(vm, argv, elements) if vm.bool("bare_metal_identity") else None
         if identity is None and "identity" in table:
             raise vm.error("identity", "only with bare_metal_identity = true")
         return VmConfig(mode="managed", argv=argv, identity=identity, ovmf=ovmf,
@@ -633,7 +728,7 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
         raise vm.error("volume_space", "only for managed mode (cmd): qemu-bmc cannot add disks to a QEMU it does "
                        "not launch")
     serial = vm.str("serial")
-    return VmConfig(mode="attach", qmp=_resolve(base, _substitute(qmp or "", variables, vm, "qmp")),
+    return VmConfig(mode="attach", qmp=_resolve(base, templates.substitute(qmp or "", f"{vm.prefix}.qmp")),
                     serial=_resolve(base, serial) if serial else None, **common)
 
 
@@ -676,14 +771,15 @@ _SMBIOS_DATE = re.compile(r"(0[1-9]|1[0-2])/(0[1-9]|[12][0-9]|3[01])/[0-9]{4}")
 _HYPERVISOR_ON = re.compile(r"(^|,)(\+hypervisor|hypervisor=(on|yes|true))(,|$)")
 
 
-def _parse_identity(vm: _Reader, argv: list[str]) -> Identity:
-    """The ``identity`` table of a ``bare_metal_identity`` machine, checked against its command."""
+def _parse_identity(vm: _Reader, argv: list[str], elements: list[int]) -> Identity:
+    """The ``identity`` table of a ``bare_metal_identity`` machine, checked against its command
+    (``elements``: the ``cmd`` element each argument after the binary comes from)."""
     for index, (flag, value) in enumerate(itertools.pairwise([*argv[1:], ""])):
         if flag in ("-smbios", "--smbios"):
-            raise vm.error(f"cmd[{index}]", "-smbios conflicts with bare_metal_identity = true: set the strings "
-                           "in the identity table instead")
+            raise vm.error(f"cmd[{elements[index]}]", "-smbios conflicts with bare_metal_identity = true: set the "
+                           "strings in the identity table instead")
         if flag in ("-cpu", "--cpu") and _HYPERVISOR_ON.search(value.replace(",,", "")):
-            raise vm.error(f"cmd[{index + 1}]", f"{value!r} turns the CPUID hypervisor bit on, which "
+            raise vm.error(f"cmd[{elements[index + 1]}]", f"{value!r} turns the CPUID hypervisor bit on, which "
                            "bare_metal_identity = true hides")
     reader = _Reader(vm.file, f"{vm.prefix}.identity", vm.table_of("identity"), IDENTITY_KEYS)
     values: dict[str, str] = {}
@@ -706,11 +802,14 @@ def _parse_identity(vm: _Reader, argv: list[str]) -> Identity:
 
 def find_config(explicit: str | Path | None) -> Path | None:
     """The config file: ``explicit`` (``-c``, or QEMU_BMC_CONFIG), else ``./qemu-bmc.toml``, else
-    ``~/.config/qemu-bmc/config.toml`` (``$XDG_CONFIG_HOME`` when set); None when there is none."""
+    qqmgr's ``./qqmgr.toml``, else ``~/.config/qemu-bmc/config.toml``, else qqmgr's
+    ``~/.config/qqmgr/conf.toml`` (``$XDG_CONFIG_HOME`` for ``~/.config`` when set); None when there
+    is none. A folder's own config wins over the user's, and qemu-bmc's over qqmgr's."""
     if explicit:
         return Path(explicit)
     config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    for candidate in (Path("qemu-bmc.toml"), config_home / "qemu-bmc" / "config.toml"):
+    for candidate in (Path("qemu-bmc.toml"), Path("qqmgr.toml"), config_home / "qemu-bmc" / "config.toml",
+                      config_home / "qqmgr" / "conf.toml"):
         if candidate.is_file():
             return candidate.absolute()
     return None
@@ -719,7 +818,7 @@ def find_config(explicit: str | Path | None) -> Path | None:
 def load(path: str | Path | None) -> Config:
     """Load a config file, or the demo config (one small managed VM) when ``path`` is None."""
     if path is None:
-        return parse({"vm": {"demo": {"cmd": DEMO_CMD, "autostart": True}}}, None)
+        return parse(DEMO_CONFIG, None)
     path = Path(path).absolute()
     try:
         with path.open("rb") as stream:

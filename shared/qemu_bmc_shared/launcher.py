@@ -4,7 +4,8 @@ Each managed VM gets a runtime directory (0700: its sockets are its owner's alon
 socket, serial pipes and log, in-band IPMI socket, pid file and QEMU's own output. The launcher
 adds, before the operator's arguments:
 
-* ``-qmp`` on ``qmp.sock``, ``-pidfile qemu.pid``, ``-no-shutdown`` (a guest power-off leaves
+* ``-qmp`` on ``qmp.sock``, the human monitor (HMP, as qqmgr gives it) on ``monitor.sock``,
+  ``-pidfile qemu.pid``, ``-no-shutdown`` (a guest power-off leaves
   QEMU in run state ``shutdown``, reported Off) and ``-S`` (the machine service applies the boot
   override, resets and continues);
 * a serial chardev on the pipes ``serial.in`` and ``serial.out`` as the first serial port, logged
@@ -56,6 +57,8 @@ class RuntimeFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.qmp = directory / "qmp.sock"
+        self.monitor = directory / "monitor.sock"
+        """QEMU's human monitor (HMP), as qqmgr's ``monitor.socket``: ``info status`` and the like."""
         self.ipmi = directory / "ipmi.sock"
         """QEMU's ipmi-bmc-extern chardev (QEMU listens, the machine service connects): in-band IPMI."""
         self.serial = directory / "serial"
@@ -87,7 +90,7 @@ class RuntimeFiles:
             if not pipe.is_fifo():
                 pipe.unlink(missing_ok=True)
                 os.mkfifo(pipe, 0o600)
-        longest = max(len(str(self.qmp)), len(str(self.ipmi)))
+        longest = max(len(str(socket)) for socket in (self.qmp, self.monitor, self.ipmi))
         if longest > UNIX_PATH_MAX:
             raise LaunchError(f"runtime directory {self.directory} is too long for a unix socket path "
                               f"({longest} > {UNIX_PATH_MAX} bytes): set a shorter runtime_dir")
@@ -294,6 +297,7 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | Non
     argv = [
         binary,
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
+        "-monitor", f"unix:{files.monitor},server=on,wait=off",
         "-pidfile", str(files.pid),
         "-no-shutdown",
         "-S",
@@ -454,7 +458,7 @@ def running_pid(files: RuntimeFiles) -> int | None:
 
 def _launch_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile) -> list[str]:
     files.prepare()
-    for stale in (files.pid, files.qmp, files.ipmi):
+    for stale in (files.pid, files.qmp, files.monitor, files.ipmi):
         stale.unlink(missing_ok=True)
     argv = managed_argv(vm, files, profile)
     save_profile(files, profile)

@@ -85,6 +85,16 @@ def source_of(connection: HTTPConnection) -> str:
     return connection.client.host if connection.client is not None else "unknown"
 
 
+#: Methods that change nothing: their logins may use what a replica kept (a change of a user
+#: reaches every replica a moment after it is acknowledged); any other request reads through.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def changes_state(connection: HTTPConnection) -> bool:
+    """Whether the request may change something (a WebSocket console types into the machine)."""
+    return connection.scope["type"] != "http" or connection.scope["method"] not in SAFE_METHODS
+
+
 def account_path(name: str) -> str:
     return f"{ACCOUNTS_PATH}/{quote(name, safe='')}"
 
@@ -110,9 +120,9 @@ class Authenticator:
     def reads_of(self, machine: str) -> StateReads:
         return self.reads.setdefault(machine, StateReads())
 
-    async def check(self, machine: str, name: str, password: str, source: str) -> Login | None:
+    async def check(self, machine: str, name: str, password: str, source: str, fresh: bool) -> Login | None:
         """The login of ``name`` from ``source`` on ``machine``, or None (unknown machine, wrong
-        password, disabled user, no role, locked out from ``source``)."""
+        password, disabled user, no role, locked out from ``source``); ``fresh``: asked now."""
         key = ("basic", name, hashlib.sha256(password.encode()).digest(), source)
 
         async def ask() -> Login | None:
@@ -132,12 +142,12 @@ class Authenticator:
                          user.password_changes) if role else None
 
         try:
-            return await self.reads_of(machine).get(key, ask, keep=lambda login: login is not None)
+            return await self.reads_of(machine).get(key, ask, keep=lambda login: login is not None, fresh=fresh)
         except BusError as exc:
             raise RedfishError(503, "ServiceTemporarilyUnavailable", 1) from exc
 
     async def session_user(self, machine: str, name: str, slot: int, session: str,
-                           password_changes: int | None) -> Login | None:
+                           password_changes: int | None, fresh: bool) -> Login | None:
         """The login on ``machine`` of a session's user, read now: the user in ``slot`` must still
         be ``name``, enabled, with a role, and the password it logged in with (a change takes
         effect at the state service's next announcement, i.e. at once)."""
@@ -151,7 +161,7 @@ class Authenticator:
                 raise
 
         try:
-            user = await self.reads_of(machine).get(("slot", slot), ask)
+            user = await self.reads_of(machine).get(("slot", slot), ask, fresh=fresh)
         except BusError as exc:
             raise RedfishError(503, "ServiceTemporarilyUnavailable", 1) from exc
         if user is None or user.name != name or (role := role_of(user)) is None:
@@ -168,37 +178,39 @@ class Authenticator:
         still use, and checks the rest itself."""
         headers: Mapping[str, str] = connection.headers
         token = headers.get(TOKEN_HEADER)
-        granted = await (self.token_login(token, machines) if token is not None
-                         else self.basic_login(headers.get("authorization"), machines, source_of(connection)))
+        fresh = changes_state(connection)
+        granted = await (self.token_login(token, machines, fresh) if token is not None
+                         else self.basic_login(headers.get("authorization"), machines, source_of(connection), fresh))
         if not password_change:
             refuse_until_password_changed(granted)
         return granted
 
-    async def basic_login(self, authorization: str | None, machines: list[str], source: str) -> dict[str, Login]:
+    async def basic_login(self, authorization: str | None, machines: list[str], source: str,
+                          fresh: bool) -> dict[str, Login]:
         """The machines among ``machines`` Basic credentials log in to (401 when none)."""
         name, password = basic_credentials(authorization)
         if len(name.encode()) > 16 or len(password.encode()) > 20:
             raise no_session()
-        logins = await asyncio.gather(*(self.check(machine, name, password, source) for machine in machines))
+        logins = await asyncio.gather(*(self.check(machine, name, password, source, fresh) for machine in machines))
         granted = {machine: login for machine, login in zip(machines, logins, strict=True) if login}
         if not granted:
             raise no_session()
         return granted
 
-    async def token_login(self, token: str, machines: list[str]) -> dict[str, Login]:
+    async def token_login(self, token: str, machines: list[str], fresh: bool) -> dict[str, Login]:
         """The machines among ``machines`` a session token logs in to: those of the session where
         its user still has a role and its password (401 when none, or for an unknown, ended or
         expired session). A session whose user lost them on all its machines (deleted, disabled,
         a new password) is ended."""
         if self.sessions is None:
             raise no_session()
-        session = await self.sessions.lookup(token)
+        session = await self.sessions.lookup(token, fresh)
         if session is None:
             raise no_session()
 
         async def valid(wanted: list[str]) -> dict[str, Login]:
             logins = await asyncio.gather(*(self.session_user(machine, session.user, session.machines[machine],
-                                                              session.id, session.password_changes.get(machine))
+                                                              session.id, session.password_changes.get(machine), fresh)
                                             for machine in wanted))
             return {machine: login for machine, login in zip(wanted, logins, strict=True) if login}
 

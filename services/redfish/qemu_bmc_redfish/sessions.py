@@ -5,7 +5,8 @@ is checked on every machine on the bus, and the session remembers its user and t
 (with the user's slot on each) where it worked. Its token, sent back in ``X-Auth-Token``, then
 stands for those credentials on those machines; the user's role is still read from the machine's
 users at each request (see ``auth.Authenticator.token_login``), so a user disabled, removed or
-demoted since loses its access at once.
+demoted since loses its access: at once for a request that changes something (its login reads
+through), as soon as the state service's announcement arrives for one that only reads.
 
 Sessions live in a JetStream key-value bucket, so that any replica of the Redfish service accepts
 a token another one made. One key per session::
@@ -174,13 +175,14 @@ class SessionStore:
     def expired(self, record: SessionRecord) -> bool:
         return self.clock() - record.last_used > self.timeout
 
-    async def lookup(self, token: str) -> SessionRecord | None:
+    async def lookup(self, token: str, fresh: bool = False) -> SessionRecord | None:
         """The live session of ``token`` (None: no such session, ended or expired); using it
-        counts as activity."""
+        counts as activity. ``fresh``: read from the bucket, not from what this replica kept."""
         hashed = token_hash(token)
         key = key_of(hashed)
         cached = self.cache.get(hashed)
-        if cached is not None and time.monotonic() - cached[0] < self.cache_seconds and not self.expired(cached[1]):
+        if (not fresh and cached is not None and time.monotonic() - cached[0] < self.cache_seconds
+                and not self.expired(cached[1])):
             record, revision = cached[1], cached[2]
         else:
             self.cache.pop(hashed, None)
@@ -358,7 +360,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             raise RedfishError(401, "NoValidSession", headers=CHALLENGE)
         machines = await redfish.machines.list()
         source = source_of(request)
-        checked = await asyncio.gather(*(redfish.auth.check(machine, name, password, source) for machine in machines))
+        checked = await asyncio.gather(*(redfish.auth.check(machine, name, password, source, fresh=True)
+                                       for machine in machines))
         granted = {machine: login for machine, login in zip(machines, checked, strict=True) if login}
         if not granted:
             raise RedfishError(401, "NoValidSession", headers=CHALLENGE)

@@ -139,18 +139,22 @@ class StateReads:
     announces a change of that machine's state (``event.state``, sent before it answers the
     request that made the change; see :func:`follow_state_changes`), until this front-end writes
     to it, and for ``max_age`` seconds at most in case an announcement is lost. A read that was
-    under way when a change was announced is not kept; failed reads are not kept."""
+    under way when a change was announced is not kept; failed reads are not kept.
+
+    An announcement reaches each front-end a moment after the write is acknowledged: what must
+    see every acknowledged write (a request that changes something) reads with ``fresh``."""
 
     def __init__(self, max_age: float = 5.0, max_entries: int = 256) -> None:
         self.max_age, self.max_entries = max_age, max_entries
         self.entries: dict[object, tuple[float, object]] = {}
         self.generation = 0
 
-    async def get(self, key: object, fetch: Callable[[], Awaitable[R]], keep: Callable[[R], bool] | None = None
-                  ) -> R:
-        """The value kept for ``key``, or what ``fetch`` reads now (kept unless ``keep`` says no)."""
+    async def get(self, key: object, fetch: Callable[[], Awaitable[R]], keep: Callable[[R], bool] | None = None,
+                  fresh: bool = False) -> R:
+        """The value kept for ``key``, or what ``fetch`` reads now (kept unless ``keep`` says no);
+        ``fresh``: read now in any case."""
         now = time.monotonic()
-        kept = self.entries.get(key)
+        kept = None if fresh else self.entries.get(key)
         if kept is not None and now - kept[0] < self.max_age:
             return kept[1]  # type: ignore[return-value]
         generation = self.generation
