@@ -39,6 +39,7 @@ from qemu_bmc_ipmi_lan.client import RmcpPlusClient
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ports import free_tcp_port, free_udp_ports
 from processes import processes_with
+from waiting import wait_for
 
 USER, PASSWORD = "admin", "password"
 TARGETS = ("nats-server", "state", "machine", "redfish", "ipmi-lan", "qemu")
@@ -132,16 +133,7 @@ class Deployment:
 
 
 async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        await asyncio.sleep(POLL)
+    await wait_for(predicate, timeout, POLL, what)
 
 
 async def outage(deployment: Deployment, target: str) -> float:

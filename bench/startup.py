@@ -51,6 +51,7 @@ from qemu_bmc_shared.messages import VmWireAnswer, VmWireFrame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ports import free_tcp_port, free_udp_ports
+from waiting import TimedOut, wait_for
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "admin", "password"
@@ -98,7 +99,7 @@ IPMI_CLIENTS = {
 """Each client: seconds between two starts, and its command line."""
 
 
-class NoAnswer(Exception):
+class NoAnswer(TimedOut):
     """A front-end that did not answer (the row says why)."""
 
 
@@ -115,16 +116,10 @@ def bound(protocol: str, port: int, listening: bool = False) -> bool:
 
 
 async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise NoAnswer(f"no {what} within {timeout:g} s")
-        await asyncio.sleep(POLL)
+    try:
+        await wait_for(predicate, timeout, POLL, what)
+    except TimedOut as exc:
+        raise NoAnswer(str(exc)) from None
 
 
 async def ipmi_answers(client: str, port: int) -> None:

@@ -10,7 +10,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from ports import free_tcp_port, free_udp_port, free_udp_ports  # noqa: F401 (fo
 from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import BootEvent, MediaStatus, PowerEvent
+from waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,21 +54,6 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
     client = await bus.connect(nats_server.url, "tests")
     yield client
     await client.close()
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-                   message: str = "condition") -> Any:
-    """Poll ``predicate`` (sync or async) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        await asyncio.sleep(interval)
 
 
 class ServiceProcess:
