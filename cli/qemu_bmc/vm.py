@@ -37,6 +37,7 @@ from qemu_bmc_shared import bus, launcher, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.config import Config, VmConfig
 from qemu_bmc_shared.messages import PowerRequest, PowerStatus
+from qemu_bmc_shared.qemu_options import option_fields
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -345,23 +346,6 @@ class Disk:
     format: str | None
 
 
-def qemu_keyvalues(text: str) -> dict[str, str]:
-    """A QEMU ``key=value,...`` option value (a doubled comma is a comma of the value)."""
-    fields, current, index = [], "", 0
-    while index < len(text):
-        if text.startswith(",,", index):
-            current, index = current + ",", index + 2
-            continue
-        if text[index] == ",":
-            fields.append(current)
-            current = ""
-        else:
-            current += text[index]
-        index += 1
-    fields.append(current)
-    return {key: value for key, _, value in (field.partition("=") for field in fields)}
-
-
 def vm_disks(vm: VmConfig) -> list[Disk]:
     """The disk images of the VM's command line; a relative path is relative to the current folder,
     where ``qemu-bmc vm start`` runs QEMU."""
@@ -371,7 +355,7 @@ def vm_disks(vm: VmConfig) -> list[Disk]:
         option = flag.lstrip("-") if flag.startswith("-") else ""
         if option == "drive":
             drives += 1
-            fields = qemu_keyvalues(value)
+            fields = option_fields(value)
             file = fields.get("file", "")
             if not file or PROTOCOL.match(file) or fields.get("if") == "pflash" or fields.get("media") == "cdrom":
                 continue
