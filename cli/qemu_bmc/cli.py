@@ -9,11 +9,12 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import uvloop
-from qemu_bmc_shared import bus, subjects
+from qemu_bmc_shared import bus, kvm, subjects
 from qemu_bmc_shared.bus import BusError, BusUnreachable
 from qemu_bmc_shared.config import Config, ConfigError, find_config, load
 from qemu_bmc_shared.discovery import service_infos, unserved
@@ -80,6 +81,11 @@ def parser() -> argparse.ArgumentParser:
     media.add_argument("image", nargs="?", help="local path or http(s) URL (insert)")
     media.add_argument("--writable", action="store_true", help="insert without write protection")
 
+    screenshot = commands.add_parser("screenshot", parents=[common, on_bus],
+                                     help="save the machine's screen as a PNG image")
+    screenshot.add_argument("machine")
+    screenshot.add_argument("file", help="the PNG file to write")
+
     vm.add_parser(commands, common)
     return top
 
@@ -115,6 +121,16 @@ async def client_command(args: argparse.Namespace, url: str) -> int:
             return 0
         reply: msgspec.Struct
         machine = args.machine
+        if args.command == "screenshot":
+            png = await kvm.screenshot(nc, machine)
+            try:
+                Path(args.file).write_bytes(png)
+            except OSError as exc:
+                print(f"qemu-bmc: cannot write {args.file}: {exc.strerror}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps({"machine": machine, "file": args.file, "bytes": len(png)}))
+            return 0
         if args.command == "power":
             if args.action == "status":
                 reply = await bus.request(nc, machine, subjects.POWER_GET, None, PowerStatus)

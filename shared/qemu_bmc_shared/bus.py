@@ -38,6 +38,7 @@ T = TypeVar("T", bound=Message)
 ERROR_CODES = {
     "bad_request": 400,
     "not_found": 404,
+    "no_display": 404,
     "unknown_machine": 404,
     "conflict": 409,
     "invalid_state": 409,

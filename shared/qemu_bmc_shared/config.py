@@ -29,6 +29,8 @@
            "-nic", "user,hostfwd=tcp:127.0.0.1:{{.vm.ssh.port}}-:{{.vm.ssh.vm_port}}"]
     ipmi = "127.0.0.1:6230"
     vmwire = true                       # in-band IPMI (KCS), carried over the bus (docs/vmwire.md)
+    vnc = "127.0.0.1:5901"              # a VNC listener for the graphical console (docs/console.md),
+    vnc_password = "secret"             # with this password (VNC Authentication: 1-8 characters)
     graceful_timeout = 60               # seconds a guest has to obey the ACPI power button
     volume_space = 64                   # GiB of disks Redfish may create for the machine (0: none)
     bare_metal_identity = true          # SMBIOS strings below, no VM markers (managed mode only)
@@ -42,6 +44,7 @@
     [vm.node2]                          # attach: an existing QEMU's QMP socket
     qmp = "/run/node2/qmp.sock"
     serial = "/run/node2/serial.sock"
+    vnc_socket = "/run/node2/vnc.sock"  # QEMU's -vnc unix:PATH: the graphical console
     media_device = "cd0"
     vmwire = "127.0.0.1:9003"           # attach: where QEMU's ipmi-bmc-extern chardev connects
     [vm.node1.ssh]                      # the VM's sshd: port on the host (mandatory), vm_port in the
@@ -175,6 +178,8 @@ class VmConfig:
     qmp: Path | None = None
     """Attach mode: the QMP socket of a QEMU the operator runs."""
     serial: Path | None = None
+    vnc_socket: Path | None = None
+    """Attach mode: the unix socket of QEMU's VNC server (its ``-vnc unix:PATH``), the graphical console."""
     media_device: str | None = None
     """The qdev id of the CD drive for virtual media (the managed launcher adds its own)."""
     ipmi: tuple[str, int] | None = None
@@ -197,6 +202,10 @@ class VmConfig:
     identity: Identity | None = None
     """Managed mode, ``bare_metal_identity = true``: the SMBIOS strings the guest sees instead of QEMU's,
     with the VM markers hidden (see the launcher's ``identity_args``)."""
+    vnc: tuple[str, int] | None = None
+    """``vnc = "host:port"``: where the IPMI over LAN service serves the graphical console to VNC
+    viewers, with VNC Authentication by ``vnc_password``."""
+    vnc_password: str | None = field(default=None, repr=False)
     volume_space_gib: float = 0.0
     """Managed mode: how much disk (GiB, in all) the BMC may create for the machine as Redfish
     Volumes (``volume_space``, 64 by default; 0: none)."""
@@ -683,8 +692,9 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
               global_vars: dict[str, tuple[str, str]], global_ssh: dict[str, SshValue],
               ovmf: tuple[Path, Path] | None = None) -> VmConfig:
     vm = _Reader(file, f"vm.{name}", table,
-                 {"cmd", "vars", "bin", "qmp", "serial", "media_device", "ipmi", "vmwire", "uuid", "autostart",
-                  "bare_metal_identity", "identity", "ssh", "graceful_timeout", "environment", "volume_space"})
+                 {"cmd", "vars", "bin", "qmp", "serial", "vnc_socket", "media_device", "ipmi", "vmwire", "uuid",
+                  "autostart", "bare_metal_identity", "identity", "ssh", "graceful_timeout", "environment",
+                  "volume_space", "vnc", "vnc_password"})
     vm_runtime = runtime_dir / "vm" / name
     ssh = _parse_ssh(vm, global_ssh)
     vm_vars = _vars_of(vm, "vars")
@@ -709,10 +719,13 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
                                   media_device=vm.str("media_device"),
                                   autostart=vm.bool("autostart"), ssh=ssh,
                                   graceful_timeout=_number(vm, "graceful_timeout", DEFAULT_GRACEFUL_TIMEOUT, 1, 3600),
+                                  **_vnc_listener(vm),
                                   environment=_parse_environment(vm))
     if cmd is not None:
         if vm.str("serial") is not None:
             raise vm.error("serial", "only for attach mode: the managed launcher makes its own serial socket")
+        if vm.str("vnc_socket") is not None:
+            raise vm.error("vnc_socket", "only for attach mode: the managed launcher gives QEMU its own VNC socket")
         args, elements = _command_args(templates, cmd, vm.prefix)
         argv = [vm.str("bin", qemu_bin) or qemu_bin, *args]
         identity = _parse_identity(vm, argv, elements) if vm.bool("bare_metal_identity") else None
@@ -727,9 +740,24 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     if "volume_space" in table:
         raise vm.error("volume_space", "only for managed mode (cmd): qemu-bmc cannot add disks to a QEMU it does "
                        "not launch")
-    serial = vm.str("serial")
+    serial, vnc_socket = vm.str("serial"), vm.str("vnc_socket")
     return VmConfig(mode="attach", qmp=_resolve(base, templates.substitute(qmp or "", f"{vm.prefix}.qmp")),
-                    serial=_resolve(base, serial) if serial else None, **common)
+                    serial=_resolve(base, serial) if serial else None,
+                    vnc_socket=_resolve(base, vnc_socket) if vnc_socket else None, **common)
+
+
+def _vnc_listener(vm: _Reader) -> dict[str, Any]:
+    """``vnc = "host:port"`` and its ``vnc_password`` (VNC Authentication keys are 8 bytes: 1-8
+    printable ASCII characters); a listener without a password is refused, not served open."""
+    address, password = vm.address("vnc"), vm.str("vnc_password")
+    if address is not None and password is None:
+        raise vm.error("vnc_password", "missing: the VNC listener (vnc) needs a password (1-8 characters)")
+    if password is not None:
+        if address is None:
+            raise vm.error("vnc_password", 'only with vnc = "host:port" (the VNC listener it protects)')
+        if not 1 <= len(password) <= 8 or not all(" " <= char <= "~" for char in password):
+            raise vm.error("vnc_password", "must be 1-8 printable ASCII characters (VNC Authentication uses 8 bytes)")
+    return {"vnc": address, "vnc_password": password}
 
 
 def _vmwire_address(vm: _Reader, managed: bool) -> tuple[str, int] | None:
@@ -759,6 +787,8 @@ def _refuse_port_clashes(file: str, vms: dict[str, VmConfig], redfish_listen: tu
             listeners.append(("udp", vm.ipmi[0], vm.ipmi[1], f"vm.{name}.ipmi"))
         if vm.vmwire is not None:
             listeners.append(("tcp", vm.vmwire[0], vm.vmwire[1], f"vm.{name}.vmwire"))
+        if vm.vnc is not None:
+            listeners.append(("tcp", vm.vnc[0], vm.vnc[1], f"vm.{name}.vnc"))
     seen: dict[tuple[str, int], list[tuple[str, str]]] = {}
     for protocol, host, port, key in listeners:
         for other_host, other_key in seen.get((protocol, port), []):

@@ -38,6 +38,7 @@ from pathlib import Path
 import msgspec
 from qemu_bmc_shared.config import VmConfig
 from qemu_bmc_shared.messages import BootMode, BootOverride, Volume
+from qemu_bmc_shared.qemu_options import option_fields, options
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class RuntimeFiles:
         """QEMU's human monitor (HMP), as qqmgr's ``monitor.socket``: ``info status`` and the like."""
         self.ipmi = directory / "ipmi.sock"
         """QEMU's ipmi-bmc-extern chardev (QEMU listens, the machine service connects): in-band IPMI."""
+        self.vnc = directory / "vnc.sock"
+        """QEMU's VNC server (the graphical console): only the machine service connects to it."""
         self.serial = directory / "serial"
         """The serial port's pipes: ``serial.out`` (what the machine writes) and ``serial.in``."""
         self.serial_log = directory / "serial.log"
@@ -90,7 +93,7 @@ class RuntimeFiles:
             if not pipe.is_fifo():
                 pipe.unlink(missing_ok=True)
                 os.mkfifo(pipe, 0o600)
-        longest = max(len(str(socket)) for socket in (self.qmp, self.monitor, self.ipmi))
+        longest = max(len(str(socket)) for socket in (self.qmp, self.monitor, self.ipmi, self.vnc))
         if longest > UNIX_PATH_MAX:
             raise LaunchError(f"runtime directory {self.directory} is too long for a unix socket path "
                               f"({longest} > {UNIX_PATH_MAX} bytes): set a shorter runtime_dir")
@@ -301,6 +304,7 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | Non
         "-pidfile", str(files.pid),
         "-no-shutdown",
         "-S",
+        "-vnc", f"unix:{files.vnc}",
         # pipes, not a socket: a pipe holds 64 KiB, so a console reader that is briefly late never
         # makes the UART drop bytes (a unix socket fills after a few hundred one-byte writes)
         "-chardev", f"pipe,id={SERIAL_CHARDEV},path={files.serial},"
@@ -312,9 +316,28 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | Non
     ]
     if "-uuid" not in user_args:
         argv += ["-uuid", machine_uuid(vm, files)]
+    if not names_display(user_args):
+        argv += ["-vga", "std"]
     argv += vmwire_args(vm, files)
     argv += identity_args(vm)
     return argv + user_args + (volume_args(profile.volumes) if profile is not None else [])
+
+
+#: ``-device`` drivers that are a machine's display adapter (``qemu-system-x86_64 -device help``).
+DISPLAY_DEVICES = frozenset({
+    "VGA", "ati-vga", "bochs-display", "cirrus-vga", "isa-cirrus-vga", "isa-vga", "qxl-vga", "ramfb",
+    "vhost-user-vga", "virtio-gpu", "virtio-gpu-pci", "virtio-gpu-device", "virtio-gpu-gl", "virtio-gpu-gl-pci",
+    "virtio-vga", "virtio-vga-gl", "vmware-svga"})
+
+
+def names_display(user_args: list[str]) -> bool:
+    """The operator's command line chooses the display adapter itself (``-vga``, a display
+    ``-device``) or has none (``-nographic``): the launcher then adds no ``-vga std``."""
+    if "-nographic" in user_args or "--nographic" in user_args:
+        return True
+    return any(option == "vga" or (option == "device" and option_fields(value, "driver").get("driver")
+                                   in DISPLAY_DEVICES)
+               for option, value in options(["", *user_args]))
 
 
 def owns_ipmi_chardev(vm: VmConfig) -> bool:
@@ -458,7 +481,7 @@ def running_pid(files: RuntimeFiles) -> int | None:
 
 def _launch_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile) -> list[str]:
     files.prepare()
-    for stale in (files.pid, files.qmp, files.monitor, files.ipmi):
+    for stale in (files.pid, files.qmp, files.monitor, files.ipmi, files.vnc):
         stale.unlink(missing_ok=True)
     argv = managed_argv(vm, files, profile)
     save_profile(files, profile)

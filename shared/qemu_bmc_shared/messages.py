@@ -453,6 +453,56 @@ class ConsoleWritten(Message):
     written: int
 
 
+# ---------------------------------------------------------------- graphical console (KVM) and screenshots
+
+class KvmOpen(Message):
+    """Open a graphical console stream (``kvm.open``): the machine service connects to QEMU's VNC
+    server and sends what it says, as KvmOutput messages, to ``inbox`` (a subject of the front-end's)."""
+
+    inbox: Annotated[str, msgspec.Meta(max_length=256, pattern=r"^(?!bmc\.)[A-Za-z0-9_.-]+$")]
+    """A plain subject (no wildcards) outside ``bmc.``: the output goes nowhere a service listens."""
+
+
+class KvmOpened(Message):
+    """The stream's id (for ``kvm.input.<stream>`` and ``kvm.ack.<stream>``) and its flow control
+    window: the machine service sends at most ``window`` bytes the front-end has not acknowledged."""
+
+    stream: str
+    window: int
+
+
+class KvmOutput(Message):
+    """Bytes QEMU's VNC server sent on a stream, in order; ``end`` counts the stream's bytes up to
+    the end of ``data`` (a gap means a message was lost: the front-end ends the stream). The last
+    message of a stream has ``closed`` set and ``reason`` says why it ended."""
+
+    data: bytes
+    end: int
+    closed: bool = False
+    reason: str = ""
+
+
+class KvmInput(Message):
+    """Bytes for QEMU's VNC server (a request on ``kvm.input.<stream>``, answered Empty once
+    they are written; in order, one at a time)."""
+
+    data: Annotated[bytes, msgspec.Meta(max_length=65536)]
+
+
+class KvmAck(Message):
+    """Published on ``kvm.ack.<stream>``: the front-end has taken ``received`` bytes of the stream
+    (flow control); sent as a request it is also a keepalive (answered Empty). ``close`` ends the stream."""
+
+    received: Annotated[int, msgspec.Meta(ge=0)]
+    close: bool = False
+
+
+class Screenshot(Message):
+    """The machine's screen as a PNG image (``display.screenshot``, QMP ``screendump``)."""
+
+    png: bytes
+
+
 # ---------------------------------------------------------------- VM-wire service (in-band IPMI over the bus)
 
 class VmWireFrame(Message):

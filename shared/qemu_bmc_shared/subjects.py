@@ -38,6 +38,13 @@ WATCHDOG_RESET = "watchdog.reset"
 WATCHDOG_PRETIMEOUT_CLEAR = "watchdog.pretimeout.clear"
 CONSOLE_GET = "console.get"
 CONSOLE_IN = "console.in"
+#: Opens a graphical console stream: one connection to QEMU's VNC server (see kvm.py).
+KVM_OPEN = "kvm.open"
+DISPLAY_SCREENSHOT = "display.screenshot"
+#: Per stream (``bmc.<machine>.kvm.input.<stream>``, see ``for_stream``): bytes to QEMU's VNC server.
+KVM_INPUT = "kvm.input"
+#: Per stream: the front-end's acknowledgements (flow control), keepalives and close.
+KVM_ACK = "kvm.ack"
 
 # VM-wire service: a managed machine's in-band IPMI, which the machine service carries over the
 # bus (one endpoint per machine of the service's config, queue group: any replica answers).
@@ -86,7 +93,8 @@ EVENT_STATE = "event.state"
 MACHINE_ENDPOINTS = (POWER_GET, POWER_SET, BOOT_GET, BOOT_SET, BOOT_OPTIONS, MEDIA_GET, MEDIA_INSERT, MEDIA_EJECT,
                      INVENTORY_GET, HARDWARE_GET, NIC_SET, VOLUME_LIST, VOLUME_CREATE, VOLUME_DELETE,
                      FIRMWARE_UPDATE, FIRMWARE_UPDATES, SYSTEM_GET, WATCHDOG_GET, WATCHDOG_SET,
-                     WATCHDOG_RESET, WATCHDOG_PRETIMEOUT_CLEAR, CONSOLE_GET, CONSOLE_IN)
+                     WATCHDOG_RESET, WATCHDOG_PRETIMEOUT_CLEAR, CONSOLE_GET, CONSOLE_IN, KVM_OPEN,
+                     DISPLAY_SCREENSHOT)
 STATE_ENDPOINTS = (USERS_LIST, USERS_GET, USERS_SET, USERS_ACCESS, USERS_PASSWORD, USERS_CHECK,
                    USERS_CREDENTIALS, LOGIN_CHECK, LOGIN_RESULT, LOGIN_UNLOCK, ACCOUNT_POLICY_GET, ACCOUNT_POLICY_SET,
                    CHANNEL_GET, CHANNEL_SET, LAN_GET, LAN_SET, SOL_GET, SOL_SET,
@@ -98,6 +106,11 @@ EVENTS = (EVENT_POWER, EVENT_BOOT, EVENT_MEDIA, EVENT_WATCHDOG, EVENT_STATE, CON
 def for_machine(machine: str, operation: str) -> str:
     """The subject of ``operation`` (one of the constants above) for one machine."""
     return f"{PREFIX}.{machine}.{operation}"
+
+
+def for_stream(machine: str, operation: str, stream: str) -> str:
+    """The subject of one graphical console stream's ``operation`` (KVM_INPUT, KVM_ACK)."""
+    return f"{PREFIX}.{machine}.{operation}.{stream}"
 
 
 def any_machine(operation: str) -> str:

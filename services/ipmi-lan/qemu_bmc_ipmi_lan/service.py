@@ -33,6 +33,7 @@ from qemu_bmc_shared.service import address_holder, argument_parser, bind_failur
 from . import __version__
 from .lan_commands import lan_registry
 from .server import LanServer
+from .vnc import VncListeners
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "qemu-bmc-ipmi-lan"
@@ -188,7 +189,10 @@ class Endpoints:
 
 async def serve(nc: Client, config: Config, stop: asyncio.Event, shard: tuple[int, int] = (1, 1)) -> None:
     endpoints = Endpoints(nc, config, shard)
+    vnc_listeners = VncListeners(nc)  # the VNC listeners of this replica's share of the machines
+    own_vnc = [vm for vm in config.vms.values() if vm.vnc is not None and endpoints.own(vm)]
     subscription = await follow_state_changes(nc, endpoints.reads)
+    await vnc_listeners.bind(own_vnc)
     await endpoints.bind_what_is_free()
     await endpoints.check_unserved()
     await endpoints.announce()
@@ -197,11 +201,13 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event, shard: tuple[in
             try:
                 await asyncio.wait_for(stop.wait(), RETRY)
             except TimeoutError:
+                await vnc_listeners.bind(own_vnc)
                 if (await endpoints.give_back() | await endpoints.bind_what_is_free()
                         | await endpoints.check_unserved()):
                     await endpoints.announce()
     finally:
         await subscription.unsubscribe()
+        await vnc_listeners.close()
         await endpoints.close()
 
 

@@ -33,6 +33,8 @@ from qemu_bmc_shared.service import argument_parser, run_service
 
 from . import __version__
 from .console import Console
+from .display import Display
+from .display import endpoints as display_endpoints
 from .inband import InbandLink
 from .machine import Machine
 
@@ -156,9 +158,13 @@ def endpoints(machine: Machine) -> list[bus.Endpoint]:
 
 
 async def serve(nc: Client, config: Config, stop: asyncio.Event, stop_vms: bool = False) -> None:
+    displays: dict[str, Display] = {}
+
     async def publish(machine: str, event: str, message: msgspec.Struct) -> None:
         if not nc.is_closed:
             await bus.publish(nc, machine, event, message)
+        if event == subjects.EVENT_POWER and getattr(message, "state", None) == "Off" and machine in displays:
+            await displays[machine].end_all("the machine powered off")
 
     for info in await service_infos(nc, SERVICE_NAME):
         taken = sorted(set(announced_machines(info)) & set(config.vms))
@@ -182,16 +188,20 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event, stop_vms: bool 
         if launcher.owns_ipmi_chardev(machine.vm):
             machine.inband = InbandLink(machine.name, machine.files.ipmi, nc)
         await machine.start()
+        displays[machine.name] = Display(machine, nc)
+        displays[machine.name].start()
     service = await bus.serve(
         nc, name=SERVICE_NAME, version=__version__,
         description="QEMU machines: power, boot override, virtual media, inventory over QMP",
-        endpoints=[endpoint for machine in machines for endpoint in endpoints(machine)],
+        endpoints=[endpoint for machine in machines
+                   for endpoint in [*endpoints(machine), *display_endpoints(displays[machine.name])]],
         metadata={"machines": ",".join(machine.name for machine in machines), "host": socket.gethostname()})
     log.info("serving %d machine(s): %s", len(machines), ", ".join(m.name for m in machines))
     try:
         await stop.wait()
     finally:
         await service.stop()
+        await asyncio.gather(*(display.close() for display in displays.values()))
         await asyncio.gather(*(machine.close(stop_vm=stop_vms) for machine in machines))
 
 

@@ -22,6 +22,7 @@ from . import (
     environment,
     events,
     inventory,
+    kvm,
     log_services,
     managers,
     service_root,
@@ -43,7 +44,7 @@ def create_app(nc: Client, config: Config) -> FastAPI:
     app.state.redfish = redfish
     app.state.max_body_bytes = config.redfish.max_body_bytes  # read by http.RedfishHttpProtocol
     for module in (service_root, systems, inventory, volumes, managers, chassis, environment, log_services,
-                   virtual_media, sessions, accounts, certificates, update_service, tasks, events, console):
+                   virtual_media, sessions, accounts, certificates, update_service, tasks, events, console, kvm):
         module.register(app, redfish)
 
     @app.exception_handler(RedfishError)

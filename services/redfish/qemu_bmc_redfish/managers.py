@@ -21,6 +21,7 @@ import logging
 import uuid
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 from fastapi import FastAPI, Request, Response
@@ -30,7 +31,7 @@ from qemu_bmc_shared import manager_settings as checks
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
 from qemu_bmc_shared.messages import LanConfig, LanParamSet, LanRef, ManagerSettings, ManagerSettingsUpdate, SolConfig
 
-from . import __version__
+from . import __version__, kvm
 from .errors import RedfishError
 from .manager_network import (
     INTERFACE_ID,
@@ -133,6 +134,13 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             # schema has no WebSocket connect type, "Oem" stands for it
             "SerialConsole": {"ServiceEnabled": True,
                               "ConnectTypesSupported": ["IPMI", "Oem"] if sol_enabled else ["Oem"]},
+            # the web KVM (/kvm/<machine>, kvm.py): noVNC on a WebSocket, KVM over IP
+            "GraphicalConsole": {"ServiceEnabled": True, "MaxConcurrentSessions": kvm.MAX_SESSIONS,
+                                 "ConnectTypesSupported": ["KVMIP"]},
+            "Oem": {"QemuBmc": {"@odata.type": "#QemuBmcManager.v1_0_0.Manager",
+                                "GraphicalConsoleURI": kvm.page_path(machine),
+                                "SerialConsoleURI": f"/console/{quote(machine, safe='')}",
+                                "ScreenshotURI": kvm.screenshot_path(machine)}},
             "EthernetInterfaces": link(f"{path}/EthernetInterfaces"),
             "NetworkProtocol": link(f"{path}/NetworkProtocol"), "LogServices": link(f"{path}/LogServices"),
             "VirtualMedia": link(collection_path("Managers", machine)),
