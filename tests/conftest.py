@@ -20,6 +20,7 @@ import pytest
 from guest_images import GuestImages
 from nats.aio.client import Client
 from ports import free_tcp_port, free_udp_port, free_udp_ports  # noqa: F401 (for the tests)
+from processes import processes_with
 from qemu_bmc.natsserver import NatsServer
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.messages import BootEvent, MediaStatus, PowerEvent
@@ -38,6 +39,9 @@ def short_dir() -> Iterator[Path]:
     """A short directory (unix socket paths have a 107-byte limit)."""
     path = Path(tempfile.mkdtemp(prefix="qb-", dir="/tmp"))
     yield path
+    for pid in processes_with("qemu-system", f"{path}/"):  # a machine service left running: the test's own QEMU
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     shutil.rmtree(path, ignore_errors=True)
 
 

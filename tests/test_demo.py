@@ -126,6 +126,7 @@ async def test_the_demo_works_as_its_banner_says(short_dir: Path):
         ipmitool, curl, console = pasted["ipmitool"], pasted["curl"], pasted["console:"]
         cli = next(line.strip() for line in banner.splitlines() if " power status node1" in line)
         assert console == "console: https://127.0.0.1:8443/console/node1"
+        assert pasted["kvm:"] == "kvm: https://127.0.0.1:8443/kvm/node1"
         assert ipmitool == "ipmitool -I lanplus -H 127.0.0.1 -p 6230 -U admin -P password power status"
 
         def run_pasted(line: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import uvloop
 from qemu_bmc_shared import bus, kvm, subjects
 from qemu_bmc_shared.bus import BusError, BusUnreachable
 from qemu_bmc_shared.config import Config, ConfigError, find_config, load
-from qemu_bmc_shared.discovery import service_infos, unserved
+from qemu_bmc_shared.discovery import listeners, service_infos, unserved
 from qemu_bmc_shared.messages import (
     BootOverride,
     BootOverrideUpdate,
@@ -116,6 +116,8 @@ async def client_command(args: argparse.Namespace, url: str) -> int:
                 machines = info.get("metadata", {}).get("machines", "")
                 print(f"{info['name']} {info['version']} id={info['id']} endpoints={len(info.get('endpoints') or [])}"
                       + (f" machines={machines}" if machines else ""))
+                for what, address in sorted(listeners(info).items()):
+                    print(f"  {what}: {address}")
             for what, why in [] if args.json else sorted(unserved(infos).items()):
                 print(f"NOT SERVED {what}: {why}")
             return 0

@@ -212,6 +212,10 @@ def describe(config: Config, nats_address: str, log_dir: Path, expected: set[str
             problem = problems.pop(f"ipmi.{vm.name}", None)
             lines.append(f"    ERROR: IPMI over LAN {problem}" if problem else
                          f"    IPMI over LAN: udp {vm.ipmi[0]}:{vm.ipmi[1]}")
+        if vm.vnc:
+            problem = problems.pop(f"vnc.{vm.name}", None)
+            lines.append(f"    ERROR: VNC listener {problem}" if problem else
+                         f"    VNC listener: tcp {vm.vnc[0]}:{vm.vnc[1]} (password: vnc_password)")
         if vm.inband and vm.mode == "managed":
             lines.append("    in-band IPMI (KCS): over the bus")
         elif vm.vmwire:
@@ -274,8 +278,9 @@ def cli_name() -> str:
 
 
 def try_lines(config: Config) -> list[str]:
-    """Commands to paste: IPMI, Redfish, the console, the CLI. The default password is printed;
-    one set through IPMI_PASS is not (the lines read the variable instead)."""
+    """Commands to paste: IPMI, Redfish, the serial and graphical consoles, a VNC viewer, the CLI.
+    The default password is printed; one set through IPMI_PASS is not (the lines read the variable
+    instead); a VNC listener's password is the config's vnc_password, never printed."""
     user = config.state.default_user
     default = config.state.default_password == DEFAULT_PASSWORD
     in_quotes = "".join("\\" + char if char in '"$`\\' else char for char in user)
@@ -295,6 +300,12 @@ def try_lines(config: Config) -> list[str]:
                  + (f"/{machine}" if machine else ""))
     if machine:
         lines.append(f"  console: {base}/console/{machine}")
+        if config.vms[machine].mode == "managed" or config.vms[machine].vnc_socket:
+            lines.append(f"  kvm: {base}/kvm/{machine}")
+    with_vnc = [vm for name in config.machine_names if (vm := config.vms[name]).vnc]
+    if with_vnc:
+        host, port = with_vnc[0].vnc  # type: ignore[misc]
+        lines.append(f"  vncviewer {client_host(host)}::{port}")
     config_option = f" -c {shlex.quote(str(config.path))}" if config.path else ""
     lines.append(f"  {cli_name()} power status {machine or 'NAME'}{config_option}")
     return lines
@@ -332,7 +343,7 @@ async def up(config: Config, nats_url: str | None, keep_vms: bool, stop: asyncio
         Child("state", service_argv("qemu_bmc_state", config.path), nats_url, log_dir),
         Child("machine", service_argv("qemu_bmc_machine", config.path, *machine_extra), nats_url, log_dir),
     ]
-    if any(vm.ipmi for vm in config.vms.values()):
+    if any(vm.ipmi or vm.vnc for vm in config.vms.values()):  # it serves the VNC listeners too
         children.append(Child("ipmi-lan", service_argv("qemu_bmc_ipmi_lan", config.path), nats_url, log_dir))
     children.append(Child("redfish", service_argv("qemu_bmc_redfish", config.path), nats_url, log_dir))
     if any(vm.inband for vm in config.vms.values()):

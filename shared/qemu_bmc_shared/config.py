@@ -31,6 +31,7 @@
     vmwire = true                       # in-band IPMI (KCS), carried over the bus (docs/vmwire.md)
     vnc = "127.0.0.1:5901"              # a VNC listener for the graphical console (docs/console.md),
     vnc_password = "secret"             # with this password (VNC Authentication: 1-8 characters)
+    kvm_control = "all"                 # "first": one graphical console viewer at a time has control
     graceful_timeout = 60               # seconds a guest has to obey the ACPI power button
     volume_space = 64                   # GiB of disks Redfish may create for the machine (0: none)
     bare_metal_identity = true          # SMBIOS strings below, no VM markers (managed mode only)
@@ -206,6 +207,9 @@ class VmConfig:
     """``vnc = "host:port"``: where the IPMI over LAN service serves the graphical console to VNC
     viewers, with VNC Authentication by ``vnc_password``."""
     vnc_password: str | None = field(default=None, repr=False)
+    kvm_control: Literal["all", "first"] = "all"
+    """Who of a machine's graphical console viewers may type and point: ``all`` (each its login
+    allows) or ``first`` (the first to open a stream while nobody has control; the others watch)."""
     volume_space_gib: float = 0.0
     """Managed mode: how much disk (GiB, in all) the BMC may create for the machine as Redfish
     Volumes (``volume_space``, 64 by default; 0: none)."""
@@ -694,7 +698,7 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     vm = _Reader(file, f"vm.{name}", table,
                  {"cmd", "vars", "bin", "qmp", "serial", "vnc_socket", "media_device", "ipmi", "vmwire", "uuid",
                   "autostart", "bare_metal_identity", "identity", "ssh", "graceful_timeout", "environment",
-                  "volume_space", "vnc", "vnc_password"})
+                  "volume_space", "vnc", "vnc_password", "kvm_control"})
     vm_runtime = runtime_dir / "vm" / name
     ssh = _parse_ssh(vm, global_ssh)
     vm_vars = _vars_of(vm, "vars")
@@ -719,7 +723,7 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
                                   media_device=vm.str("media_device"),
                                   autostart=vm.bool("autostart"), ssh=ssh,
                                   graceful_timeout=_number(vm, "graceful_timeout", DEFAULT_GRACEFUL_TIMEOUT, 1, 3600),
-                                  **_vnc_listener(vm),
+                                  **_vnc_listener(vm), kvm_control=_kvm_control(vm),
                                   environment=_parse_environment(vm))
     if cmd is not None:
         if vm.str("serial") is not None:
@@ -744,6 +748,14 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     return VmConfig(mode="attach", qmp=_resolve(base, templates.substitute(qmp or "", f"{vm.prefix}.qmp")),
                     serial=_resolve(base, serial) if serial else None,
                     vnc_socket=_resolve(base, vnc_socket) if vnc_socket else None, **common)
+
+
+def _kvm_control(vm: _Reader) -> Literal["all", "first"]:
+    """``kvm_control``: "all" (the default) or "first" (shared mode: one viewer with control)."""
+    value = vm.str("kvm_control", "all")
+    if value == "all" or value == "first":
+        return value
+    raise vm.error("kvm_control", f'must be "all" or "first", not {value!r}')
 
 
 def _vnc_listener(vm: _Reader) -> dict[str, Any]:

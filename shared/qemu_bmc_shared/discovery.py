@@ -1,7 +1,9 @@
 """What the services on the bus announce of themselves (nats.micro service metadata): the
-machines each machine service owns, and the address each machine's IPMI over LAN endpoint
-listens on. Front-ends and the state service learn the machines here, not from a static list,
-so a machine service started on any host brings its machines with it."""
+machines each machine service owns, and the address each machine's listeners listen on
+(``ipmi.<machine>``: its IPMI over LAN endpoint, ``vnc.<machine>``: its VNC listener,
+``vmwire.<machine>``), or why one is not served (``unserved.<kind>.<machine>``). Front-ends and
+the state service learn the machines here, not from a static list, so a machine service started
+on any host brings its machines with it."""
 
 from __future__ import annotations
 
@@ -56,6 +58,12 @@ def announced_machines(info: dict[str, Any]) -> list[str]:
 
 
 UNSERVED = "unserved."
+
+
+def listeners(info: dict[str, Any]) -> dict[str, str]:
+    """The addresses a service serves, from its metadata: ``<kind>.<machine>`` (``ipmi.n1``,
+    ``vnc.n1``) → ``<host>:<port>``."""
+    return {key: str(value) for key, value in metadata(info).items() if "." in key and not key.startswith(UNSERVED)}
 
 
 def unserved(infos: list[dict[str, Any]]) -> dict[str, str]:

@@ -16,6 +16,11 @@ A stream ends when QEMU closes it (power off, QEMU exit), when the machine servi
 :meth:`KvmStream.close`, or on a lost or out-of-order message: :meth:`KvmStream.read` then gives
 b"" and :meth:`KvmStream.write` raises :class:`KvmClosed`. Open a new stream to go on (a new RFB
 session: after a power on, QEMU's VNC server is a new one).
+
+Control (shared mode): a stream opened with ``control=True`` (its viewer's login may type) is
+granted control unless the machine has ``kvm_control = "first"`` and another stream holds it
+(:attr:`KvmStream.control`); the front-end serves a viewer without control view-only. The holder's
+control ends with its stream: the next stream opened that wants it gets it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class KvmStream:
         self.machine = machine
         self.stream = ""
         self.window = 0
+        self.control = False
+        """Whether the machine service granted this stream control (keys, pointer)."""
         self.reason = ""
         """Why the stream ended (empty while it has not)."""
         self._output: asyncio.Queue[bytes] = asyncio.Queue()
@@ -170,8 +177,9 @@ class KvmStream:
                 await self._subscription.unsubscribe()
 
 
-async def open_kvm(nc: Client, machine: str, timeout: float = 5.0) -> KvmStream:
-    """Open a graphical console stream to ``machine``'s QEMU VNC server. Raises bus.BusError:
+async def open_kvm(nc: Client, machine: str, timeout: float = 5.0, *, control: bool = True) -> KvmStream:
+    """Open a graphical console stream to ``machine``'s QEMU VNC server, asking for control when
+    ``control`` (the stream's ``control`` says whether it was granted). Raises bus.BusError:
     ``no_display`` (the machine has none), ``invalid_state`` (the machine is off), ``conflict``
     (too many streams), ``unavailable`` (QEMU's VNC server cannot be reached), ``unknown_machine``,
     ``timeout``."""
@@ -179,11 +187,12 @@ async def open_kvm(nc: Client, machine: str, timeout: float = 5.0) -> KvmStream:
     inbox = nc.new_inbox()
     stream._subscription = await nc.subscribe(inbox, cb=stream._output_message)
     try:
-        opened = await bus.request(nc, machine, subjects.KVM_OPEN, KvmOpen(inbox=inbox), KvmOpened, timeout=timeout)
+        opened = await bus.request(nc, machine, subjects.KVM_OPEN, KvmOpen(inbox=inbox, control=control),
+                                   KvmOpened, timeout=timeout)
     except BaseException:
         await stream._end("not opened")
         raise
-    stream.stream, stream.window = opened.stream, opened.window
+    stream.stream, stream.window, stream.control = opened.stream, opened.window, opened.control and control
     stream._keepalive = asyncio.ensure_future(stream._keep_alive())
     return stream
 

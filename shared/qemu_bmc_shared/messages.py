@@ -461,6 +461,8 @@ class KvmOpen(Message):
 
     inbox: Annotated[str, msgspec.Meta(max_length=256, pattern=r"^(?!bmc\.)[A-Za-z0-9_.-]+$")]
     """A plain subject (no wildcards) outside ``bmc.``: the output goes nowhere a service listens."""
+    control: bool = True
+    """The viewer wants control (keys, pointer): its login allows it."""
 
 
 class KvmOpened(Message):
@@ -469,6 +471,9 @@ class KvmOpened(Message):
 
     stream: str
     window: int
+    control: bool = True
+    """Control is granted (``kvm_control = "first"``: to one stream at a time; else to every
+    stream that wants it); without it the front-end serves the viewer view-only."""
 
 
 class KvmOutput(Message):

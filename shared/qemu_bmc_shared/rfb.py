@@ -322,7 +322,9 @@ async def serve_viewer(reader: ViewerReader, writer: ViewerWriter, stream: ByteS
     called only once the viewer has authenticated (what an unauthenticated client may make the
     service hold: one connection, for ``handshake_timeout`` seconds at most), and when it fails
     (the machine is off, has no display...) the viewer is told why in the SecurityResult and the
-    error is raised. The stream is closed on return; the viewer's connection is the caller's.
+    error is raised. The stream is closed on return; the viewer's connection is the caller's. A
+    stream whose ``control`` attribute is false (a KvmStream the machine service did not grant
+    control: ``kvm_control = "first"``) is served view-only whatever ``control`` says.
 
     Returns when the viewer or the stream ends (or authentication failed: the viewer was told).
     Raises :class:`RfbError` when the viewer or QEMU breaks the protocol, and
@@ -345,6 +347,7 @@ async def serve_viewer(reader: ViewerReader, writer: ViewerWriter, stream: ByteS
             await writer.drain()
             await reader.readexactly(1)  # ClientInit: QEMU is asked for a shared session whatever the viewer asks
             await opened.write(b"\x01")
+            control = control and getattr(opened, "control", True)
             writer.write(await _server_init(qemu) + bytes(qemu.buffer))
             await writer.drain()
         tasks = [asyncio.create_task(_qemu_to_viewer(opened, writer)),

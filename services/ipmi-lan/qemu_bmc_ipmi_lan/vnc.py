@@ -1,7 +1,9 @@
 """The VNC listeners: each machine with ``vnc = "host:port"`` serves its graphical console to
 standard VNC viewers there (RFB 3.8 with VNC Authentication by ``vnc_password``), each viewer on
 its own stream to the machine's display over the bus (:func:`qemu_bmc_shared.kvm.open_kvm`),
-opened only once the viewer has authenticated. At most MAX_VIEWERS connections per listener
+opened only once the viewer has authenticated. A viewer with the password asks for control; with
+``kvm_control = "first"`` it is served view-only when another viewer (here or on the web page) has
+it (rfb.serve_viewer follows the stream's grant). At most MAX_VIEWERS connections per listener
 (more are turned away with a reason, or just closed while MAX_VIEWERS are being turned away),
 and HANDSHAKE_TIMEOUT seconds to authenticate."""
 
@@ -23,7 +25,8 @@ MAX_VIEWERS = 8
 
 
 class VncListener:
-    """One machine's VNC listener."""
+    """One machine's VNC listener (bound, taken over and given back between replicas as the
+    machine's IPMI endpoint is: :class:`.service.Endpoints`)."""
 
     def __init__(self, nc: Client, vm: VmConfig) -> None:
         assert vm.vnc is not None and vm.vnc_password is not None
@@ -53,7 +56,7 @@ class VncListener:
                 return
             self.viewers.add(task)
             log.info("%s: VNC viewer %s connected", self.machine, peer)
-            await rfb.serve_viewer(reader, writer, functools.partial(open_kvm, self.nc, self.machine),
+            await rfb.serve_viewer(reader, writer, functools.partial(open_kvm, self.nc, self.machine, control=True),
                                    password=self.password, control=True)
             log.info("%s: VNC viewer %s disconnected", self.machine, peer)
         except rfb.RfbError as exc:
@@ -78,34 +81,3 @@ class VncListener:
             task.cancel()
         await asyncio.gather(*self.viewers, return_exceptions=True)
 
-
-class VncListeners:
-    """The VNC listeners of the machines this replica serves, bound as their addresses are free."""
-
-    def __init__(self, nc: Client) -> None:
-        self.nc = nc
-        self.serving: dict[str, VncListener] = {}
-        self.bind_errors: dict[str, str] = {}
-
-    async def bind(self, vms: list[VmConfig]) -> None:
-        """Listen on each of ``vms``' ``vnc`` addresses not listened on yet; one that cannot be bound
-        is logged (once per reason) and tried again at the next call."""
-        for vm in vms:
-            if vm.vnc is None or vm.name in self.serving:
-                continue
-            listener = VncListener(self.nc, vm)
-            try:
-                await listener.start()
-            except OSError as exc:
-                if self.bind_errors.get(vm.name) != str(exc):
-                    log.error("%s: VNC listener on tcp %s:%d cannot be bound: %s", vm.name, *vm.vnc, exc)
-                self.bind_errors[vm.name] = str(exc)
-                continue
-            self.bind_errors.pop(vm.name, None)
-            self.serving[vm.name] = listener
-            log.info("%s: VNC listener on tcp %s:%d", vm.name, *vm.vnc)
-
-    async def close(self) -> None:
-        for listener in self.serving.values():
-            await listener.close()
-        self.serving.clear()

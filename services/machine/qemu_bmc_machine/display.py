@@ -9,6 +9,11 @@ stops reading QEMU's socket for that stream meanwhile); what the front-end write
 connection (QEMU exits: a managed machine's power off), when the machine powers off (attach mode:
 QEMU stays, stopped), when the front-end closes it or is not heard of for KEEPALIVE_TIMEOUT
 seconds, and when the service stops. Screenshots are QMP ``screendump`` in PNG.
+
+Control (real BMCs' shared mode): with ``kvm_control = "first"`` one stream at a time has it,
+the first opened asking for it (KvmOpen.control) while no other holds it; it is free again when
+that stream ends. With ``"all"`` (the default) every stream that asks has it. The front-end serves
+a stream without control view-only (this side relays bytes, it does not parse RFB).
 """
 
 from __future__ import annotations
@@ -149,6 +154,8 @@ class Stream:
             return
         self.ended = True
         self.display.streams.pop(self.id, None)
+        if self.display.controller == self.id:
+            self.display.controller = None
         if self.pump is not None and self.pump is not asyncio.current_task():
             self.pump.cancel()
         self.connection.close()
@@ -170,6 +177,8 @@ class Display:
         self.nc = nc
         self.socket_path: Path | None = machine.files.vnc if machine.vm.mode == "managed" else machine.vm.vnc_socket
         self.streams: dict[str, Stream] = {}
+        self.controller: str | None = None
+        """``kvm_control = "first"``: the stream that has control (None: nobody)."""
         self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -193,9 +202,13 @@ class Display:
             raise BusError("unavailable", f"cannot reach the VNC server of machine {name}: {exc!r}") from None
         stream = Stream(self, secrets.token_hex(8), request.inbox, connection)
         self.streams[stream.id] = stream
+        control = request.control and (self.machine.vm.kvm_control == "all" or self.controller is None)
+        if control and self.machine.vm.kvm_control == "first":
+            self.controller = stream.id
         await stream.start()
-        log.info("%s: display stream %s opened (%d open)", name, stream.id, len(self.streams))
-        return KvmOpened(stream=stream.id, window=WINDOW)
+        log.info("%s: display stream %s opened (%d open)%s", name, stream.id, len(self.streams),
+                 "" if control else ", view only")
+        return KvmOpened(stream=stream.id, window=WINDOW, control=control)
 
     async def end_all(self, reason: str) -> None:
         await asyncio.gather(*(stream.end(reason) for stream in list(self.streams.values())))

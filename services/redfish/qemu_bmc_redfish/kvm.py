@@ -7,9 +7,13 @@ session (``qemu_bmc_shared.rfb.serve_viewer``: the handshake, security None sinc
 ticket or credentials logged in, every message from the browser parsed before it reaches QEMU)
 on a stream of the machine's QEMU VNC server over the bus (``qemu_bmc_shared.kvm.open_kvm``),
 so the machine may run on another host. A user without ConfigureComponents (ReadOnly) watches:
-its keys and pointer are dropped. The login, tickets and Origin check are the serial console's
-(web_access.py). ``GET /kvm/{machine}/ticket`` gives the page a fresh ticket when it connects
-again (after a power cycle, or a restart of the machine service).
+its keys and pointer are dropped, and so are those of every viewer but one when the machine has
+``kvm_control = "first"`` (shared mode: the machine service grants control to one stream at a
+time). The page learns whether it has control from the WebSocket subprotocol: it offers
+CONTROL_PROTOCOL and VIEW_PROTOCOL, the service picks the one that holds. The login, tickets
+and Origin check are the serial console's (web_access.py). ``GET /kvm/{machine}/ticket`` gives
+the page a fresh ticket when it connects again (after a power cycle, or a restart of the machine
+service).
 
 A WebSocket that cannot be served is opened and closed with a reason the page shows: the machine
 is off, it has no display, it has MAX_SESSIONS viewers on this replica already.
@@ -48,6 +52,9 @@ MAX_SESSIONS = 4
 #: WebSocket close codes (RFC 6455 §7.4.1): the machine cannot be viewed now; the bus is down.
 UNAVAILABLE, TRY_AGAIN_LATER = 1011, 1013
 MAX_REASON = 120  # bytes of a close frame's reason (125 with the code)
+#: The WebSocket subprotocols (RFC 6455 §1.9) the page offers; the service picks the first when the
+#: viewer has control, the second when it is view only.
+CONTROL_PROTOCOL, VIEW_PROTOCOL = "qemu-bmc-control", "qemu-bmc-view"
 #: Why a stream did not open (the open_kvm errors), as the page shows it.
 REASONS = {"no_display": "the machine has no display", "invalid_state": "the machine is off",
            "conflict": "the machine has as many viewers as it takes"}
@@ -135,6 +142,15 @@ class WebSocketViewer:
             await self.websocket.send_bytes(data)
 
 
+def subprotocol(websocket: WebSocket, control: bool) -> str | None:
+    """The subprotocol to accept the page's WebSocket with (a browser that offered some fails a
+    connection accepted with none, even one closed at once with a reason)."""
+    offered = websocket.scope.get("subprotocols") or []
+    if CONTROL_PROTOCOL in offered and VIEW_PROTOCOL in offered:
+        return CONTROL_PROTOCOL if control else VIEW_PROTOCOL
+    return None
+
+
 def closing_reason(text: str) -> str:
     return text.encode()[:MAX_REASON].decode(errors="ignore")
 
@@ -165,8 +181,8 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         login = await websocket_login(websocket, redfish, tickets, machine)
         if login is None:
             return
-        await websocket.accept()
         if viewers[machine] >= MAX_SESSIONS:
+            await websocket.accept(subprotocol(websocket, False))
             await websocket.close(UNAVAILABLE, closing_reason(f"{machine} has {MAX_SESSIONS} viewers here already"))
             return
         viewers[machine] += 1
@@ -177,19 +193,24 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             if not viewers[machine]:
                 del viewers[machine]
 
-    async def serve(websocket: WebSocket, machine: str, control: bool) -> None:
+    async def serve(websocket: WebSocket, machine: str, may_type: bool) -> None:
+        """The stream is opened before the WebSocket is accepted: the subprotocol says whether
+        the machine service granted it control."""
         try:
-            stream = await kvm.open_kvm(redfish.nc, machine)
+            stream = await kvm.open_kvm(redfish.nc, machine, control=may_type)
         except BusError as exc:
+            await websocket.accept(subprotocol(websocket, False))
             await websocket.close(UNAVAILABLE, closing_reason(REASONS.get(exc.error, exc.message or exc.error)))
             return
         except nats.errors.Error:
+            await websocket.accept(subprotocol(websocket, False))
             await websocket.close(TRY_AGAIN_LATER, "the bus is down")
             return
         viewer = WebSocketViewer(websocket)
         code, reason = 1000, ""
         try:
-            await rfb.serve_viewer(viewer, viewer, stream, password=None, control=control)
+            await websocket.accept(subprotocol(websocket, stream.control))
+            await rfb.serve_viewer(viewer, viewer, stream, password=None, control=may_type and stream.control)
             reason = stream.reason if stream.ended else ""
         except rfb.RfbError as exc:
             log.warning("KVM of %s: %s", machine, exc)

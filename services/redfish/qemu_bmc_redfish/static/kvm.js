@@ -1,6 +1,8 @@
 // The graphical console page: noVNC on the WebSocket /kvm/<machine>/ws (binary RFB), a send-keys
 // menu for the keys the browser keeps for itself, and a new connection (with a fresh ticket) after
-// a disconnect: a power cycle, a restart of the machine service.
+// a disconnect: a power cycle, a restart of the machine service. A viewer whose login may type
+// can still be view only: the machine has kvm_control = "first" and another viewer has control
+// (the service says so by the WebSocket subprotocol it picks).
 import RFB from "./novnc/core/rfb.js";
 import KeyTable from "./novnc/core/input/keysym.js";
 
@@ -13,6 +15,9 @@ const base = "/kvm/" + encodeURIComponent(machine);
 let ticket = screen.dataset.ticket;
 let rfb = null;
 let retryDelay = 1000;
+let controlled = interactive;  // this connection has control (the service's subprotocol says)
+const CONTROL_PROTOCOL = "qemu-bmc-control";
+const VIEW_PROTOCOL = "qemu-bmc-view";
 
 const K = KeyTable;
 // [keysym, KeyboardEvent.code] chords, pressed in order and released in reverse
@@ -33,7 +38,8 @@ const CHORDS = {
 };
 
 function show(state, detail) {
-  status.textContent = state + (detail ? ": " + detail : "") + (interactive ? "" : " (view only)");
+  const only = !interactive ? " (view only)" : controlled ? "" : ", view only (another viewer has control)";
+  status.textContent = state + (detail ? ": " + detail : "") + only;
   document.body.dataset.state = state;
 }
 
@@ -59,19 +65,24 @@ async function connect() {
     }
   }
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const socket = new WebSocket(scheme + "//" + location.host + base + "/ws?ticket=" + encodeURIComponent(ticket));
+  const socket = new WebSocket(scheme + "//" + location.host + base + "/ws?ticket=" + encodeURIComponent(ticket),
+                               [CONTROL_PROTOCOL, VIEW_PROTOCOL]);
   ticket = "";  // one use: the next connection fetches another
   let reason = "";
   socket.addEventListener("close", (event) => { reason = event.reason; });  // before noVNC's handler
   show("connecting");
   rfb = new RFB(screen, socket, { shared: true });
+  controlled = interactive;
   rfb.viewOnly = !interactive;
   rfb.scaleViewport = true;
   rfb.background = "#000";
   rfb.addEventListener("connect", () => {
     retryDelay = 1000;
+    controlled = interactive && socket.protocol !== VIEW_PROTOCOL;
+    rfb.viewOnly = !controlled;
+    keys.disabled = !controlled;
     show("connected");
-    if (interactive) rfb.focus();
+    if (controlled) rfb.focus();
   });
   rfb.addEventListener("disconnect", () => {
     rfb = null;
@@ -84,7 +95,7 @@ async function connect() {
 
 keys.addEventListener("change", () => {
   const chord = CHORDS[keys.value];
-  if (rfb && interactive) {
+  if (rfb && controlled) {
     if (chord === null) {
       rfb.sendCtrlAltDel();
     } else if (chord) {
