@@ -3,7 +3,7 @@ machine's screen through qemu-bmc's paths vs the direct pair the Go qemu-bmc pla
 (websockify in front of QEMU's own VNC socket, for noVNC), on this machine, over loopback.
 
 ``qemu-bmc up -c CONFIG`` with two managed machines under TCG (``-vga std``, VGA text mode
-720x400): ``keys`` boots tests/test_web_kvm.py's KEY_GUEST (echoes each key the BIOS reads to the
+720x400): ``keys`` boots tests/guest_images.py's KEY_GUEST (echoes each key the BIOS reads to the
 screen; its cursor hidden, so the screen changes only when a key arrives) and has a VNC listener
 (``vnc``, ``vnc_password``); ``busy`` boots a boot sector (BUSY_GUEST, below) that rewrites all
 2000 text cells at every timer tick (18.2 Hz), so its whole screen changes all the time. One RFB
@@ -68,10 +68,9 @@ from qemu_bmc_shared.rfb import vnc_auth_response
 from websockets.asyncio import client as websockets_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from guest_images import assemble
+from guest_images import KEY_GUEST, KEY_GUEST_READY, assemble
 from ports import free_tcp_port, free_udp_ports
 from processes import processes_with
-from test_web_kvm import KEY_GUEST, READY
 from waiting import wait_for
 
 USER, PASSWORD = "admin", "password"
@@ -387,7 +386,7 @@ class Deployment:
             history = await bus.request(self.nc, KEYS, subjects.CONSOLE_GET, None, ConsoleHistory, timeout=2)
         except BusError:
             return False
-        return READY in history.data
+        return KEY_GUEST_READY.encode() in history.data
 
     async def vnc_listening(self) -> bool:
         return await listening(self.vnc_port)

@@ -10,6 +10,7 @@ DEBIAN_PACKAGES=(
   ipmitool freeipmi-tools openipmi       # real IPMI clients and the ipmi_sim peer
   freeipmi-bmc-watchdog                  # FreeIPMI's watchdog client (in-band, in the Linux test guest)
   busybox-static cpio                    # the small Linux test guest
+  iproute2                               # ip: lab mode's host interfaces (tests/test_lab_nics.py)
   nasm xorriso mtools                    # the tiny boot images the tests build
   docker-compose                         # validates compose.yaml offline
   wrk                                    # the HTTP load generator of bench/redfish.py

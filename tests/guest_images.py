@@ -277,3 +277,54 @@ class GuestImages:
             args += ["-netdev", f"user,id=net0,tftp={self.tftp},bootfile={bootfile}",
                      "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56"]
         return args
+
+
+#: A boot sector that hides the text cursor (the screen then stays still), prints KVM-READY on the
+#: screen and COM1, then echoes every key the BIOS reads (int 16h) to both.
+KEY_GUEST = r"""
+bits 16
+org 0x7c00
+    cli
+    xor ax, ax
+    mov ds, ax
+    mov ss, ax
+    mov sp, 0x7c00
+    sti
+    mov ah, 0x01
+    mov cx, 0x2000              ; no cursor
+    int 0x10
+    mov si, ready
+.print:
+    lodsb
+    test al, al
+    jz keys
+    call putc
+    jmp .print
+keys:
+    xor ah, ah
+    int 0x16                    ; al: the key's ASCII code (0 or 0xE0: a key with none)
+    test al, al
+    jz keys
+    cmp al, 0xe0
+    je keys
+    call putc
+    jmp keys
+putc:
+    mov dx, 0x3f8
+    out dx, al
+    mov ah, 0x0e
+    mov bx, 0x0007
+    int 0x10
+    ret
+ready: db "KVM-READY", 13, 10, 0
+times 510-($-$$) db 0
+dw 0xaa55
+"""
+KEY_GUEST_READY = "KVM-READY"
+
+
+def key_echo_disk(directory: Path, name: str = "keys") -> Path:
+    """KEY_GUEST on a 1 MiB raw disk image (``name``.img in ``directory``)."""
+    disk = directory / f"{name}.img"
+    disk.write_bytes(assemble(KEY_GUEST, name, directory).ljust(1 << 20, b"\0"))
+    return disk

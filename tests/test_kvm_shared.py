@@ -20,13 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_tcp_port, serial_log, write_config
-from guest_images import assemble
+from guest_images import KEY_GUEST_READY, key_echo_disk
 from playwright import async_api as playwright_api
 from qemu_bmc_redfish.kvm import CONTROL_PROTOCOL, VIEW_PROTOCOL
 from qemu_bmc_shared import rfb
 from qemu_bmc_shared.config import ConfigError, parse
 from qemu_bmc_shared.kvm import KvmStream, open_kvm
-from test_vnc import KEY_ECHO, PASSWORD, RawViewer, key_event
+from test_vnc import PASSWORD, RawViewer, key_event
 from test_web_console import CHROMIUM
 from waiting import wait_for
 from websockets.asyncio import client as websockets_client
@@ -37,8 +37,7 @@ USER, USER_PASSWORD = "admin", "s3cret-Pass"
 
 
 def machine_config(directory: Path, extra: str) -> Path:
-    disk = directory / "keys.img"
-    disk.write_bytes(assemble(KEY_ECHO, "keys", directory).ljust(1 << 20, b"\0"))
+    disk = key_echo_disk(directory)
     return write_config(directory, f"""{extra}
 [vm.m1]
 cmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", "file={disk},format=raw,if=ide,snapshot=on"]
@@ -49,7 +48,7 @@ kvm_control = "first"
 
 def typed(directory: Path) -> str:
     """What the guest echoed after its ready line."""
-    return serial_log(directory, "m1").partition("KEYS-READY")[2].lstrip("\r\n")
+    return serial_log(directory, "m1").partition(KEY_GUEST_READY)[2].lstrip("\r\n")
 
 
 async def press(viewer: RawViewer, key: str) -> None:
@@ -76,7 +75,7 @@ async def test_first_viewer_has_control(nc, services, short_dir: Path) -> None: 
     config.write_text(config.read_text() + f'vnc = "127.0.0.1:{port}"\nvnc_password = "{PASSWORD}"\n')
     await services("machine", config)
     await services("ipmi-lan", config)
-    await wait_for(lambda: "KEYS-READY" in serial_log(short_dir, "m1"), timeout=60, message="the guest up")
+    await wait_for(lambda: KEY_GUEST_READY in serial_log(short_dir, "m1"), timeout=60, message="the guest up")
 
     first = await RawViewer.connect(port, PASSWORD)
     second = await RawViewer.connect(port, PASSWORD)
@@ -198,7 +197,7 @@ async def test_viewer_on_another_replica(nc, services, short_dir: Path) -> None:
     try:
         for client in replicas:
             await wait_for(lambda client=client: up(client), timeout=30, message=f"Redfish at {client.base_url}")
-        await wait_for(lambda: "KEYS-READY" in serial_log(short_dir, "m1"), timeout=60, message="the guest up")
+        await wait_for(lambda: KEY_GUEST_READY in serial_log(short_dir, "m1"), timeout=60, message="the guest up")
         ticket = (await replicas[0].get("/kvm/m1/ticket")).json()["ticket"]
         async with web_viewer(urls[1], ticket) as holder:
             assert holder.socket.subprotocol == CONTROL_PROTOCOL

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import serial_log, write_config
-from guest_images import assemble
+from guest_images import KEY_GUEST_READY, key_echo_disk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -35,33 +35,6 @@ pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reas
 VNCDO = str(Path(sys.executable).parent / "vncdo")
 PASSWORD = "s3cret"
 
-KEY_ECHO = r"""
-bits 16
-org 0x7c00
-    cli
-    xor ax, ax
-    mov ds, ax
-    mov ss, ax
-    mov sp, 0x7c00
-    sti
-    mov si, ready
-.print:
-    lodsb
-    test al, al
-    jz .keys
-    mov dx, 0x3f8
-    out dx, al
-    jmp .print
-.keys:
-    mov ah, 0                   ; wait for a key: AL is its ASCII code
-    int 0x16
-    mov dx, 0x3f8
-    out dx, al
-    jmp .keys
-ready: db "KEYS-READY", 13, 10, 0
-times 510-($-$$) db 0
-dw 0xaa55
-"""
 
 
 class QemuDisplay:
@@ -74,14 +47,13 @@ class QemuDisplay:
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> QemuDisplay:
-        disk = self.directory / "keys.img"
-        disk.write_bytes(assemble(KEY_ECHO, "keys", self.directory).ljust(1 << 20, b"\0"))
+        disk = key_echo_disk(self.directory)
         self.process = await asyncio.create_subprocess_exec(
             "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "64", "-display", "none", "-vga", "std",
             "-vnc", f"unix:{self.socket}", "-serial", f"file:{self.serial}", "-monitor", "none",
             "-drive", f"file={disk},format=raw,if=ide", "-nic", "none",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        await wait_for(lambda: "KEYS-READY" in self.serial_text(), timeout=60, message="the guest's ready line")
+        await wait_for(lambda: KEY_GUEST_READY in self.serial_text(), timeout=60, message="the guest's ready line")
         return self
 
     def serial_text(self) -> str:
@@ -318,7 +290,7 @@ async def test_view_only_viewer_cannot_type(viewer_server: Any, display: QemuDis
     typist = await RawViewer.connect(control_port, PASSWORD)
     typist.send(key_event(ord("k"), True) + key_event(ord("k"), False))
     await wait_for(lambda: display.serial_text().endswith("k"), timeout=30, message="the key of the viewer in control")
-    assert "q" not in display.serial_text().removeprefix("KEYS-READY")
+    assert "q" not in display.serial_text().removeprefix(KEY_GUEST_READY)
     await viewer.close()
     await typist.close()
 
@@ -456,8 +428,7 @@ async def test_listener_over_the_bus(services: Any, short_dir: Path, tmp_path: P
     guest; a wrong password is refused; a viewer beyond the listener's limit is turned away with a
     reason while the others go on."""
     port = free_tcp_port()
-    disk = short_dir / "keys.img"
-    disk.write_bytes(assemble(KEY_ECHO, "keys", short_dir).ljust(1 << 20, b"\0"))
+    disk = key_echo_disk(short_dir)
     config = write_config(short_dir, f"""
 [vm.m1]
 cmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", "file={disk},format=raw,if=ide,snapshot=on"]
@@ -467,7 +438,7 @@ vnc_password = "{PASSWORD}"
 """)
     await services("machine", config)
     await services("ipmi-lan", config)
-    await wait_for(lambda: "KEYS-READY" in serial_log(short_dir, "m1"), timeout=60, message="the guest up")
+    await wait_for(lambda: KEY_GUEST_READY in serial_log(short_dir, "m1"), timeout=60, message="the guest up")
     png = tmp_path / "screen.png"
     status, output = await vncdo(port, PASSWORD, "key", "x", "capture", str(png))
     assert status == 0, output

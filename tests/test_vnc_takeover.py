@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 from conftest import serial_log, write_config
-from guest_images import assemble
+from guest_images import KEY_GUEST_READY, key_echo_disk
 from nats.aio.client import Client
 from ports import free_tcp_port, free_udp_ports
 from qemu_bmc.up import describe, try_lines
 from qemu_bmc_ipmi_lan.service import shard_of
 from qemu_bmc_shared.config import load
 from qemu_bmc_shared.discovery import IPMI_LAN_SERVICE, listeners, metadata, service_infos
-from test_vnc import KEY_ECHO, PASSWORD, banner_rows_vary, vncdo
+from test_vnc import PASSWORD, banner_rows_vary, vncdo
 from waiting import wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
@@ -46,8 +46,7 @@ async def vnc_served_by(nc: Client) -> dict[str, str]:
 async def test_another_replica_takes_the_listener_over(nc: Client, services: Any, short_dir: Path, tmp_path: Path,
                                                        stop_signal: int) -> None:
     ipmi_port, vnc_port = free_udp_ports(), free_tcp_port()
-    disk = short_dir / "keys.img"
-    disk.write_bytes(assemble(KEY_ECHO, "keys", short_dir).ljust(1 << 20, b"\0"))
+    disk = key_echo_disk(short_dir)
     config = write_config(short_dir, f"""
 [vm.m1]
 cmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", "file={disk},format=raw,if=ide,snapshot=on"]
@@ -59,7 +58,7 @@ vnc_password = "{PASSWORD}"
     owner, other = f"{shard_of('m1', 2)}/2", f"{3 - shard_of('m1', 2)}/2"
     await services("machine", config)
     replicas = {shard: await services("ipmi-lan", config, "--shard", shard) for shard in ("1/2", "2/2")}
-    await wait_for(lambda: "KEYS-READY" in serial_log(short_dir, "m1"), timeout=60, message="the guest up")
+    await wait_for(lambda: KEY_GUEST_READY in serial_log(short_dir, "m1"), timeout=60, message="the guest up")
     await wait_for(lambda: _equal(vnc_served_by(nc), {"vnc.m1": owner}), timeout=30,
                    message="the listener served by the replica of m1's shard")
     png = tmp_path / "before.png"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_tcp_port, toml_list, wait_for, write_config
-from guest_images import assemble
+from guest_images import KEY_GUEST_READY, key_echo_disk
 from playwright import async_api as playwright_api
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
@@ -26,49 +26,8 @@ from websockets.exceptions import ConnectionClosed
 
 USER, PASSWORD = "admin", "s3cret-Pass"
 WATCHER, WATCHER_PASSWORD = "watcher", "watch-Pass1"
-READY = b"KVM-READY\r\n"
+READY = KEY_GUEST_READY.encode() + b"\r\n"
 
-#: A boot sector that hides the text cursor (the screen then stays still), prints KVM-READY on the
-#: screen and COM1, then echoes every key the BIOS reads (int 16h) to both.
-KEY_GUEST = r"""
-bits 16
-org 0x7c00
-    cli
-    xor ax, ax
-    mov ds, ax
-    mov ss, ax
-    mov sp, 0x7c00
-    sti
-    mov ah, 0x01
-    mov cx, 0x2000              ; no cursor
-    int 0x10
-    mov si, ready
-.print:
-    lodsb
-    test al, al
-    jz keys
-    call putc
-    jmp .print
-keys:
-    xor ah, ah
-    int 0x16                    ; al: the key's ASCII code (0 or 0xE0: a key with none)
-    test al, al
-    jz keys
-    cmp al, 0xe0
-    je keys
-    call putc
-    jmp keys
-putc:
-    mov dx, 0x3f8
-    out dx, al
-    mov ah, 0x0e
-    mov bx, 0x0007
-    int 0x10
-    ret
-ready: db "KVM-READY", 13, 10, 0
-times 510-($-$$) db 0
-dw 0xaa55
-"""
 
 #: The text cells (9x16 pixels in VGA text mode, 8x8 otherwise) of an image that hold something
 #: other than the background (its top-left pixel), as a string of 0 and 1, row by row.
@@ -106,12 +65,6 @@ PNG_CELLS = f"""async (png) => {{
 }}"""
 
 
-def key_guest_disk(directory: Path) -> Path:
-    disk = directory / "keys.img"
-    disk.write_bytes(assemble(KEY_GUEST, "keys", directory).ljust(1024 * 1024, b"\0"))
-    return disk
-
-
 async def typed(nc) -> bytes | None:
     """What the guest echoed since it said KVM-READY (None before)."""
     try:
@@ -126,7 +79,7 @@ async def typed(nc) -> bytes | None:
 async def test_web_kvm(nc, services, short_dir: Path):
     port = free_tcp_port()
     argv = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-nodefaults", "-vga", "std",
-            "-drive", f"if=none,id=hd0,file={key_guest_disk(short_dir)},format=raw,snapshot=on",
+            "-drive", f"if=none,id=hd0,file={key_echo_disk(short_dir)},format=raw,snapshot=on",
             "-device", "ide-hd,drive=hd0,bootindex=1"]
     config = write_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{port}"\n[vm.n1]\ncmd = {toml_list(argv)}\n')
     state = await services("state", config, env={"IPMI_USER": USER, "IPMI_PASS": PASSWORD})

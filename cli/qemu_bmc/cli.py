@@ -28,7 +28,7 @@ from qemu_bmc_shared.messages import (
 )
 from qemu_bmc_shared.service import nats_url, run, setup_logging
 
-from . import __version__, vm
+from . import __version__, compose, vm
 from .up import AlreadyUp, hold_runtime_lock, up
 
 CONNECT_TIMEOUT = 5.0
@@ -87,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     screenshot.add_argument("file", help="the PNG file to write")
 
     vm.add_parser(commands, common)
+    compose.add_parser(commands)
     return top
 
 
@@ -211,6 +212,8 @@ def unreachable(exc: BusUnreachable, config: Config) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.command == "compose":  # no config, no bus
+        raise SystemExit(compose.compose_command(args))
     try:
         path = find_config(args.config)
         if path is None and args.command == "vm":

@@ -17,6 +17,7 @@
     [redfish]
     listen = "0.0.0.0:8443"             # every address (default: 127.0.0.1:8443, loopback only); HTTPS:
     tls = true                          # false for HTTP; cert_file/key_file, or self-signed
+    host_name = "bmc.example.com"       # clients' name for it: in the self-signed certificate too
     password_change_required = false    # true: accounts made over Redfish must change their password first
     max_body_bytes = 1048576            # larger request bodies: 413
     allow_internal_targets = false      # true: images and event destinations on loopback, link-local… too
@@ -213,6 +214,12 @@ class VmConfig:
     volume_space_gib: float = 0.0
     """Managed mode: how much disk (GiB, in all) the BMC may create for the machine as Redfish
     Volumes (``volume_space``, 64 by default; 0: none)."""
+    nics: tuple[str, ...] = ()
+    """Managed mode, lab mode: host (or container) network interfaces handed to the VM, each as a
+    virtio NIC of its own (see the machine service's host_nics)."""
+    nic_mode: Literal["auto", "macvtap", "bridge"] = "auto"
+    """How ``nics`` are handed over: a macvtap device, or a Linux bridge and a tap device; ``auto``:
+    macvtap where the kernel offers it, else the bridge."""
 
     @property
     def bare_metal_identity(self) -> bool:
@@ -247,6 +254,9 @@ class RedfishConfig:
     the first start and kept in the runtime directory; false: plain HTTP."""
     cert_file: Path | None = None
     key_file: Path | None = None
+    host_name: str | None = None
+    """The name (or address) clients reach the service by, put in the self-signed certificate's
+    subject alternative names besides the host's name, localhost and 127.0.0.1."""
     session_timeout: int = 1800
     """Seconds a Redfish session lives without being used (SessionService.SessionTimeout)."""
     password_change_required: bool = False
@@ -478,7 +488,8 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
         raise ConfigError("IPMI_PASS: an IPMI password has at most 20 bytes")
 
     redfish = _Reader(file, "redfish", top.table_of("redfish"),
-                      {"listen", "tls", "cert_file", "key_file", "session_timeout", "password_change_required",
+                      {"listen", "tls", "cert_file", "key_file", "host_name", "session_timeout",
+                       "password_change_required",
                        "max_sessions", "max_sessions_per_user", "max_body_bytes", "allow_internal_targets"})
     cert_file, key_file = redfish.str("cert_file"), redfish.str("key_file")
     if (cert_file is None) != (key_file is None):
@@ -519,6 +530,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
                               tls=redfish.bool("tls", True),
                               cert_file=_resolve(base, cert_file) if cert_file else None,
                               key_file=_resolve(base, key_file) if key_file else None,
+                              host_name=redfish.str("host_name") or None,
                               session_timeout=session_timeout,
                               password_change_required=redfish.bool("password_change_required"),
                               max_sessions=_whole_number(redfish, "max_sessions", RedfishConfig.max_sessions, 1, 10000),
@@ -698,7 +710,7 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     vm = _Reader(file, f"vm.{name}", table,
                  {"cmd", "vars", "bin", "qmp", "serial", "vnc_socket", "media_device", "ipmi", "vmwire", "uuid",
                   "autostart", "bare_metal_identity", "identity", "ssh", "graceful_timeout", "environment",
-                  "volume_space", "vnc", "vnc_password", "kvm_control"})
+                  "volume_space", "vnc", "vnc_password", "kvm_control", "nics", "nic_mode"})
     vm_runtime = runtime_dir / "vm" / name
     ssh = _parse_ssh(vm, global_ssh)
     vm_vars = _vars_of(vm, "vars")
@@ -736,7 +748,8 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
         if identity is None and "identity" in table:
             raise vm.error("identity", "only with bare_metal_identity = true")
         return VmConfig(mode="managed", argv=argv, identity=identity, ovmf=ovmf,
-                        volume_space_gib=_number(vm, "volume_space", DEFAULT_VOLUME_SPACE_GIB, 0, 1 << 20), **common)
+                        volume_space_gib=_number(vm, "volume_space", DEFAULT_VOLUME_SPACE_GIB, 0, 1 << 20),
+                        **_host_nics(vm), **common)
     for key in ("bare_metal_identity", "identity"):
         if key in table:
             raise vm.error(key, "only for managed mode (cmd): qemu-bmc does not build an attached QEMU's command "
@@ -744,10 +757,33 @@ def _parse_vm(file: str, base: Path, name: str, table: dict[str, Any], runtime_d
     if "volume_space" in table:
         raise vm.error("volume_space", "only for managed mode (cmd): qemu-bmc cannot add disks to a QEMU it does "
                        "not launch")
+    for key in ("nics", "nic_mode"):
+        if key in table:
+            raise vm.error(key, "only for managed mode (cmd): an attached QEMU's network is on its own command line")
     serial, vnc_socket = vm.str("serial"), vm.str("vnc_socket")
     return VmConfig(mode="attach", qmp=_resolve(base, templates.substitute(qmp or "", f"{vm.prefix}.qmp")),
                     serial=_resolve(base, serial) if serial else None,
                     vnc_socket=_resolve(base, vnc_socket) if vnc_socket else None, **common)
+
+
+#: A Linux network interface name: at most 15 bytes (IFNAMSIZ less its NUL), no "/", ":" or white space.
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+
+
+def _host_nics(vm: _Reader) -> dict[str, Any]:
+    """``nics`` (host interface names, each once) and ``nic_mode`` ("auto", "macvtap" or "bridge")."""
+    nics = vm.str_list("nics") or []
+    for index, name in enumerate(nics):
+        if not INTERFACE_NAME.fullmatch(name):
+            raise vm.error(f"nics[{index}]", f"not a network interface name (1-15 of A-Z a-z 0-9 _ . -): {name!r}")
+        if name in nics[:index]:
+            raise vm.error(f"nics[{index}]", f"{name!r} is listed twice")
+    mode = vm.str("nic_mode", "auto")
+    if mode not in ("auto", "macvtap", "bridge"):
+        raise vm.error("nic_mode", f'must be "auto", "macvtap" or "bridge", not {mode!r}')
+    if "nic_mode" in vm.table and not nics:
+        raise vm.error("nic_mode", "only with nics")
+    return {"nics": tuple(nics), "nic_mode": mode}
 
 
 def _kvm_control(vm: _Reader) -> Literal["all", "first"]:

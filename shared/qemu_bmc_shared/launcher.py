@@ -16,7 +16,8 @@ adds, before the operator's arguments:
   (see vmwire_args);
 * with ``bare_metal_identity``, SMBIOS strings from the config and no VM markers (see identity_args);
 
-and after them the disks the BMC made for the machine, its Redfish Volumes (see volume_args).
+and after them the host interfaces handed to the machine (lab mode, see host_nic_args), then the
+disks the BMC made for the machine, its Redfish Volumes (see volume_args).
 """
 
 from __future__ import annotations
@@ -293,7 +294,30 @@ def load_profile(files: RuntimeFiles) -> LaunchProfile | None:
         return None
 
 
-def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | None = None) -> list[str]:
+@dataclass(frozen=True)
+class HostNic:
+    """A host interface handed to the machine (``[vm.NAME] nics``; the machine service's host_nics makes
+    it): QEMU's tap backend on the open macvtap character device ``fd``, or on the tap device ``tap``
+    (on a bridge with the interface) that QEMU opens by name; a virtio NIC with MAC address ``mac``."""
+
+    mac: str
+    fd: int | None = None
+    tap: str | None = None
+
+
+def host_nic_args(nics: tuple[HostNic, ...]) -> list[str]:
+    """After the operator's arguments (the devices QEMU places itself keep their slots), before the
+    volumes (a volume made or deleted moves no NIC)."""
+    args: list[str] = []
+    for index, nic in enumerate(nics):
+        backend = f"fd={nic.fd}" if nic.fd is not None else f"ifname={nic.tap},script=no,downscript=no"
+        args += ["-netdev", f"tap,id=qbmc-nic{index},{backend}",
+                 "-device", f"virtio-net-pci,netdev=qbmc-nic{index},mac={nic.mac}"]
+    return args
+
+
+def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | None = None,
+                 nics: tuple[HostNic, ...] = ()) -> list[str]:
     binary, *user_args = vm.argv
     if profile is not None:
         user_args = profile_args(vm, files, user_args, profile)
@@ -320,7 +344,7 @@ def managed_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile | Non
         argv += ["-vga", "std"]
     argv += vmwire_args(vm, files)
     argv += identity_args(vm)
-    return argv + user_args + (volume_args(profile.volumes) if profile is not None else [])
+    return argv + user_args + host_nic_args(nics) + (volume_args(profile.volumes) if profile is not None else [])
 
 
 #: ``-device`` drivers that are a machine's display adapter (``qemu-system-x86_64 -device help``).
@@ -479,28 +503,35 @@ def running_pid(files: RuntimeFiles) -> int | None:
     return None
 
 
-def _launch_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile) -> list[str]:
+def _launch_argv(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile,
+                 nics: tuple[HostNic, ...] = ()) -> list[str]:
     files.prepare()
     for stale in (files.pid, files.qmp, files.monitor, files.ipmi, files.vnc):
         stale.unlink(missing_ok=True)
-    argv = managed_argv(vm, files, profile)
+    argv = managed_argv(vm, files, profile, nics)
     save_profile(files, profile)
     log.info("%s: launching %s", vm.name, " ".join(argv))
     return argv
 
 
-async def launch(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile) -> asyncio.subprocess.Process:
-    """Start QEMU paused (``-S``); the caller connects to QMP and continues it."""
-    argv = _launch_argv(vm, files, profile)
+async def launch(vm: VmConfig, files: RuntimeFiles, profile: LaunchProfile,
+                 nics: tuple[HostNic, ...] = ()) -> asyncio.subprocess.Process:
+    """Start QEMU paused (``-S``); the caller connects to QMP and continues it. QEMU inherits the
+    file descriptors of ``nics``."""
+    argv = _launch_argv(vm, files, profile, nics)
     with files.qemu_log.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
+            pass_fds=[nic.fd for nic in nics if nic.fd is not None])
     return process
 
 
 def launch_detached(vm: VmConfig, files: RuntimeFiles) -> subprocess.Popen[bytes]:
     """The same, for a caller that exits and leaves QEMU running (the VM manager): asyncio would
     kill a child it started when its transport is closed."""
+    if vm.nics:
+        raise LaunchError(f"{vm.name}: its host interfaces (nics) are handed over by the machine service: "
+                          "start the machine through it")
     argv = _launch_argv(vm, files, default_profile(vm, files))
     with files.qemu_log.open("ab") as output:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)

@@ -164,8 +164,10 @@ def unserved_key(kind: str, machine: str | None = None) -> str:
     return f"{UNSERVED}{kind}" + (f".{machine}" if machine else "")
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A TCP socket listening on ``host:port`` (IPv6 when ``host`` is), for a server given it
-    ready-made, so that a failure to bind is the caller's to report."""
+    ready-made, so that a failure to bind is the caller's to report. ``reuse_port``: SO_REUSEPORT,
+    so that replicas (processes of the same user that set it too) share the port, the kernel
+    spreading the connections between them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=2048)
+    return socket.create_server((host, port), family=family, backlog=2048, reuse_port=reuse_port)

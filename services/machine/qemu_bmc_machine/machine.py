@@ -33,7 +33,7 @@ from qemu_bmc_shared.messages import (
     PowerStatus,
 )
 
-from . import boot
+from . import boot, host_nics
 from .console import Console
 from .firmware import SystemFirmware
 from .hardware import HardwareInventory
@@ -122,6 +122,8 @@ class Machine:
                 log.info("%s: adopting running QEMU pid %d", self.name, self._pid)
                 self._launched = launcher.load_profile(self.files) or launcher.LaunchProfile(
                     launcher.native_firmware(self.vm.argv))
+            else:
+                await host_nics.detach(self.vm)  # what a crash left of its host interfaces
         self._spawn(self._connection_loop())
         if self.console is not None:
             self._spawn(self.console.run())
@@ -273,6 +275,7 @@ class Machine:
         self._process = None
         self._pid = None
         self.files.pid.unlink(missing_ok=True)
+        await host_nics.detach(self.vm)
         await self._set_run_state("not-running", "exited")
 
     async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -467,9 +470,16 @@ class Machine:
 
     async def _launch(self, profile: launcher.LaunchProfile) -> None:
         try:
-            self._process = await launcher.launch(self.vm, self.files, profile)
-        except (LaunchError, OSError) as exc:
+            nics = await host_nics.attach(self.vm)
+        except host_nics.HostNicError as exc:
             raise BusError("qemu_error", f"cannot launch QEMU for {self.name}: {exc}") from None
+        try:
+            self._process = await launcher.launch(self.vm, self.files, profile, nics)
+        except (LaunchError, OSError) as exc:
+            await host_nics.detach(self.vm)
+            raise BusError("qemu_error", f"cannot launch QEMU for {self.name}: {exc}") from None
+        finally:
+            host_nics.close(nics)
         self._launched = profile
         self._pid = self._process.pid
         self._wake.set()
@@ -477,6 +487,7 @@ class Machine:
             await self._wait_connected(self._process)
         except LaunchError as exc:
             self._process, self._pid = None, None
+            await host_nics.detach(self.vm)
             raise BusError("qemu_error", f"{self.name}: {exc}") from None
         await self._set_run_state(self._run_state, "launched")
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import socket
@@ -28,14 +30,15 @@ MAX_CONNECTIONS = 512
 """Connections (and requests under way) at once; beyond, uvicorn answers 503 at once."""
 
 
-async def bind_listener(nc: Client, host: str, port: int, stop: asyncio.Event) -> socket.socket | None:
+async def bind_listener(nc: Client, host: str, port: int, stop: asyncio.Event, reuse_port: bool = False
+                        ) -> socket.socket | None:
     """The listening socket, once ``host:port`` can be bound (None: stopped before). Meanwhile the
     service is on the bus with ``unserved.redfish`` saying why not, and the log says it at ERROR."""
     service, reported = None, None
     try:
         while not stop.is_set():
             try:
-                return listening_socket(host, port)
+                return listening_socket(host, port, reuse_port)
             except OSError as exc:
                 reason = f"{host}:{port}: {bind_failure(exc, 'tcp', host, port)}"
             if reason != reported:
@@ -53,14 +56,14 @@ async def bind_listener(nc: Client, host: str, port: int, stop: asyncio.Event) -
             await service.stop()
 
 
-async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
+async def serve(nc: Client, config: Config, stop: asyncio.Event, reuse_port: bool = False) -> None:
     app = create_app(nc, config)
     settings = config.redfish
     host, port = settings.listen
     certificate: dict[str, Any] = {}
     if settings.tls:
         cert, key = ((settings.cert_file, settings.key_file) if settings.cert_file and settings.key_file
-                     else tls.self_signed(config.runtime_dir / "redfish"))
+                     else tls.self_signed(config.runtime_dir / "redfish", settings.host_name))
         certificate = {"ssl_certfile": str(cert), "ssl_keyfile": str(key),
                        "ssl_context_factory": certificates.ssl_context}  # serves a replaced certificate
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="none", http=RedfishHttpProtocol,
@@ -68,7 +71,7 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
                                            server_header=False, limit_concurrency=MAX_CONNECTIONS,
                                            **certificate))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # run_service handles them
-    listener = await bind_listener(nc, host, port, stop)
+    listener = await bind_listener(nc, host, port, stop, reuse_port)
     if listener is None:
         return
     subscription = await follow_state_changes(nc, app.state.redfish.auth.reads)
@@ -95,5 +98,13 @@ async def serve(nc: Client, config: Config, stop: asyncio.Event) -> None:
             await service.stop()
 
 
+def arguments() -> argparse.Namespace:
+    parser = argument_parser("qemu-bmc Redfish service")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="share the listen port with other replicas that say so too (SO_REUSEPORT; compose.yaml)")
+    return parser.parse_args()
+
+
 def main() -> None:
-    run_service(SERVICE_NAME, argument_parser("qemu-bmc Redfish service").parse_args(), serve)
+    args = arguments()
+    run_service(SERVICE_NAME, args, functools.partial(serve, reuse_port=args.reuse_port))
