@@ -13,6 +13,7 @@ DEBIAN_PACKAGES=(
   iproute2                               # ip: lab mode's host interfaces (tests/test_lab_nics.py)
   nasm xorriso mtools                    # the tiny boot images the tests build
   docker-compose                         # validates compose.yaml offline
+  docker.io debootstrap                  # the compose test's own dockerd and its local base image (tests/test_compose.py)
   wrk                                    # the HTTP load generator of bench/redfish.py
   chromium                               # the browser tests/test_web_console.py drives (Playwright)
   openssh-server                         # a local sshd standing in for a VM's (tests/test_vm_manager.py)
