@@ -174,7 +174,12 @@ async def vmwire_answers(runtime: Path, machine: str) -> None:
     """Returns when a Get Device ID frame for ``machine``'s in-band link has its answer over the bus."""
     url_file = runtime / "nats.url"
     await until(lambda: url_file.exists() and url_file.read_text().startswith("nats://"), DEADLINE, "nats.url")
-    nc = await bus.connect(url_file.read_text().strip(), "bench-startup", timeout=DEADLINE)
+    await vmwire_answers_at(url_file.read_text().strip(), machine)
+
+
+async def vmwire_answers_at(url: str, machine: str) -> None:
+    """vmwire_answers with the bus's URL given."""
+    nc = await bus.connect(url, "bench-startup", timeout=DEADLINE)
     number = 0
 
     async def answered() -> bool:

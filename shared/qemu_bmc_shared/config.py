@@ -515,6 +515,7 @@ def parse(data: dict[str, Any], path: Path | None) -> Config:
         vms = _allocate_ipmi(ipmi_reader, vms)
     redfish_listen = redfish.address("listen") or RedfishConfig.listen
     _refuse_port_clashes(file, vms, redfish_listen)
+    _refuse_bridged_nic_sharing(file, vms)
     return Config(
         path=path,
         runtime_dir=runtime_dir,
@@ -843,6 +844,22 @@ def _refuse_port_clashes(file: str, vms: dict[str, VmConfig], redfish_listen: tu
             if host == other_host or host in WILDCARD_HOSTS or other_host in WILDCARD_HOSTS:
                 raise ConfigError(f"{file}: {key}: {protocol.upper()} port {port} is already taken by {other_key}")
         seen.setdefault((protocol, port), []).append((host, key))
+
+
+def _refuse_bridged_nic_sharing(file: str, vms: dict[str, VmConfig]) -> None:
+    """A host interface joins one Linux bridge only: in bridge mode it goes to one machine (several
+    machines may share an interface through macvtap)."""
+    first: dict[str, tuple[str, VmConfig]] = {}
+    for name, vm in vms.items():
+        for index, interface in enumerate(vm.nics):
+            if interface in first:
+                other_name, other = first[interface]
+                if "bridge" in (vm.nic_mode, other.nic_mode):
+                    raise ConfigError(f"{file}: vm.{name}.nics[{index}]: {interface!r} is already vm.{other_name}'s, "
+                                      'and in bridge mode a host interface goes to one machine (nic_mode = "macvtap" '
+                                      "shares it)")
+            else:
+                first[interface] = (name, vm)
 
 
 _SMBIOS_DATE = re.compile(r"(0[1-9]|1[0-2])/(0[1-9]|[12][0-9]|3[01])/[0-9]{4}")

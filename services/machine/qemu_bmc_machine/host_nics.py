@@ -113,6 +113,9 @@ async def attach(vm: VmConfig) -> tuple[HostNic, ...]:
         for index, interface in enumerate(vm.nics):
             if interface not in links:
                 raise HostNicError(f"no network interface {interface!r} (nics) on this host")
+            if "master" in links[interface]:  # a bridge's (another machine's?) or a bond's port
+                raise HostNicError(f"network interface {interface!r} (nics) is already a port of "
+                                   f"{links[interface]['master']}: a host interface goes to one machine")
             await _ip("link", "set", "dev", interface, "up")
             if vm.nic_mode != "bridge":
                 try:
