@@ -20,7 +20,7 @@ import nats
 import nats.errors
 import pytest
 from clients import ipmitool
-from container_engine import ContainerEngine, running_engine
+from container_engine import NATS_IMAGE, ContainerEngine, running_engine
 from guest_images import GuestImages
 from http_server import FileServer
 from ports import free_tcp_port
@@ -228,6 +228,52 @@ async def test_nats_refuses_a_client_without_the_token(deployment: Deployment) -
     # and the project's client says why
     with pytest.raises(bus.BusUnreachable, match="authorization refused"):
         await bus.connect(f"nats://127.0.0.1:{deployment.nats_port}", "intruder", timeout=5)
+
+
+async def test_the_nats_cluster_example_admits_only_routes_with_the_token(
+        engine: ContainerEngine, tmp_path: Path) -> None:
+    """examples/compose.nats-cluster.yaml's three nodes (alone, a project of their own): they form
+    a JetStream cluster (a stream with 3 replicas is made), and a nats-server on compose's network
+    whose routes lack the token, or give a wrong one, is refused by the nodes."""
+    directory = tmp_path / "qbcluster"
+    (directory / "examples").mkdir(parents=True)
+    for name in ("compose.yaml", "compose.nats.conf", "examples/compose.nats-cluster.yaml",
+                 "examples/compose.nats-cluster.conf"):
+        shutil.copy2(REPO / name, directory / name)
+    subprocess.run([str(REPO / ".venv/bin/qemu-bmc"), "compose", "init", "-d", str(directory)], check=True,
+                   capture_output=True)
+    token = next(line.split("=", 1)[1] for line in (directory / ".env").read_text().splitlines()
+                 if line.startswith("NATS_TOKEN="))
+    port = free_tcp_port()
+    files = ("-f", "compose.yaml", "-f", "examples/compose.nats-cluster.yaml")
+    engine.compose(directory, *files, "up", "-d", "nats", "nats-2", "nats-3", env={"NATS_PORT": str(port)})
+    intruder = None
+    try:
+        client = await nats.connect(f"nats://{token}@127.0.0.1:{port}", connect_timeout=10)
+        try:
+            async def replicated_stream() -> bool:
+                try:
+                    await client.jetstream().add_stream(name="probe", subjects=["probe.>"], num_replicas=3)
+                except nats.errors.Error:
+                    return False  # no cluster (yet): no meta leader, or too few servers
+                return True
+
+            await wait_for(replicated_stream, timeout=120, interval=1, message="a stream on three nodes")
+        finally:
+            await client.close()
+        network = engine.docker("network", "ls", "-q", "--filter",
+                                f"label=com.docker.compose.project={directory.name}").stdout.split()[0]
+        intruder = engine.docker("run", "-d", "--network", network, NATS_IMAGE, "--cluster", "nats://0.0.0.0:6222",
+                                 "--routes", "nats://route:wrong-token@nats:6222,nats://nats-2:6222").stdout.strip()
+
+        def refusals() -> int:
+            return engine.docker("logs", intruder).stderr.count("Authorization Violation")
+
+        await wait_for(lambda: refusals() >= 2, timeout=60, interval=1, message="both routes refused")
+    finally:
+        if intruder:
+            engine.docker("rm", "-f", intruder, check=False)
+        engine.compose(directory, *files, "down", "-v", check=False, timeout=300)
 
 
 async def test_scaled_front_ends_take_over(deployment: Deployment) -> None:
