@@ -68,7 +68,7 @@ from qemu_bmc_shared.rfb import vnc_auth_response
 from websockets.asyncio import client as websockets_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from guest_images import KEY_GUEST, KEY_GUEST_READY, assemble
+from guest_images import KEY_GUEST, KEY_GUEST_READY, SCREEN_BOOT_SECTOR_START, assemble
 from ports import free_tcp_port, free_udp_ports
 from processes import processes_with
 from waiting import wait_for
@@ -87,18 +87,7 @@ QEMU_ARGS = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-nodefaults", "-vg
 #: A boot sector that hides the cursor and, at every timer tick (hlt: 18.2 Hz), writes all 2000
 #: cells of the text screen with characters one further than the last time: the whole screen
 #: changes about 18 times a second.
-BUSY_GUEST = r"""
-bits 16
-org 0x7c00
-    cli
-    xor ax, ax
-    mov ds, ax
-    mov ss, ax
-    mov sp, 0x7c00
-    sti
-    mov ah, 0x01
-    mov cx, 0x2000              ; no cursor
-    int 0x10
+BUSY_GUEST = SCREEN_BOOT_SECTOR_START + r"""
     mov ax, 0xb800
     mov es, ax
     xor bl, bl

@@ -281,7 +281,8 @@ class GuestImages:
 
 #: A boot sector that hides the text cursor (the screen then stays still), prints KVM-READY on the
 #: screen and COM1, then echoes every key the BIOS reads (int 16h) to both.
-KEY_GUEST = r"""
+#: The start of a boot sector that draws on the text screen: segments and stack set, cursor hidden.
+SCREEN_BOOT_SECTOR_START = r"""
 bits 16
 org 0x7c00
     cli
@@ -293,6 +294,9 @@ org 0x7c00
     mov ah, 0x01
     mov cx, 0x2000              ; no cursor
     int 0x10
+"""
+
+KEY_GUEST = SCREEN_BOOT_SECTOR_START + r"""
     mov si, ready
 .print:
     lodsb

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from browser import chromium, logged_in_page
 from conftest import free_tcp_port, serial_log, write_config
 from guest_images import KEY_GUEST_READY, key_echo_disk
-from playwright import async_api as playwright_api
 from qemu_bmc_redfish.kvm import CONTROL_PROTOCOL, VIEW_PROTOCOL
 from qemu_bmc_shared import rfb
 from qemu_bmc_shared.config import ConfigError, parse
 from qemu_bmc_shared.kvm import KvmStream, open_kvm
 from test_vnc import PASSWORD, RawViewer, key_event
-from test_web_console import CHROMIUM
 from waiting import wait_for
 from websockets.asyncio import client as websockets_client
 
@@ -214,18 +213,12 @@ async def test_viewer_on_another_replica(nc, services, short_dir: Path) -> None:
                 await wait_for(lambda: typed(short_dir).endswith("h"), timeout=30, message="the holder's key")
                 assert typed(short_dir) == "wh"
 
-            async with playwright_api.async_playwright() as playwright:
-                browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-                try:
-                    context = await browser.new_context(
-                        http_credentials={"username": USER, "password": USER_PASSWORD}, ignore_https_errors=True)
-                    page = await context.new_page()
-                    await page.goto(f"{urls[0]}/kvm/m1")
-                    await page.wait_for_selector("body[data-state='connected']", timeout=60_000)
-                    assert "view only (another viewer has control)" in await page.inner_text("#status")
-                    assert await page.is_disabled("#keys")
-                finally:
-                    await browser.close()
+            async with chromium() as browser:
+                page = await logged_in_page(browser, USER, USER_PASSWORD)
+                await page.goto(f"{urls[0]}/kvm/m1")
+                await page.wait_for_selector("body[data-state='connected']", timeout=60_000)
+                assert "view only (another viewer has control)" in await page.inner_text("#status")
+                assert await page.is_disabled("#keys")
     finally:
         for client in replicas:
             await client.aclose()

@@ -7,22 +7,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import shutil
 import ssl
 from pathlib import Path
 
 import httpx
 import pytest
+from browser import chromium, logged_in_page
 from conftest import free_tcp_port, toml_list, wait_for, write_config
 from linux_guest import LinuxGuest
-from playwright import async_api as playwright_api
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import ConsoleHistory, PowerRequest, PowerStatus
 from websockets.asyncio import client as websockets_client
 
 USER, PASSWORD = "admin", "s3cret-Pass"
-CHROMIUM = "/usr/bin/chromium"
 SHELL = "echo GUEST-SHELL; exec setsid sh -c 'exec sh -i <>/dev/ttyS0 >&0 2>&1'\n"
 BUFFER_TEXT = """() => {
     const buffer = window.term.buffer.active;
@@ -30,10 +28,6 @@ BUFFER_TEXT = """() => {
     for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i).translateToString(true));
     return lines.join("\\n");
 }"""
-
-# scripts/setup.sh installs Debian's chromium, and the test extras playwright (never its browser downloads)
-assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: run scripts/setup.sh"
-
 
 def basic_auth(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -100,32 +94,26 @@ async def test_web_console_shell(nc, services, short_dir: Path, tmp_path: Path, 
             pass
     assert refused.value.response.status_code == 403
 
-    async with playwright_api.async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            context = await browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
-                                                ignore_https_errors=True)
-            page = await context.new_page()
-            await page.goto(f"{url}/console/n1")
-            # the page's Content-Security-Policy forbids eval, which page.wait_for_function uses: a
-            # selector, and page.evaluate (the DevTools protocol's, which the page's CSP does not bind)
-            await page.wait_for_selector("body[data-state='connected']", timeout=20_000)
+    async with chromium() as browser:
+        page = await logged_in_page(browser, USER, PASSWORD)
+        await page.goto(f"{url}/console/n1")
+        # the page's Content-Security-Policy forbids eval, which page.wait_for_function uses: a
+        # selector, and page.evaluate (the DevTools protocol's, which the page's CSP does not bind)
+        await page.wait_for_selector("body[data-state='connected']", timeout=20_000)
 
-            async def shown(text: str) -> bool:
-                return text in await page.evaluate(BUFFER_TEXT)
+        async def shown(text: str) -> bool:
+            return text in await page.evaluate(BUFFER_TEXT)
 
-            await wait_for(lambda: shown("GUEST-SHELL"), timeout=20, message="the guest's shell on the page")
-            await page.click("#terminal")
-            await page.keyboard.type("echo SOL-OK-$((6*7))")
-            await page.keyboard.press("Enter")
-            await wait_for(lambda: shown("SOL-OK-42"), timeout=30, message="the command's output on the page")
-            text = await page.evaluate(BUFFER_TEXT)
-            assert "echo SOL-OK-$((6*7))" in text and "SOL-OK-42" in text, text
-            screenshot = tmp_path / "web-console.png"
-            await page.screenshot(path=str(screenshot))
-            assert screenshot.stat().st_size > 0
-        finally:
-            await browser.close()
+        await wait_for(lambda: shown("GUEST-SHELL"), timeout=20, message="the guest's shell on the page")
+        await page.click("#terminal")
+        await page.keyboard.type("echo SOL-OK-$((6*7))")
+        await page.keyboard.press("Enter")
+        await wait_for(lambda: shown("SOL-OK-42"), timeout=30, message="the command's output on the page")
+        text = await page.evaluate(BUFFER_TEXT)
+        assert "echo SOL-OK-$((6*7))" in text and "SOL-OK-42" in text, text
+        screenshot = tmp_path / "web-console.png"
+        await page.screenshot(path=str(screenshot))
+        assert screenshot.stat().st_size > 0
 
 
 async def test_output_after_history_skips_what_was_sent():

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from browser import chromium, logged_in_page
 from conftest import free_tcp_port, toml_list, wait_for, write_config
 from guest_images import KEY_GUEST_READY, key_echo_disk
-from playwright import async_api as playwright_api
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.messages import ConsoleHistory, PowerRequest, PowerStatus
-from test_web_console import CHROMIUM, basic_auth
+from test_web_console import basic_auth
 from websockets.asyncio import client as websockets_client
 from websockets.exceptions import ConnectionClosed
 
@@ -112,74 +112,66 @@ async def test_web_kvm(nc, services, short_dir: Path):
         off = await admin.get(oem["ScreenshotURI"])
         assert off.status_code == 409, off.text
 
-        async with playwright_api.async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            try:
-                context = await browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
-                                                    ignore_https_errors=True)
-                page = await context.new_page()
-                await page.goto(f"{url}/kvm/n1")
-                # the page's CSP forbids eval (page.wait_for_function): selectors and page.evaluate
-                await page.wait_for_selector("#status:has-text('the machine is off')", timeout=30_000)
-                await bus.request(nc, "n1", subjects.POWER_SET, PowerRequest(action="on"), PowerStatus, timeout=30)
-                await wait_for(lambda: booted(nc, 1), timeout=120, interval=0.5, message="KVM-READY on COM1")
-                await page.wait_for_selector("body[data-state='connected']", timeout=60_000)
-                await same_screen(admin, page, oem["ScreenshotURI"])
+        async with chromium() as browser:
+            page = await logged_in_page(browser, USER, PASSWORD)
+            await page.goto(f"{url}/kvm/n1")
+            # the page's CSP forbids eval (page.wait_for_function): selectors and page.evaluate
+            await page.wait_for_selector("#status:has-text('the machine is off')", timeout=30_000)
+            await bus.request(nc, "n1", subjects.POWER_SET, PowerRequest(action="on"), PowerStatus, timeout=30)
+            await wait_for(lambda: booted(nc, 1), timeout=120, interval=0.5, message="KVM-READY on COM1")
+            await page.wait_for_selector("body[data-state='connected']", timeout=60_000)
+            await same_screen(admin, page, oem["ScreenshotURI"])
 
-                # typing on the page reaches the guest
-                await page.click("#screen canvas")
-                await page.keyboard.type("kvm42")
-                await wait_for(lambda: has_typed(nc, b"kvm42"), timeout=60, message="kvm42 echoed on COM1")
+            # typing on the page reaches the guest
+            await page.click("#screen canvas")
+            await page.keyboard.type("kvm42")
+            await wait_for(lambda: has_typed(nc, b"kvm42"), timeout=60, message="kvm42 echoed on COM1")
 
-                # a ReadOnly user watches; its keys are dropped by the service even when its page sends them
-                watcher_context = await browser.new_context(
-                    http_credentials={"username": WATCHER, "password": WATCHER_PASSWORD}, ignore_https_errors=True)
-                watcher = await watcher_context.new_page()
-                await watcher.goto(f"{url}/kvm/n1")
-                await watcher.wait_for_selector("body[data-state='connected']", timeout=60_000)
-                assert "view only" in await watcher.inner_text("#status")
-                assert await watcher.is_disabled("#keys")
-                await same_screen(admin, watcher, oem["ScreenshotURI"])
-                await watcher.evaluate("() => { window.rfb.viewOnly = false; }")
-                await watcher.click("#screen canvas")
-                await watcher.keyboard.type("rrr")
-                await watcher.evaluate("() => window.rfb.sendKey(0x72, 'KeyR')")  # 'r', as noVNC sends it
-                await page.click("#screen canvas")
-                await page.keyboard.type("z")
-                echoed = await wait_for(lambda: has_typed(nc, b"z"), timeout=60, message="z echoed on COM1")
-                assert b"r" not in echoed, echoed
+            # a ReadOnly user watches; its keys are dropped by the service even when its page sends them
+            watcher = await logged_in_page(browser, WATCHER, WATCHER_PASSWORD)
+            await watcher.goto(f"{url}/kvm/n1")
+            await watcher.wait_for_selector("body[data-state='connected']", timeout=60_000)
+            assert "view only" in await watcher.inner_text("#status")
+            assert await watcher.is_disabled("#keys")
+            await same_screen(admin, watcher, oem["ScreenshotURI"])
+            await watcher.evaluate("() => { window.rfb.viewOnly = false; }")
+            await watcher.click("#screen canvas")
+            await watcher.keyboard.type("rrr")
+            await watcher.evaluate("() => window.rfb.sendKey(0x72, 'KeyR')")  # 'r', as noVNC sends it
+            await page.click("#screen canvas")
+            await page.keyboard.type("z")
+            echoed = await wait_for(lambda: has_typed(nc, b"z"), timeout=60, message="z echoed on COM1")
+            assert b"r" not in echoed, echoed
 
-                # a malformed RFB message on the WebSocket ends that connection only (QEMU never sees it)
-                await malformed_viewer(port)
-                await page.keyboard.type("ok")
-                await wait_for(lambda: has_typed(nc, b"zok"), timeout=60, message="ok echoed on COM1")
-                assert (await page.get_attribute("body", "data-state")) == "connected"
+            # a malformed RFB message on the WebSocket ends that connection only (QEMU never sees it)
+            await malformed_viewer(port)
+            await page.keyboard.type("ok")
+            await wait_for(lambda: has_typed(nc, b"zok"), timeout=60, message="ok echoed on COM1")
+            assert (await page.get_attribute("body", "data-state")) == "connected"
 
-                # the send-keys menu: Ctrl-Alt-Del is a key press the guest's BIOS takes (a reboot)
-                await page.select_option("#keys", "ctrl-alt-del")
-                await wait_for(lambda: booted(nc, 2), timeout=120, interval=0.5, message="KVM-READY again")
-                await page.wait_for_selector("body[data-state='connected']", timeout=60_000)
+            # the send-keys menu: Ctrl-Alt-Del is a key press the guest's BIOS takes (a reboot)
+            await page.select_option("#keys", "ctrl-alt-del")
+            await wait_for(lambda: booted(nc, 2), timeout=120, interval=0.5, message="KVM-READY again")
+            await page.wait_for_selector("body[data-state='connected']", timeout=60_000)
 
-                # a power cycle: the page goes, and comes back with a fresh ticket
-                await bus.request(nc, "n1", subjects.POWER_SET, PowerRequest(action="off"), PowerStatus, timeout=30)
-                await page.wait_for_selector("body[data-state='disconnected']", timeout=60_000)
-                await bus.request(nc, "n1", subjects.POWER_SET, PowerRequest(action="on"), PowerStatus, timeout=30)
-                await page.wait_for_selector("body[data-state='connected']", timeout=120_000)
-                await wait_for(lambda: booted(nc, 3), timeout=120, interval=0.5, message="KVM-READY after power on")
-                await same_screen(admin, page, oem["ScreenshotURI"])
+            # a power cycle: the page goes, and comes back with a fresh ticket
+            await bus.request(nc, "n1", subjects.POWER_SET, PowerRequest(action="off"), PowerStatus, timeout=30)
+            await page.wait_for_selector("body[data-state='disconnected']", timeout=60_000)
+            await bus.request(nc, "n1", subjects.POWER_SET, PowerRequest(action="on"), PowerStatus, timeout=30)
+            await page.wait_for_selector("body[data-state='connected']", timeout=120_000)
+            await wait_for(lambda: booted(nc, 3), timeout=120, interval=0.5, message="KVM-READY after power on")
+            await same_screen(admin, page, oem["ScreenshotURI"])
 
-                # the machine service killed (QEMU runs on) and started again (it adopts QEMU): the page
-                # connects again
-                await machine.stop(signal.SIGKILL)
-                await page.wait_for_selector("body[data-state='disconnected']", timeout=60_000)
-                await services("machine", config, "--stop-vms-on-exit")
-                await page.wait_for_selector("body[data-state='connected']", timeout=120_000)
-                await page.click("#screen canvas")
-                await page.keyboard.type("back")
-                # (the new machine service's console history starts with what QEMU writes from now on)
-                await wait_for(lambda: in_history(nc, b"back"), timeout=60, message="back echoed on COM1")
-            finally:
-                await browser.close()
+            # the machine service killed (QEMU runs on) and started again (it adopts QEMU): the page
+            # connects again
+            await machine.stop(signal.SIGKILL)
+            await page.wait_for_selector("body[data-state='disconnected']", timeout=60_000)
+            await services("machine", config, "--stop-vms-on-exit")
+            await page.wait_for_selector("body[data-state='connected']", timeout=120_000)
+            await page.click("#screen canvas")
+            await page.keyboard.type("back")
+            # (the new machine service's console history starts with what QEMU writes from now on)
+            await wait_for(lambda: in_history(nc, b"back"), timeout=60, message="back echoed on COM1")
 
         # nobody to check a login (no state service): an outage, 503, for the page and the handshake
         await state.stop()
