@@ -25,10 +25,11 @@ from guest_images import KEY_GUEST_READY, key_echo_disk
 from qemu_bmc_redfish.kvm import CONTROL_PROTOCOL, VIEW_PROTOCOL
 from qemu_bmc_shared import rfb
 from qemu_bmc_shared.config import ConfigError, parse
-from qemu_bmc_shared.kvm import KvmStream, open_kvm
+from qemu_bmc_shared.kvm import WEB_VIEWERS, KvmStream, open_kvm
 from test_vnc import PASSWORD, RawViewer, key_event
 from waiting import wait_for
 from websockets.asyncio import client as websockets_client
+from websockets.exceptions import ConnectionClosed
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
 
@@ -171,11 +172,29 @@ async def web_viewer(url: str, ticket: str):  # type: ignore[no-untyped-def]
         yield viewer
 
 
+async def web_viewer_in(stack: contextlib.AsyncExitStack, client: httpx.AsyncClient,
+                        url: str) -> WebSocketViewer | str:
+    """A web viewer on the replica at ``url`` (ticket from ``client``), kept open in ``stack``; or
+    the reason the replica closed the WebSocket with."""
+    ticket = (await client.get("/kvm/m1/ticket")).json()["ticket"]
+    try:
+        return await stack.enter_async_context(web_viewer(url, ticket))
+    except ConnectionClosed as closed:
+        assert closed.rcvd is not None and closed.rcvd.code == 1011, closed
+        return closed.rcvd.reason
+
+
+async def room(stack: contextlib.AsyncExitStack, client: httpx.AsyncClient, url: str) -> WebSocketViewer | None:
+    viewer = await web_viewer_in(stack, client, url)
+    return viewer if isinstance(viewer, WebSocketViewer) else None
+
+
 async def test_viewer_on_another_replica(nc, services, short_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """A ticket from Redfish replica 1 opens the WebSocket on replica 2 (another process on the
     same bus): the screen comes (SeaBIOS's text, not one colour), a key reaches the guest, and the
     service says it has control. A second web viewer (on replica 1) watches: its subprotocol says
-    so, its keys are dropped, and its page says another viewer has control."""
+    so, its keys are dropped, and its page says another viewer has control. The web viewers of
+    both replicas together are limited (kvm.WEB_VIEWERS)."""
     ports = [free_tcp_port(), free_tcp_port()]
     config = machine_config(short_dir, f'[redfish]\nlisten = "127.0.0.1:{ports[0]}"')
     second_config = short_dir / "replica.toml"
@@ -219,6 +238,19 @@ async def test_viewer_on_another_replica(nc, services, short_dir: Path) -> None:
                 await page.wait_for_selector("body[data-state='connected']", timeout=60_000)
                 assert "view only (another viewer has control)" in await page.inner_text("#status")
                 assert await page.is_disabled("#keys")
+
+            # the machine service counts the web viewers, whichever replica serves them: with the
+            # holder, more on both replicas fill WEB_VIEWERS (each tried again while the page's and
+            # the watcher's streams may still be closing), then both replicas turn the next away
+            async with contextlib.AsyncExitStack() as more:
+                for number in range(WEB_VIEWERS - 1):
+                    await wait_for(lambda number=number: room(more, replicas[number % 2], urls[number % 2]),
+                                   timeout=30, message="room for a web viewer")
+                for client, url in zip(replicas, urls, strict=True):
+                    reason = await web_viewer_in(more, client, url)
+                    assert reason == f"machine m1 has {WEB_VIEWERS} web console viewers already", reason
+                # a viewer that is not the web page's (a VNC listener's) is not one of them
+                await (await open_kvm(nc, "m1")).close()
     finally:
         for client in replicas:
             await client.aclose()

@@ -41,6 +41,9 @@ from .messages import KvmAck, KvmInput, KvmOpen, KvmOpened, KvmOutput, Screensho
 
 log = logging.getLogger(__name__)
 
+#: Web KVM viewers of one machine at once, on every Redfish replica together (the machine service
+#: counts them; Manager.GraphicalConsole.MaxConcurrentSessions).
+WEB_VIEWERS = 4
 #: Seconds between keepalives (the machine service ends a stream it has not heard of in
 #: display.KEEPALIVE_TIMEOUT seconds).
 KEEPALIVE_INTERVAL = 5.0
@@ -177,17 +180,19 @@ class KvmStream:
                 await self._subscription.unsubscribe()
 
 
-async def open_kvm(nc: Client, machine: str, timeout: float = 5.0, *, control: bool = True) -> KvmStream:
+async def open_kvm(nc: Client, machine: str, timeout: float = 5.0, *, control: bool = True,
+                   web: bool = False) -> KvmStream:
     """Open a graphical console stream to ``machine``'s QEMU VNC server, asking for control when
-    ``control`` (the stream's ``control`` says whether it was granted). Raises bus.BusError:
-    ``no_display`` (the machine has none), ``invalid_state`` (the machine is off), ``conflict``
-    (too many streams), ``unavailable`` (QEMU's VNC server cannot be reached), ``unknown_machine``,
+    ``control`` (the stream's ``control`` says whether it was granted); ``web``: for a viewer of
+    the web KVM page (WEB_VIEWERS of them per machine). Raises bus.BusError: ``no_display`` (the
+    machine has none), ``invalid_state`` (the machine is off), ``conflict`` (too many streams, or
+    web viewers), ``unavailable`` (QEMU's VNC server cannot be reached), ``unknown_machine``,
     ``timeout``."""
     stream = KvmStream(nc, machine)
     inbox = nc.new_inbox()
     stream._subscription = await nc.subscribe(inbox, cb=stream._output_message)
     try:
-        opened = await bus.request(nc, machine, subjects.KVM_OPEN, KvmOpen(inbox=inbox, control=control),
+        opened = await bus.request(nc, machine, subjects.KVM_OPEN, KvmOpen(inbox=inbox, control=control, web=web),
                                    KvmOpened, timeout=timeout)
     except BaseException:
         await stream._end("not opened")

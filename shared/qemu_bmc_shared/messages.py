@@ -463,6 +463,9 @@ class KvmOpen(Message):
     """A plain subject (no wildcards) outside ``bmc.``: the output goes nowhere a service listens."""
     control: bool = True
     """The viewer wants control (keys, pointer): its login allows it."""
+    web: bool = False
+    """A viewer of the web KVM page: the machine service takes kvm.WEB_VIEWERS of them per machine,
+    whichever Redfish replicas serve them."""
 
 
 class KvmOpened(Message):

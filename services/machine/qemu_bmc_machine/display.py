@@ -35,6 +35,7 @@ from nats.aio.subscription import Subscription
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
+from qemu_bmc_shared.kvm import WEB_VIEWERS
 from qemu_bmc_shared.messages import Empty, ErrorReply, KvmAck, KvmInput, KvmOpen, KvmOpened, KvmOutput, Screenshot
 
 if TYPE_CHECKING:
@@ -62,10 +63,11 @@ MAX_SCREENSHOT = 700 * 1024
 class Stream:
     """One front-end's connection to QEMU's VNC server."""
 
-    def __init__(self, display: Display, stream_id: str, inbox: str, connection: socket.socket) -> None:
+    def __init__(self, display: Display, stream_id: str, inbox: str, connection: socket.socket, web: bool) -> None:
         self.display = display
         self.id = stream_id
         self.inbox = inbox
+        self.web = web
         self.connection = connection
         self.sent = 0
         self.acked = 0
@@ -192,6 +194,8 @@ class Display:
             raise BusError("invalid_state", f"machine {name} is off")
         if len(self.streams) >= MAX_STREAMS:
             raise BusError("conflict", f"machine {name} has {MAX_STREAMS} graphical console streams open already")
+        if request.web and sum(stream.web for stream in self.streams.values()) >= WEB_VIEWERS:
+            raise BusError("conflict", f"machine {name} has {WEB_VIEWERS} web console viewers already")
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.setblocking(False)
         try:
@@ -200,7 +204,7 @@ class Display:
         except (OSError, TimeoutError) as exc:
             connection.close()
             raise BusError("unavailable", f"cannot reach the VNC server of machine {name}: {exc!r}") from None
-        stream = Stream(self, secrets.token_hex(8), request.inbox, connection)
+        stream = Stream(self, secrets.token_hex(8), request.inbox, connection, request.web)
         self.streams[stream.id] = stream
         control = request.control and (self.machine.vm.kvm_control == "all" or self.controller is None)
         if control and self.machine.vm.kvm_control == "first":

@@ -16,7 +16,8 @@ the page a fresh ticket when it connects again (after a power cycle, or a restar
 service).
 
 A WebSocket that cannot be served is opened and closed with a reason the page shows: the machine
-is off, it has no display, it has MAX_SESSIONS viewers on this replica already.
+is off, it has no display, it has kvm.WEB_VIEWERS web viewers already (the machine service counts
+them, whichever replicas serve them).
 
 ``GET /redfish/v1/Managers/{machine}/Oem/QemuBmc/Screenshot`` is the screen as a PNG (QMP
 ``screendump``), an OEM extension (docs/redfish.md)."""
@@ -27,7 +28,6 @@ import asyncio
 import contextlib
 import html
 import logging
-from collections import Counter
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Viewers of one machine this replica serves at once (Manager.GraphicalConsole.MaxConcurrentSessions).
-MAX_SESSIONS = 4
 #: WebSocket close codes (RFC 6455 §7.4.1): the machine cannot be viewed now; the bus is down.
 UNAVAILABLE, TRY_AGAIN_LATER = 1011, 1013
 MAX_REASON = 120  # bytes of a close frame's reason (125 with the code)
@@ -56,8 +54,7 @@ MAX_REASON = 120  # bytes of a close frame's reason (125 with the code)
 #: viewer has control, the second when it is view only.
 CONTROL_PROTOCOL, VIEW_PROTOCOL = "qemu-bmc-control", "qemu-bmc-view"
 #: Why a stream did not open (the open_kvm errors), as the page shows it.
-REASONS = {"no_display": "the machine has no display", "invalid_state": "the machine is off",
-           "conflict": "the machine has as many viewers as it takes"}
+REASONS = {"no_display": "the machine has no display", "invalid_state": "the machine is off"}
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -157,7 +154,6 @@ def closing_reason(text: str) -> str:
 
 def register(app: FastAPI, redfish: Redfish) -> None:
     tickets = Tickets(redfish.nc)
-    viewers: Counter[str] = Counter()
 
     @app.get("/kvm/{machine}")
     async def page(request: Request, machine: str) -> Response:
@@ -181,23 +177,13 @@ def register(app: FastAPI, redfish: Redfish) -> None:
         login = await websocket_login(websocket, redfish, tickets, machine)
         if login is None:
             return
-        if viewers[machine] >= MAX_SESSIONS:
-            await websocket.accept(subprotocol(websocket, False))
-            await websocket.close(UNAVAILABLE, closing_reason(f"{machine} has {MAX_SESSIONS} viewers here already"))
-            return
-        viewers[machine] += 1
-        try:
-            await serve(websocket, machine, may_control(login))
-        finally:
-            viewers[machine] -= 1
-            if not viewers[machine]:
-                del viewers[machine]
+        await serve(websocket, machine, may_control(login))
 
     async def serve(websocket: WebSocket, machine: str, may_type: bool) -> None:
         """The stream is opened before the WebSocket is accepted: the subprotocol says whether
         the machine service granted it control."""
         try:
-            stream = await kvm.open_kvm(redfish.nc, machine, control=may_type)
+            stream = await kvm.open_kvm(redfish.nc, machine, control=may_type, web=True)
         except BusError as exc:
             await websocket.accept(subprotocol(websocket, False))
             await websocket.close(UNAVAILABLE, closing_reason(REASONS.get(exc.error, exc.message or exc.error)))

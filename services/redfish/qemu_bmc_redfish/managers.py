@@ -29,6 +29,7 @@ from msgspec import UNSET
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared import manager_settings as checks
 from qemu_bmc_shared.ipmi.core import LAN_CHANNEL
+from qemu_bmc_shared.kvm import WEB_VIEWERS
 from qemu_bmc_shared.messages import LanConfig, LanParamSet, LanRef, ManagerSettings, ManagerSettingsUpdate, SolConfig
 
 from . import __version__, kvm
@@ -135,7 +136,7 @@ def register(app: FastAPI, redfish: Redfish) -> None:
             "SerialConsole": {"ServiceEnabled": True,
                               "ConnectTypesSupported": ["IPMI", "Oem"] if sol_enabled else ["Oem"]},
             # the web KVM (/kvm/<machine>, kvm.py): noVNC on a WebSocket, KVM over IP
-            "GraphicalConsole": {"ServiceEnabled": True, "MaxConcurrentSessions": kvm.MAX_SESSIONS,
+            "GraphicalConsole": {"ServiceEnabled": True, "MaxConcurrentSessions": WEB_VIEWERS,
                                  "ConnectTypesSupported": ["KVMIP"]},
             "Oem": {"QemuBmc": {"@odata.type": "#QemuBmcManager.v1_0_0.Manager",
                                 "GraphicalConsoleURI": kvm.page_path(machine),
