@@ -332,3 +332,71 @@ def key_echo_disk(directory: Path, name: str = "keys") -> Path:
     disk = directory / f"{name}.img"
     disk.write_bytes(assemble(KEY_GUEST, name, directory).ljust(1 << 20, b"\0"))
     return disk
+
+
+#: A boot sector that puts the screen in VBE mode 0x118 (1024x768, 24 bits per pixel: 36 banks of
+#: 64 KiB at A000:0000) and fills it with noise (xorshift16), so that its PNG screenshot is larger
+#: than one bus message; then prints NOISE-READY on COM1 and halts.
+NOISE_GUEST_READY = "NOISE-READY"
+NOISE_GUEST = r"""
+bits 16
+org 0x7c00
+    cli
+    xor ax, ax
+    mov ds, ax
+    mov ss, ax
+    mov sp, 0x7c00
+    sti
+    mov ax, 0x4f02
+    mov bx, 0x0118              ; 1024x768x24, banked
+    int 0x10
+    mov ax, 0xa000
+    mov es, ax
+    mov bp, 0xace1              ; the noise's state
+    xor dx, dx                  ; the bank
+bank:
+    push dx
+    mov ax, 0x4f05              ; set window A's bank to dx
+    xor bx, bx
+    int 0x10
+    pop dx
+    xor di, di
+pixel:
+    mov ax, bp                  ; xorshift16: x ^= x << 7; x ^= x >> 9; x ^= x << 8
+    shl ax, 7
+    xor bp, ax
+    mov ax, bp
+    shr ax, 9
+    xor bp, ax
+    mov ax, bp
+    shl ax, 8
+    xor bp, ax
+    mov ax, bp
+    stosb
+    test di, di
+    jnz pixel
+    inc dx
+    cmp dx, 36
+    jb bank
+    mov si, ready
+    mov dx, 0x3f8
+.print:
+    lodsb
+    test al, al
+    jz .idle
+    out dx, al
+    jmp .print
+.idle:
+    hlt
+    jmp .idle
+ready: db 13, 10, "NOISE-READY", 13, 10, 0
+    times 510 - ($ - $$) db 0
+    dw 0xaa55
+"""
+
+
+def noise_disk(directory: Path, name: str = "noise") -> Path:
+    """NOISE_GUEST on a 1 MiB raw disk image (``name``.img in ``directory``)."""
+    disk = directory / f"{name}.img"
+    disk.write_bytes(assemble(NOISE_GUEST, name, directory).ljust(1 << 20, b"\0"))
+    return disk

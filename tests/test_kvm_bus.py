@@ -14,14 +14,24 @@ from pathlib import Path
 import msgspec
 import pytest
 from conftest import serial_log, toml_list, wait_for, write_config
-from guest_images import GuestImages
+from guest_images import NOISE_GUEST_READY, GuestImages, noise_disk
 from PIL import Image
+from qemu_bmc_machine.display import SCREENSHOT_PART
 from qemu_bmc_shared import kvm, subjects
 from qemu_bmc_shared.bus import BusError, request
 from qemu_bmc_shared.config import ConfigError, load
 from qemu_bmc_shared.kvm import KvmClosed, KvmStream, open_kvm
 from qemu_bmc_shared.launcher import RuntimeFiles, managed_argv
-from qemu_bmc_shared.messages import ErrorReply, KvmOpen, KvmOpened, KvmOutput, PowerRequest, PowerStatus
+from qemu_bmc_shared.messages import (
+    ErrorReply,
+    KvmOpen,
+    KvmOpened,
+    KvmOutput,
+    PowerRequest,
+    PowerStatus,
+    Screenshot,
+    ScreenshotPart,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -259,6 +269,32 @@ async def _power_state(nc, machine: str, state: str) -> bool:  # type: ignore[no
     except BusError:
         return False
     return reply.state == state
+
+
+async def test_a_screenshot_larger_than_a_message_comes_in_parts(nc, services, short_dir: Path):
+    """A 1024x768 screen of noise: its PNG is several bus messages long; kvm.screenshot (the CLI's
+    and Redfish's) asks for the parts and gets the whole image."""
+    disk = noise_disk(short_dir)
+    config = write_config(short_dir, f'[vm.n1]\ncmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", '
+                                     f'"file={disk},format=raw,if=ide,snapshot=on"]\nautostart = true\n')
+    await services("machine", config, "--stop-vms-on-exit")
+    await wait_for(lambda: NOISE_GUEST_READY in serial_log(short_dir, "n1"), timeout=120, message="the noise drawn")
+    png = await kvm.screenshot(nc, "n1")
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 3 * SCREENSHOT_PART, len(png)
+    image = Image.open(io.BytesIO(png))
+    image.load()  # the whole image decodes: no part is missing or twice
+    assert image.size == (1024, 768) and len(image.getcolors(1 << 24)) > 10_000
+    # the parts one by one, as kvm.screenshot asks for them
+    first = await request(nc, "n1", subjects.DISPLAY_SCREENSHOT, ScreenshotPart(), Screenshot)
+    assert first.shot and len(first.png) == SCREENSHOT_PART and first.size > SCREENSHOT_PART
+    last = await request(nc, "n1", subjects.DISPLAY_SCREENSHOT,
+                         ScreenshotPart(shot=first.shot, offset=first.size - 10), Screenshot)
+    assert len(last.png) == 10 and last.png.endswith(b"IEND\xaeB`\x82")
+    for wrong, error in ((ScreenshotPart(shot=first.shot, offset=first.size + 1), "bad_request"),
+                         (ScreenshotPart(shot="0123456789abcdef"), "not_found")):
+        with pytest.raises(BusError) as refused:
+            await request(nc, "n1", subjects.DISPLAY_SCREENSHOT, wrong, Screenshot)
+        assert refused.value.error == error
 
 
 def test_the_launcher_gives_a_vnc_socket_and_a_display_adapter(tmp_path: Path):

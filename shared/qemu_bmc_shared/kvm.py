@@ -37,7 +37,7 @@ from nats.aio.subscription import Subscription
 from nats.micro.request import ERROR_CODE_HEADER
 
 from . import bus, subjects
-from .messages import KvmAck, KvmInput, KvmOpen, KvmOpened, KvmOutput, Screenshot
+from .messages import KvmAck, KvmInput, KvmOpen, KvmOpened, KvmOutput, Screenshot, ScreenshotPart
 
 log = logging.getLogger(__name__)
 
@@ -203,5 +203,14 @@ async def open_kvm(nc: Client, machine: str, timeout: float = 5.0, *, control: b
 
 
 async def screenshot(nc: Client, machine: str, timeout: float = 30.0) -> bytes:
-    """The machine's screen as PNG bytes (QMP ``screendump``). Raises bus.BusError as open_kvm."""
-    return (await bus.request(nc, machine, subjects.DISPLAY_SCREENSHOT, None, Screenshot, timeout=timeout)).png
+    """The machine's screen as PNG bytes (QMP ``screendump``), in as many requests as it has parts.
+    Raises bus.BusError as open_kvm."""
+    first = await bus.request(nc, machine, subjects.DISPLAY_SCREENSHOT, ScreenshotPart(), Screenshot, timeout=timeout)
+    png = bytearray(first.png)
+    while len(png) < first.size:
+        part = await bus.request(nc, machine, subjects.DISPLAY_SCREENSHOT,
+                                 ScreenshotPart(shot=first.shot, offset=len(png)), Screenshot, timeout=timeout)
+        if not part.png:
+            raise bus.BusError("internal", f"screenshot {first.shot}: an empty part at {len(png)}")
+        png += part.png
+    return bytes(png)

@@ -505,10 +505,21 @@ class KvmAck(Message):
     close: bool = False
 
 
+class ScreenshotPart(Message):
+    """Take a screenshot (no ``shot``), or ask for a part of one taken before (``display.screenshot``)."""
+
+    shot: Annotated[str, msgspec.Meta(max_length=32)] = ""
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
 class Screenshot(Message):
-    """The machine's screen as a PNG image (``display.screenshot``, QMP ``screendump``)."""
+    """The machine's screen as a PNG image (QMP ``screendump``), or the part of it from
+    ``offset``: ``size`` is the whole image's; a PNG larger than one message is sent in parts,
+    which the machine service keeps a while under the id ``shot`` for the requests of the others."""
 
     png: bytes
+    size: int = 0
+    shot: str = ""
 
 
 # ---------------------------------------------------------------- VM-wire service (in-band IPMI over the bus)

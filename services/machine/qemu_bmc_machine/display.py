@@ -36,7 +36,17 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from qemu_bmc_shared import bus, subjects
 from qemu_bmc_shared.bus import BusError
 from qemu_bmc_shared.kvm import WEB_VIEWERS
-from qemu_bmc_shared.messages import Empty, ErrorReply, KvmAck, KvmInput, KvmOpen, KvmOpened, KvmOutput, Screenshot
+from qemu_bmc_shared.messages import (
+    Empty,
+    ErrorReply,
+    KvmAck,
+    KvmInput,
+    KvmOpen,
+    KvmOpened,
+    KvmOutput,
+    Screenshot,
+    ScreenshotPart,
+)
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -56,8 +66,13 @@ KEEPALIVE_TIMEOUT = 20.0
 SWEEP_INTERVAL = 2.0
 #: Seconds to connect to QEMU's VNC socket, and to write one input to it.
 SOCKET_TIMEOUT = 10.0
-#: Largest PNG a screenshot reply carries (base64 in JSON must stay under NATS's 1 MB message limit).
-MAX_SCREENSHOT = 700 * 1024
+#: PNG bytes a screenshot reply carries (base64 in JSON must stay under NATS's 1 MB message limit):
+#: a larger screenshot goes in parts, which the front-end asks for one by one.
+SCREENSHOT_PART = 512 * 1024
+#: Seconds a screenshot in parts is kept for those requests.
+SHOT_KEPT = 30.0
+#: Screenshots kept at once per machine (the oldest goes first).
+SHOTS_KEPT = 4
 
 
 class Stream:
@@ -182,6 +197,8 @@ class Display:
         self.controller: str | None = None
         """``kvm_control = "first"``: the stream that has control (None: nobody)."""
         self._sweeper: asyncio.Task[None] | None = None
+        self.shots: dict[str, tuple[bytes, float]] = {}
+        """Screenshots larger than a message: id → (PNG, when it is forgotten)."""
 
     def start(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -231,7 +248,26 @@ class Display:
             self._sweeper.cancel()
         await self.end_all("the machine service is stopping")
 
-    async def screenshot(self) -> Screenshot:
+    async def screenshot(self, request: ScreenshotPart) -> Screenshot:
+        """A new screenshot, or a part of one taken before (``request.shot``)."""
+        now = time.monotonic()
+        self.shots = {shot: kept for shot, kept in self.shots.items() if kept[1] > now}
+        if request.shot:
+            if request.shot not in self.shots:
+                raise BusError("not_found", f"screenshot {request.shot} is gone (its parts are kept {SHOT_KEPT:g} s)")
+            png, shot = self.shots[request.shot][0], request.shot
+        else:
+            png, shot = await self._screendump(), ""
+            if len(png) > SCREENSHOT_PART:
+                shot = secrets.token_hex(8)
+                self.shots[shot] = (png, now + SHOT_KEPT)
+                while len(self.shots) > SHOTS_KEPT:
+                    del self.shots[next(iter(self.shots))]
+        if request.offset > len(png):
+            raise BusError("bad_request", f"offset {request.offset} is past the screenshot's {len(png)} bytes")
+        return Screenshot(png=png[request.offset:request.offset + SCREENSHOT_PART], size=len(png), shot=shot)
+
+    async def _screendump(self) -> bytes:
         """QMP ``screendump`` (PNG) to a file of the runtime directory, read and removed."""
         if self.machine.power_state == "Off":
             raise BusError("invalid_state", f"machine {self.machine.name} is off")
@@ -243,10 +279,7 @@ class Display:
             raise BusError("qemu_error", f"no screendump from QEMU: {exc.strerror}") from None
         finally:
             path.unlink(missing_ok=True)
-        if len(png) > MAX_SCREENSHOT:
-            raise BusError("unavailable", f"the screenshot is {len(png)} bytes, more than the bus carries "
-                           f"({MAX_SCREENSHOT})")
-        return Screenshot(png=png)
+        return png
 
 
 def endpoints(display: Display) -> list[bus.Endpoint]:
@@ -256,11 +289,11 @@ def endpoints(display: Display) -> list[bus.Endpoint]:
     async def kvm_open(_: str, request: KvmOpen) -> KvmOpened:
         return await display.open(request)
 
-    async def screenshot(_: str, __: Empty) -> Screenshot:
-        return await display.screenshot()
+    async def screenshot(_: str, request: ScreenshotPart) -> Screenshot:
+        return await display.screenshot(request)
 
     return [bus.Endpoint(name=f"{name}-kvm-open", subject=subjects.for_machine(name, subjects.KVM_OPEN),
                          request_type=KvmOpen, handler=kvm_open),
             bus.Endpoint(name=f"{name}-display-screenshot",
                          subject=subjects.for_machine(name, subjects.DISPLAY_SCREENSHOT),
-                         request_type=Empty, handler=screenshot)]
+                         request_type=ScreenshotPart, handler=screenshot)]
