@@ -27,7 +27,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from startup import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from container_engine import DEBIAN_IMAGE, ContainerEngine, running_engine
+from container_engine import DEBIAN_IMAGE, ContainerEngine, compose_project, running_engine
 from ports import free_tcp_port, free_udp_ports
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -192,17 +191,7 @@ async def host_round(work: Path) -> dict[str, float | str]:
 async def compose_round(engine: ContainerEngine, work: Path) -> dict[str, float | str]:
     project = work / "qbbench"
     project.mkdir()
-    for name in ("compose.yaml", "compose.nats.conf"):
-        shutil.copy2(REPOSITORY / name, project / name)
-    subprocess.run([str(Path(sys.executable).parent / "qemu-bmc"), "compose", "init", "-d", str(project)],
-                   check=True, capture_output=True)
-    env_file = project / ".env"
-    token = next(line.split("=", 1)[1] for line in env_file.read_text().splitlines() if line.startswith("NATS_TOKEN="))
-    nats_port = free_tcp_port()
-    with env_file.open("a") as file:
-        file.write(f"NATS_PORT={nats_port}\nQEMU_BMC_TAG={TAG}\n")
-    (project / "images").mkdir()
-    (project / "sockets").mkdir()
+    token, nats_port = compose_project(project, TAG)
     shutil.copy2(DEMO_GUEST, project / "images/guest.img")
     redfish, ipmi = write_config(project / "qemu-bmc.toml", "/images", None)
     started = time.monotonic()

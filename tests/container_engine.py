@@ -34,6 +34,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ports import free_tcp_port
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # docker.io's client (another docker on PATH may lack the built-in BuildKit)
 DOCKER_COMPOSE = "docker-compose"
@@ -289,6 +292,26 @@ class ContainerEngine:
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return self._run([*self.compose_command, "--ansi", "never", "-p", project_dir.name, *args], check=check,
                          timeout=timeout, cwd=project_dir, env=env)
+
+
+def compose_project(directory: Path, tag: str, *extra: str) -> tuple[str, int]:
+    """A compose project folder as a user makes one: compose.yaml and compose.nats.conf (and the
+    ``extra`` files of the repository, at the same paths), `qemu-bmc compose init`'s .env with a
+    free NATS port (not 4222: the host may run a nats-server of its own) and the image tag ``tag``,
+    empty images/ and sockets/ folders. Returns the NATS token and port."""
+    for name in ("compose.yaml", "compose.nats.conf", *extra):
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPOSITORY / name, directory / name)
+    subprocess.run([sys.executable, "-m", "qemu_bmc", "compose", "init", "-d", str(directory)], check=True,
+                   capture_output=True)
+    env_file = directory / ".env"
+    token = next(line.split("=", 1)[1] for line in env_file.read_text().splitlines() if line.startswith("NATS_TOKEN="))
+    nats_port = free_tcp_port()
+    with env_file.open("a") as file:
+        file.write(f"NATS_PORT={nats_port}\nQEMU_BMC_TAG={tag}\n")
+    for folder in ("images", "sockets"):
+        (directory / folder).mkdir(exist_ok=True)
+    return token, nats_port
 
 
 @contextlib.contextmanager

@@ -281,8 +281,8 @@ class GuestImages:
 
 #: A boot sector that hides the text cursor (the screen then stays still), prints KVM-READY on the
 #: screen and COM1, then echoes every key the BIOS reads (int 16h) to both.
-#: The start of a boot sector that draws on the text screen: segments and stack set, cursor hidden.
-SCREEN_BOOT_SECTOR_START = r"""
+#: The start of a boot sector: segments and the stack set.
+BOOT_SECTOR_START = r"""
 bits 16
 org 0x7c00
     cli
@@ -291,6 +291,10 @@ org 0x7c00
     mov ss, ax
     mov sp, 0x7c00
     sti
+"""
+
+#: The start of a boot sector that draws on the text screen: the cursor hidden too.
+SCREEN_BOOT_SECTOR_START = BOOT_SECTOR_START + r"""
     mov ah, 0x01
     mov cx, 0x2000              ; no cursor
     int 0x10
@@ -327,6 +331,13 @@ dw 0xaa55
 KEY_GUEST_READY = "KVM-READY"
 
 
+def boot_sector_vm(disk: Path) -> str:
+    """The ``cmd`` and ``autostart`` lines of a ``[vm.NAME]`` table whose QEMU boots ``disk`` (a
+    boot-sector guest's) as soon as the machine service starts."""
+    return (f'cmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", '
+            f'"file={disk},format=raw,if=ide,snapshot=on"]\nautostart = true\n')
+
+
 def key_echo_disk(directory: Path, name: str = "keys") -> Path:
     """KEY_GUEST on a 1 MiB raw disk image (``name``.img in ``directory``)."""
     disk = directory / f"{name}.img"
@@ -338,15 +349,7 @@ def key_echo_disk(directory: Path, name: str = "keys") -> Path:
 #: 64 KiB at A000:0000) and fills it with noise (xorshift16), so that its PNG screenshot is larger
 #: than one bus message; then prints NOISE-READY on COM1 and halts.
 NOISE_GUEST_READY = "NOISE-READY"
-NOISE_GUEST = r"""
-bits 16
-org 0x7c00
-    cli
-    xor ax, ax
-    mov ds, ax
-    mov ss, ax
-    mov sp, 0x7c00
-    sti
+NOISE_GUEST = BOOT_SECTOR_START + r"""
     mov ax, 0x4f02
     mov bx, 0x0118              ; 1024x768x24, banked
     int 0x10

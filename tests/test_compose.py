@@ -20,10 +20,9 @@ import nats
 import nats.errors
 import pytest
 from clients import ipmitool
-from container_engine import NATS_IMAGE, ContainerEngine, running_engine
+from container_engine import NATS_IMAGE, ContainerEngine, compose_project, running_engine
 from guest_images import GuestImages
 from http_server import FileServer
-from ports import free_tcp_port
 from qemu_bmc_shared import bus
 from waiting import wait_for
 
@@ -105,19 +104,8 @@ def engine() -> Iterator[ContainerEngine]:
 @pytest.fixture(scope="module")
 def deployment(engine: ContainerEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     directory = tmp_path_factory.mktemp("qbcompose")
-    for name in ("compose.yaml", "compose.nats.conf"):
-        shutil.copy2(REPO / name, directory / name)
-    subprocess.run([str(Path(REPO / ".venv/bin/qemu-bmc")), "compose", "init", "-d", str(directory)], check=True,
-                   capture_output=True)
-    env_file = directory / ".env"
-    token = next(line.split("=", 1)[1] for line in env_file.read_text().splitlines()
-                 if line.startswith("NATS_TOKEN="))
-    nats_port = free_tcp_port()  # not 4222: the host may run a nats-server of its own
-    with env_file.open("a") as file:
-        file.write(f"NATS_PORT={nats_port}\nQEMU_BMC_TAG={TAG}\n")
+    token, nats_port = compose_project(directory, TAG)
     shutil.copy2(REPO / "examples/qemu-bmc.toml", directory / "qemu-bmc.toml")  # verbatim
-    (directory / "images").mkdir()
-    (directory / "sockets").mkdir()
     guest = GuestImages(tmp_path_factory.mktemp("guest")).build()
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(guest.disk),
                     str(directory / "images/node1.qcow2")], check=True)
@@ -236,17 +224,11 @@ async def test_the_nats_cluster_example_admits_only_routes_with_the_token(
     a JetStream cluster (a stream with 3 replicas is made), and a nats-server on compose's network
     whose routes lack the token, or give a wrong one, is refused by the nodes."""
     directory = tmp_path / "qbcluster"
-    (directory / "examples").mkdir(parents=True)
-    for name in ("compose.yaml", "compose.nats.conf", "examples/compose.nats-cluster.yaml",
-                 "examples/compose.nats-cluster.conf"):
-        shutil.copy2(REPO / name, directory / name)
-    subprocess.run([str(REPO / ".venv/bin/qemu-bmc"), "compose", "init", "-d", str(directory)], check=True,
-                   capture_output=True)
-    token = next(line.split("=", 1)[1] for line in (directory / ".env").read_text().splitlines()
-                 if line.startswith("NATS_TOKEN="))
-    port = free_tcp_port()
+    directory.mkdir()
+    token, port = compose_project(directory, TAG, "examples/compose.nats-cluster.yaml",
+                                  "examples/compose.nats-cluster.conf")
     files = ("-f", "compose.yaml", "-f", "examples/compose.nats-cluster.yaml")
-    engine.compose(directory, *files, "up", "-d", "nats", "nats-2", "nats-3", env={"NATS_PORT": str(port)})
+    engine.compose(directory, *files, "up", "-d", "nats", "nats-2", "nats-3")
     intruder = None
     try:
         client = await nats.connect(f"nats://{token}@127.0.0.1:{port}", connect_timeout=10)

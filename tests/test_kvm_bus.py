@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from conftest import serial_log, toml_list, wait_for, write_config
-from guest_images import NOISE_GUEST_READY, GuestImages, noise_disk
+from guest_images import NOISE_GUEST_READY, GuestImages, boot_sector_vm, noise_disk
 from PIL import Image
 from qemu_bmc_machine.display import SCREENSHOT_PART
 from qemu_bmc_shared import kvm, subjects
@@ -274,9 +274,7 @@ async def _power_state(nc, machine: str, state: str) -> bool:  # type: ignore[no
 async def test_a_screenshot_larger_than_a_message_comes_in_parts(nc, services, short_dir: Path):
     """A 1024x768 screen of noise: its PNG is several bus messages long; kvm.screenshot (the CLI's
     and Redfish's) asks for the parts and gets the whole image."""
-    disk = noise_disk(short_dir)
-    config = write_config(short_dir, f'[vm.n1]\ncmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", '
-                                     f'"file={disk},format=raw,if=ide,snapshot=on"]\nautostart = true\n')
+    config = write_config(short_dir, f"[vm.n1]\n{boot_sector_vm(noise_disk(short_dir))}")
     await services("machine", config, "--stop-vms-on-exit")
     await wait_for(lambda: NOISE_GUEST_READY in serial_log(short_dir, "n1"), timeout=120, message="the noise drawn")
     png = await kvm.screenshot(nc, "n1")

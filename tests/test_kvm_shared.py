@@ -21,7 +21,7 @@ import httpx
 import pytest
 from browser import chromium, logged_in_page
 from conftest import free_tcp_port, serial_log, write_config
-from guest_images import KEY_GUEST_READY, key_echo_disk
+from guest_images import KEY_GUEST_READY, boot_sector_vm, key_echo_disk
 from qemu_bmc_redfish.kvm import CONTROL_PROTOCOL, VIEW_PROTOCOL
 from qemu_bmc_shared import rfb
 from qemu_bmc_shared.config import ConfigError, parse
@@ -37,12 +37,9 @@ USER, USER_PASSWORD = "admin", "s3cret-Pass"
 
 
 def machine_config(directory: Path, extra: str) -> Path:
-    disk = key_echo_disk(directory)
     return write_config(directory, f"""{extra}
 [vm.m1]
-cmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", "file={disk},format=raw,if=ide,snapshot=on"]
-autostart = true
-kvm_control = "first"
+{boot_sector_vm(key_echo_disk(directory))}kvm_control = "first"
 """)
 
 

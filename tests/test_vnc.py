@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import serial_log, write_config
-from guest_images import KEY_GUEST_READY, key_echo_disk
+from guest_images import KEY_GUEST_READY, boot_sector_vm, key_echo_disk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -428,12 +428,9 @@ async def test_listener_over_the_bus(services: Any, short_dir: Path, tmp_path: P
     guest; a wrong password is refused; a viewer beyond the listener's limit is turned away with a
     reason while the others go on."""
     port = free_tcp_port()
-    disk = key_echo_disk(short_dir)
     config = write_config(short_dir, f"""
 [vm.m1]
-cmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", "file={disk},format=raw,if=ide,snapshot=on"]
-autostart = true
-vnc = "127.0.0.1:{port}"
+{boot_sector_vm(key_echo_disk(short_dir))}vnc = "127.0.0.1:{port}"
 vnc_password = "{PASSWORD}"
 """)
     await services("machine", config)

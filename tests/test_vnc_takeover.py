@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import serial_log, write_config
-from guest_images import KEY_GUEST_READY, key_echo_disk
+from guest_images import KEY_GUEST_READY, boot_sector_vm, key_echo_disk
 from nats.aio.client import Client
 from ports import free_tcp_port, free_udp_ports
 from qemu_bmc.up import describe, try_lines
@@ -46,12 +46,9 @@ async def vnc_served_by(nc: Client) -> dict[str, str]:
 async def test_another_replica_takes_the_listener_over(nc: Client, services: Any, short_dir: Path, tmp_path: Path,
                                                        stop_signal: int) -> None:
     ipmi_port, vnc_port = free_udp_ports(), free_tcp_port()
-    disk = key_echo_disk(short_dir)
     config = write_config(short_dir, f"""
 [vm.m1]
-cmd = ["-machine", "q35", "-accel", "tcg", "-m", "64", "-drive", "file={disk},format=raw,if=ide,snapshot=on"]
-autostart = true
-ipmi = "127.0.0.1:{ipmi_port}"
+{boot_sector_vm(key_echo_disk(short_dir))}ipmi = "127.0.0.1:{ipmi_port}"
 vnc = "127.0.0.1:{vnc_port}"
 vnc_password = "{PASSWORD}"
 """)

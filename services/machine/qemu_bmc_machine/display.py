@@ -25,7 +25,7 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 import nats.errors
@@ -44,6 +44,7 @@ from qemu_bmc_shared.messages import (
     KvmOpen,
     KvmOpened,
     KvmOutput,
+    Message,
     Screenshot,
     ScreenshotPart,
 )
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from .machine import Machine
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
 
 #: Bytes a stream sends ahead of the front-end's acknowledgements.
 WINDOW = 1 << 20
@@ -122,13 +125,19 @@ class Stream:
             reason = f"display connection failed: {type(exc).__name__}"
         await self.end(reason)
 
-    async def _input(self, msg: Msg) -> None:
-        """Bytes for QEMU, in order (this subscription's messages are handled one at a time)."""
+    async def _heard(self, msg: Msg, kind: type[M]) -> M | None:
+        """The front-end's message (it is alive), or None once its sender has been told what is wrong."""
         self.heard = time.monotonic()
         try:
-            request = bus.decode(msg.data, KvmInput)
+            return bus.decode(msg.data, kind)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._reply_error(msg, BusError("bad_request", f"KvmInput: {exc}"))
+            await self._reply_error(msg, BusError("bad_request", f"{kind.__name__}: {exc}"))
+            return None
+
+    async def _input(self, msg: Msg) -> None:
+        """Bytes for QEMU, in order (this subscription's messages are handled one at a time)."""
+        request = await self._heard(msg, KvmInput)
+        if request is None:
             return
         if self.ended:
             await self._reply_error(msg, BusError("invalid_state", "the stream has ended"))
@@ -144,11 +153,8 @@ class Stream:
             await msg.respond(bus.encode(Empty()))
 
     async def _ack(self, msg: Msg) -> None:
-        self.heard = time.monotonic()
-        try:
-            ack = bus.decode(msg.data, KvmAck)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._reply_error(msg, BusError("bad_request", f"KvmAck: {exc}"))
+        ack = await self._heard(msg, KvmAck)
+        if ack is None:
             return
         self.acked = max(self.acked, min(ack.received, self.sent))
         self.room.set()
